@@ -1,0 +1,176 @@
+"""One shared predictor for the app: the project's inference path, loaded once, reloaded when the model changes.
+
+Both infer tasks and the scoring method call ``StudyPredictor.predict``; it runs
+``custom.inference.UncertaintySegmenter.predict`` (the same computation as bundle inference and Triton)
+and keeps the last few results, so that asking for the label map and then the uncertainty map of the same
+study costs one forward pass, not two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from custom.errors import BraTSInputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyPrediction:
+    """The model's answer for one study, in the study's own grid.
+
+    Attributes:
+        labels: uint8 ``(X, Y, Z)``, 0 background, 1 NCR, 2 ED, 3 ET.
+        unc: float32 ``(X, Y, Z)`` in [0, 1], ``unc_output`` masked by the dilated predicted tumour.
+        affine: ``(4, 4)`` affine of the study.
+        spacing: voxel size in mm ``(sx, sy, sz)``.
+        summary: JSON-ready numbers (see ``prediction_summary``).
+    """
+
+    labels: np.ndarray
+    unc: np.ndarray
+    affine: np.ndarray
+    spacing: tuple
+    summary: dict
+
+
+def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:
+    """Numbers an annotator reads next to the maps.
+
+    Args:
+        labels: uint8 ``(X, Y, Z)`` label map (0..3).
+        unc: float32 ``(X, Y, Z)`` uncertainty in [0, 1].
+        spacing: voxel size in mm.
+
+    Returns:
+        ``{"mean_uncertainty_in_tumour", "p95_uncertainty_in_tumour", "max_uncertainty",
+        "volumes_ml": {"WT", "TC", "ET", "NCR", "ED"}, "tumour_voxels"}``. The tumour is the predicted
+        whole tumour (labels 1, 2, 3); with no predicted tumour the uncertainty numbers are 0.
+    """
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    wt = labels > 0
+    regions = {"WT": wt, "TC": (labels == 1) | (labels == 3), "ET": labels == 3, "NCR": labels == 1, "ED": labels == 2}
+    inside = unc[wt]
+    return {
+        "mean_uncertainty_in_tumour": float(inside.mean()) if inside.size else 0.0,
+        "p95_uncertainty_in_tumour": float(np.percentile(inside, 95)) if inside.size else 0.0,
+        "max_uncertainty": float(unc.max()) if unc.size else 0.0,
+        "volumes_ml": {name: round(float(mask.sum()) * voxel_ml, 4) for name, mask in regions.items()},
+        "tumour_voxels": int(wt.sum()),
+    }
+
+
+class StudyPredictor:
+    """Loads ``UncertaintySegmenter`` from ``model_path`` (plans.json beside it) and predicts studies.
+
+    Args:
+        model_path: checkpoint ``{"model": state_dict}``; ``plans.json`` must lie beside it
+            (or be given as ``plans_path``).
+        plans_path: optional explicit plans.json.
+        device: torch device name.
+        cache_size: how many recent study predictions to keep in memory.
+        segmenter_kwargs: passed to ``UncertaintySegmenter.from_checkpoint`` (e.g. ``tta``, ``overlap``).
+    """
+
+    def __init__(self, model_path, plans_path=None, device: str = "cpu", cache_size: int = 2, **segmenter_kwargs):
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.model_path = Path(model_path)
+        self.plans_path = Path(plans_path) if plans_path else None
+        self.device = device
+        self.cache_size = cache_size
+        self.segmenter_kwargs = segmenter_kwargs
+        self._segmenter = None
+        self._segmenter_ts: Optional[float] = None
+        self._cache: "OrderedDict[tuple, StudyPrediction]" = OrderedDict()
+        self._lock = threading.RLock()
+
+    def model_ts(self) -> int:
+        """Modification time of the checkpoint (0 when missing): scores are stamped with it."""
+        return int(os.stat(self.model_path).st_mtime) if self.model_path.exists() else 0
+
+    def is_ready(self) -> bool:
+        return self.model_path.exists()
+
+    def segmenter(self):
+        """The loaded ``UncertaintySegmenter``, reloaded when the checkpoint file changed (e.g. after training)."""
+        with self._lock:
+            if not self.model_path.exists():
+                raise BraTSInputError(
+                    [f"{self.model_path}: model checkpoint not found (train the bundle, then copy model.pt and "
+                     f"plans.json there, or start the server with --conf model_path PATH)"],
+                    "no model for MONAI Label",
+                )
+            ts = os.stat(self.model_path).st_mtime
+            if self._segmenter is None or ts != self._segmenter_ts:
+                from custom.inference import UncertaintySegmenter
+
+                logger.info(f"Loading {self.model_path} (plans: {self.plans_path or 'beside the checkpoint'})")
+                kwargs = dict(self.segmenter_kwargs)
+                if self.plans_path is not None:
+                    kwargs["plans"] = str(self.plans_path)
+                self._segmenter = UncertaintySegmenter.from_checkpoint(
+                    str(self.model_path), device=self.device, **kwargs
+                )
+                self._segmenter_ts = ts
+                self._cache.clear()
+            return self._segmenter
+
+    def predict(self, image_path, image: np.ndarray, affine, spacing=None) -> StudyPrediction:
+        """Predict one study.
+
+        Args:
+            image_path: the study file (cache key, named in errors).
+            image: ``(4, X, Y, Z)`` float32 in MODALITIES order.
+            affine: ``(4, 4)`` affine of the study.
+            spacing: voxel size in mm; derived from ``affine`` when None.
+        """
+        from lib.studies import voxel_spacing
+
+        image = np.asarray(image, dtype=np.float32)
+        affine = np.asarray(affine, dtype=np.float64)
+        spacing = tuple(float(s) for s in (spacing if spacing is not None else voxel_spacing(affine)))
+        with self._lock:
+            segmenter = self.segmenter()
+            path = Path(image_path)
+            key = (str(path.resolve()), path.stat().st_mtime if path.exists() else 0.0, self._segmenter_ts,
+                   tuple(image.shape))
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            pred = segmenter.predict(image, spacing)
+            labels = np.asarray(pred.labels, dtype=np.uint8)
+            unc = np.clip(np.asarray(pred.unc, dtype=np.float32), 0.0, 1.0)
+            if labels.shape != image.shape[1:] or unc.shape != image.shape[1:]:
+                raise RuntimeError(
+                    f"{image_path}: inference returned labels {labels.shape} / unc {unc.shape} for a study of "
+                    f"spatial shape {image.shape[1:]}"
+                )
+            result = StudyPrediction(labels, unc, affine, spacing, prediction_summary(labels, unc, spacing))
+            if self.cache_size:
+                self._cache[key] = result
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            return result
+
+    def predict_file(self, image_path) -> StudyPrediction:
+        """Read a study file (``lib.studies.load_study``) and predict it."""
+        from lib.studies import load_study
+
+        image, affine, spacing = load_study(image_path)
+        return self.predict(image_path, image, affine, spacing)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._segmenter = None
+            self._segmenter_ts = None
+            self._cache.clear()

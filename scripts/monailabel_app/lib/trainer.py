@@ -1,0 +1,212 @@
+"""Training from MONAI Label through the bundle's train config.
+
+MONAI Label hands a train task the labeled studies (``datastore.datalist()``: 4-channel study + final
+label). The bundle's ``train.json`` trains from a prepared work directory (datalist, plans, preprocessed
+cache; see DESIGN.md), so this task:
+
+1. writes the labeled studies as BraTS case folders (``lib.studies.study_to_case_folder``),
+2. runs ``scripts/prepare_data.py`` on them (validation, folds, plan, preprocessing),
+3. runs ``python -m monai.bundle run training`` with ``train.json`` (+ any extra configs from the app
+   conf, e.g. ``tiny.json``) on that work directory,
+4. publishes ``model.pt`` and ``plans.json`` of the run next to the app's model path (atomically, plans
+   first), which the infer tasks pick up on their next request (they reload on a new file time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
+
+from custom.errors import BraTSInputError
+from custom.io_utils import atomic_path, atomic_write_json
+from lib.studies import study_case_id, study_to_case_folder
+
+logger = logging.getLogger(__name__)
+
+
+class BraTSBundleTrainTask(BundleTrainTask):
+    """``BundleTrainTask`` on the local bundle whose train config reads a prepared work directory.
+
+    Args:
+        bundle_path: the bundle directory (``configs/train.json`` and ``configs/metadata.json``).
+        conf: the app conf (strings).
+        model_path: where the trained ``model.pt`` is published (``plans.json`` goes beside it).
+        work_root: folder for the converted cases and the work directory (``raw/``, ``work/``).
+        extra_configs: config files merged after ``train.json`` (e.g. ``[".../tiny.json"]``).
+        prepare_args: extra ``scripts/prepare_data.py`` arguments, e.g. ``{"patch_size": "[32,32,32]"}``.
+        repo_root: the repository (``scripts/prepare_data.py`` lives there).
+        variant: training variant folder under ``runs/`` the config writes to.
+    """
+
+    def __init__(
+        self,
+        bundle_path: str,
+        conf: Dict[str, str],
+        model_path: str,
+        work_root: str,
+        extra_configs: Sequence[str] = (),
+        prepare_args: Optional[Dict[str, str]] = None,
+        repo_root: Optional[str] = None,
+        variant: str = "unc",
+        const: Optional[BundleConstants] = None,
+    ):
+        super().__init__(bundle_path, conf, const=const)
+        self.model_path = Path(model_path)
+        self.work_root = Path(work_root)
+        self.extra_configs = [str(Path(c).resolve()) for c in extra_configs]
+        self.prepare_args = dict(prepare_args or {})
+        self.repo_root = Path(repo_root) if repo_root else Path(bundle_path).resolve().parent
+        self.variant = variant
+        for c in self.extra_configs:
+            if not Path(c).exists():
+                raise BraTSInputError([f"{c}: extra train config not found"], "invalid MONAI Label app conf")
+
+    def config_files(self) -> list:
+        return [self.bundle_config_path] + self.extra_configs
+
+    def config(self):
+        options = super().config()
+        options.update({"max_epochs": self._default_epochs(), "val_split": 0.5, "num_folds": 0, "fold": 0})
+        # no multi-GPU config and no checkpoint loader: training always starts from the plan
+        for key in ("multi_gpu", "gpus", "pretrained", "model_filename", "tracking", "tracking_uri",
+                    "tracking_experiment_name", "run_id"):
+            options.pop(key, None)
+        return options
+
+    def _default_epochs(self) -> int:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(self.config_files())
+        for key in ("num_epochs", "max_epochs", self.const.key_train_trainer_max_epochs()):
+            value = parser.get(key)
+            if isinstance(value, int):
+                return value
+        return 1
+
+    def epochs_key(self) -> Optional[str]:
+        """The config id that sets the number of epochs (first of ``num_epochs``, ``max_epochs``, trainer's)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(self.config_files())
+        for key in ("num_epochs", "max_epochs", self.const.key_train_trainer_max_epochs()):
+            if parser.get(key) is not None:
+                return key
+        return None
+
+    def resolve(self, work_dir, fold: int = 0, section: str = "train#trainer"):
+        """Parse the merged train config for ``work_dir``/``fold`` and instantiate ``section`` (a check)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(self.config_files())
+        parser.read_meta(self.bundle_metadata_path)
+        parser.update({"bundle_root": self.bundle_path, "work_dir": str(work_dir), "fold": fold})
+        return parser.get_parsed_content(section, instantiate=True)
+
+    def write_cases(self, datalist, raw_dir: Path) -> Dict[str, str]:
+        """Write each labeled study as a BraTS case folder; returns ``{case_id: study path}``."""
+        if raw_dir.exists():
+            shutil.rmtree(raw_dir)
+        raw_dir.mkdir(parents=True)
+        mapping: Dict[str, str] = {}
+        for index, item in enumerate(sorted(datalist, key=lambda d: d["image"])):
+            name = Path(item["image"]).name
+            study_id = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+            case_id = study_case_id(study_id, index, used=list(mapping))
+            study_to_case_folder(item["image"], item["label"], raw_dir, case_id)
+            mapping[case_id] = item["image"]
+        return mapping
+
+    def _run(self, cmd, log_name: str, timeout=None):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(self.repo_root), env.get("PYTHONPATH", "")] if p)
+        logger.info(f"RUNNING:: {' '.join(map(str, cmd))}")
+        proc = subprocess.run([str(c) for c in cmd], cwd=str(self.repo_root), env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        (self.work_root / f"{log_name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{log_name} failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def __call__(self, request, datastore: Datastore):
+        start = time.time()
+        datalist = self._fetch_datalist(request, datastore)
+        if len(datalist) < 2:
+            raise BraTSInputError(
+                [f"{len(datalist)} labeled studies in the datastore; training needs at least 2 "
+                 f"(save final labels first)"], "cannot train from MONAI Label"
+            )
+        val_split = float(request.get("val_split", 0.5))
+        num_folds = int(request.get("num_folds", 0)) or max(2, min(len(datalist), round(1.0 / max(val_split, 1e-6))))
+        fold = int(request.get("fold", 0))
+        if not 0 <= fold < num_folds:
+            raise BraTSInputError([f"fold {fold} is outside 0..{num_folds - 1}"], "invalid train request")
+        max_epochs = request.get("max_epochs")
+
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        raw_dir, work_dir = self.work_root / "raw", self.work_root / "work"
+        mapping = self.write_cases(datalist, raw_dir)
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+
+        prepare = [sys.executable, self.repo_root / "scripts" / "prepare_data.py", "--dataset_dir", raw_dir,
+                   "--work_dir", work_dir, "--num_folds", num_folds, "--seed", 0]
+        for k, v in self.prepare_args.items():
+            prepare += [f"--{k}", v]
+        self._run(prepare, "prepare_data")
+
+        configs = "[" + ",".join(f"'{c}'" for c in self.config_files()) + "]"
+        train = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", self.bundle_path,
+                 "--meta_file", self.bundle_metadata_path, "--config_file", configs,
+                 "--work_dir", work_dir, "--fold", fold]
+        epochs_key = self.epochs_key()
+        if max_epochs is not None and epochs_key:
+            train += [f"--{epochs_key}", int(max_epochs)]
+        self._run(train, "training")
+
+        run_dir = work_dir / "runs" / self.variant / f"fold{fold}"
+        published = self.publish(run_dir)
+        stats = {
+            "cases": mapping,
+            "num_folds": num_folds,
+            "fold": fold,
+            "run_dir": str(run_dir),
+            "model_path": published,
+            "total_time_s": round(time.time() - start, 2),
+        }
+        atomic_write_json(self.work_root / "train_stats.json", stats)
+        logger.info(f"Training Finished: {stats}")
+        return stats
+
+    def publish(self, run_dir) -> str:
+        """Copy ``model.pt`` and ``plans.json`` of a finished run to the app's model path (plans first)."""
+        run_dir = Path(run_dir)
+        model, plans = run_dir / "model.pt", run_dir / "plans.json"
+        missing = [str(p) for p in (model, plans) if not p.exists()]
+        if missing:
+            raise RuntimeError(f"training finished without {missing}")
+        self.model_path.parent.mkdir(parents=True, exist_ok=True)
+        for src, dst in ((plans, self.model_path.parent / "plans.json"), (model, self.model_path)):
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+        return str(self.model_path)
+
+    def stats(self):
+        path = self.work_root / "train_stats.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        return {}
