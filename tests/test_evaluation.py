@@ -1,0 +1,299 @@
+"""Evaluation metrics on crafted volumes with hand-computed answers, and scripts/evaluate.py on NIfTIs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.errors import BraTSInputError
+from custom.evaluation import (
+    MAX_HD95_MM,
+    auroc,
+    dice,
+    evaluate_segmentation,
+    expected_calibration_error,
+    hd95,
+    lesionwise_metrics,
+    match_prediction_files,
+    official_crosscheck,
+    qubrats_score,
+    spearman,
+    uncertainty_quality,
+)
+from tests.conftest import run_cmd
+
+SHAPE = (64, 64, 48)
+
+
+def cube(lo, size, shape=SHAPE):
+    m = np.zeros(shape, dtype=bool)
+    m[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = True
+    return m
+
+
+# ----------------------------------------------------------------------------- legacy metrics
+
+def test_legacy_dice_and_hd95_edge_cases():
+    empty = np.zeros(SHAPE, bool)
+    a = cube((10, 10, 10), (6, 6, 6))
+    assert dice(empty, empty) == 1.0 and hd95(empty, empty) == 0.0
+    assert dice(a, empty) == 0.0 and hd95(a, empty) == MAX_HD95_MM == 374.0
+    assert dice(empty, a) == 0.0 and hd95(empty, a) == 374.0
+    assert dice(a, a) == 1.0 and hd95(a, a) == 0.0
+
+
+def test_hd95_uses_spacing_in_mm():
+    g = np.zeros(SHAPE, bool)
+    p = np.zeros(SHAPE, bool)
+    g[5, 5, 5] = True
+    p[8, 5, 5] = True
+    assert hd95(p, g, spacing=(2.0, 1.0, 1.0)) == pytest.approx(6.0)
+    assert hd95(p, g, spacing=(2.0, 1.0, 1.0), pooled=True) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(p, g, spacing=(1.0, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- lesion-wise
+
+def test_nearby_components_merge_into_one_lesion():
+    # gap of 4 voxels: 3 dilations from each side meet, so A and B are one lesion
+    a, b = cube((10, 10, 10), (6, 6, 6)), cube((20, 10, 10), (6, 6, 6))
+    r = lesionwise_metrics(a, a | b)
+    assert len(r["lesions"]) == 1 and r["lesions"][0]["volume_voxels"] == 432
+    assert r["lesionwise_dice"] == pytest.approx(2 * 216 / (432 + 216))
+    assert (r["num_tp"], r["num_fp"], r["num_fn"]) == (1, 0, 0)
+
+
+def test_distant_components_are_separate_lesions_and_missed_one_counts():
+    a, b = cube((10, 10, 10), (6, 6, 6)), cube((40, 40, 30), (6, 6, 6))
+    r = lesionwise_metrics(a, a | b)
+    assert len(r["lesions"]) == 2
+    assert r["lesionwise_dice"] == pytest.approx(0.5)           # (1 + 0) / 2
+    assert r["lesionwise_hd95"] == pytest.approx(374.0 / 2)     # (0 + 374) / 2
+    assert (r["num_tp"], r["num_fp"], r["num_fn"]) == (1, 0, 1)
+    assert evaluate_segmentation(a.astype(np.uint8) * 2, (a | b).astype(np.uint8) * 2)["WT"]["legacy_dice"] == \
+        pytest.approx(2 * 216 / (216 + 432))
+
+
+def test_small_lesions_are_dropped_at_50_voxels():
+    big = cube((10, 10, 10), (6, 6, 6))
+    small50 = cube((40, 40, 30), (5, 5, 2))    # 50 voxels: dropped
+    small51 = cube((40, 10, 30), (3, 17, 1))   # 51 voxels: kept
+    r = lesionwise_metrics(big, big | small50)
+    assert len(r["lesions"]) == 1 and r["lesionwise_dice"] == 1.0 and r["num_fn"] == 0
+    r = lesionwise_metrics(big, big | small51)
+    assert len(r["lesions"]) == 2 and r["lesionwise_dice"] == pytest.approx(0.5) and r["num_fn"] == 1
+    # predicting a dropped lesion is not a false positive; nothing left to score -> both-empty
+    r = lesionwise_metrics(small50, small50)
+    assert (r["lesionwise_dice"], r["lesionwise_hd95"], r["num_fp"]) == (1.0, 0.0, 0)
+
+
+def test_false_positive_component_scores_zero_and_374():
+    a = cube((10, 10, 10), (6, 6, 6))
+    fp = cube((45, 45, 35), (4, 4, 4))
+    r = lesionwise_metrics(a | fp, a)
+    assert (r["num_tp"], r["num_fp"], r["num_fn"]) == (1, 1, 0)
+    assert r["lesionwise_dice"] == pytest.approx(0.5)
+    assert r["lesionwise_hd95"] == pytest.approx(374.0 / 2)
+
+
+def test_prediction_touching_the_dilated_lesion_is_matched_not_false_positive():
+    a = cube((10, 10, 10), (6, 6, 6))
+    near = cube((18, 10, 10), (2, 2, 2))     # 2 voxels from the lesion, inside its 3-voxel dilation
+    r = lesionwise_metrics(a | near, a)
+    assert r["num_fp"] == 0 and r["lesions"][0]["num_pred_components"] == 2
+    assert r["lesionwise_dice"] == pytest.approx(2 * 216 / (216 + 224))
+
+
+def test_empty_cases():
+    empty = np.zeros(SHAPE, bool)
+    a = cube((10, 10, 10), (6, 6, 6))
+    r = lesionwise_metrics(empty, empty)
+    assert (r["lesionwise_dice"], r["lesionwise_hd95"], r["num_tp"], r["num_fp"], r["num_fn"]) == (1.0, 0.0, 0, 0, 0)
+    r = lesionwise_metrics(a, empty)
+    assert (r["lesionwise_dice"], r["lesionwise_hd95"], r["num_fp"]) == (0.0, 374.0, 1)
+    r = lesionwise_metrics(empty, a)
+    assert (r["lesionwise_dice"], r["lesionwise_hd95"], r["num_fn"]) == (0.0, 374.0, 1)
+
+
+def test_regions_from_labels():
+    gt = np.zeros(SHAPE, np.uint8)
+    gt[10:20, 10:20, 10:20] = 2
+    gt[12:18, 12:18, 12:18] = 1
+    gt[14:16, 14:16, 14:16] = 3                 # ET of 8 voxels: dropped lesion-wise
+    res = evaluate_segmentation(gt, gt, (1, 1, 1))
+    for r in ("WT", "TC", "ET"):
+        assert res[r]["legacy_dice"] == 1.0 and res[r]["legacy_hd95"] == 0.0
+    assert res["ET"]["num_tp"] == 0 and res["WT"]["num_tp"] == 1
+
+
+# ----------------------------------------------------------------------------- uncertainty measures
+
+def test_auroc_hand_computed_with_ties():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # pairs (pos, neg): (.5,.2)=1 (.5,.5)=1/2 (.9,.2)=1 (.9,.5)=1 -> 3.5/4
+    assert auroc([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == pytest.approx(0.875)
+    assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+    # roi restricts the voxels
+    assert auroc([0.9, 0.1, 0.8, 0.2], [0, 0, 1, 1], roi=[False, True, True, False]) == pytest.approx(1.0)
+
+
+def test_ece_hand_computed():
+    # bin 0: mean p .05, error rate 0 -> .05 * 2/4; bin 9: mean .95, error rate .5 -> .45 * 2/4
+    assert expected_calibration_error([0.05, 0.05, 0.95, 0.95], [0, 0, 1, 0]) == pytest.approx(0.25)
+    assert expected_calibration_error([1.0, 0.0], [1, 0]) == pytest.approx(0.0)   # 1.0 falls in the last bin
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        expected_calibration_error([1.5], [1])
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([4, 3, 2, 1], [0, 0, 1, 1]) < 0
+    assert math.isnan(spearman([1, 1, 1], [0, 1, 0]))
+
+
+def test_qubrats_hand_computed():
+    # voxels: a TP unc 0, b TP unc 60, c FP unc 60, d TN unc 0, e TN unc 80; thresholds 100, 50, 0
+    unc = np.array([0, 60, 60, 0, 80], float)
+    pred = np.array([1, 1, 1, 0, 0], bool)
+    gt = np.array([1, 1, 0, 0, 0], bool)
+    q = qubrats_score(unc, pred, gt, num_thresholds=3)
+    # Dice(t=0,50,100) = 1, 1, .8 ; FTP = .5, .5, 0 ; FTN = .5, .5, 0 ; trapezoids over [0, .5, 1]
+    assert q["auc_dice"] == pytest.approx(0.95)
+    assert q["auc_ftp"] == pytest.approx(0.375)
+    assert q["auc_ftn"] == pytest.approx(0.375)
+    assert q["score"] == pytest.approx((0.95 + 0.625 + 0.625) / 3)
+    # zero uncertainty: nothing is ever filtered -> (Dice + 1 + 1) / 3
+    q0 = qubrats_score(np.zeros(5), pred, gt, num_thresholds=41)
+    assert q0["score"] == pytest.approx((0.8 + 2) / 3)
+
+
+def test_uncertainty_quality_perfect_and_uninformative_maps():
+    gt = np.zeros(SHAPE, np.uint8)
+    gt[10:30, 10:30, 10:30] = 2
+    pred = np.zeros_like(gt)
+    pred[12:30, 10:30, 10:30] = 2
+    err = (gt > 0) ^ (pred > 0)
+    perfect = uncertainty_quality(err.astype(np.float32), pred, gt)
+    assert perfect["auroc_wt_error"] == pytest.approx(1.0)
+    assert perfect["ece_wt_error"] == pytest.approx(0.0)
+    assert perfect["spearman_wt_error"] == pytest.approx(1.0)
+    const = uncertainty_quality(np.full(SHAPE, 0.5, np.float32), pred, gt)
+    assert const["auroc_wt_error"] == pytest.approx(0.5)
+    assert perfect["qubrats_WT"] > const["qubrats_WT"]
+    with pytest.raises(ValueError, match="must lie in"):
+        uncertainty_quality(np.full(SHAPE, 2.0), pred, gt)
+
+
+# ----------------------------------------------------------------------------- files and the CLI
+
+CASES = ("BraTS-GLI-00001-000", "BraTS-GLI-00002-000")
+
+
+def _save(path, arr, spacing=(1.0, 1.0, 1.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.diag([*spacing, 1.0])), str(path))
+
+
+@pytest.fixture()
+def crafted(tmp_path):
+    """Two cases: case 1 predicted exactly; case 2 with WT shifted by 2 voxels and a false positive."""
+    g_dir, p_dir, u_dir = tmp_path / "gt", tmp_path / "pred", tmp_path / "unc"
+    for i, cid in enumerate(CASES):
+        gt = np.zeros(SHAPE, np.uint8)
+        gt[10:30, 10:30, 10:30] = 2
+        gt[15:25, 15:25, 15:25] = 1
+        gt[18:22, 18:22, 18:22] = 3
+        pred = gt.copy()
+        if i == 1:
+            pred = np.roll(gt, 2, axis=0)
+            pred[50:56, 50:56, 40:46] = 2
+        image = (gt > 0).astype(np.float32) + 1.0
+        _save(g_dir / cid / f"{cid}-seg.nii.gz", gt)
+        for m in ("t1c", "t1n", "t2f", "t2w"):
+            _save(g_dir / cid / f"{cid}-{m}.nii.gz", image)
+        _save(p_dir / f"{cid}.nii.gz", pred)
+        err = ((gt > 0) ^ (pred > 0)).astype(np.float32)
+        _save(u_dir / f"{cid}-unc.nii.gz", err * 0.9)
+    return g_dir, p_dir, u_dir
+
+
+def _read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_evaluate_cli_writes_per_case_and_summary(crafted, tmp_path):
+    g_dir, p_dir, u_dir = crafted
+    out = tmp_path / "R"
+    proc = run_cmd([sys.executable, "scripts/evaluate.py", "--pred_dir", p_dir, "--gt_dir", g_dir,
+                    "--out_dir", out, "--unc_dir", u_dir], timeout=300)
+    assert "2 cases" in proc.stdout
+    rows = _read_csv(out / "per_case.csv")
+    header = list(rows[0].keys())
+    assert header[:9] == ["case_id", "region", "legacy_dice", "legacy_hd95", "lesionwise_dice", "lesionwise_hd95",
+                          "num_tp", "num_fp", "num_fn"]
+    assert {"auroc_wt_error", "spearman_wt_error", "ece_wt_error", "qubrats"} <= set(header)
+    assert len(rows) == 6
+    by = {(r["case_id"], r["region"]): r for r in rows}
+    exact = by[(CASES[0], "WT")]
+    assert float(exact["legacy_dice"]) == 1.0 and float(exact["lesionwise_dice"]) == 1.0
+    shifted = by[(CASES[1], "WT")]
+    assert float(shifted["legacy_dice"]) == pytest.approx(2 * 7200 / (8000 + 8216))  # 18x20x20 overlap
+    assert int(shifted["num_fp"]) == 1 and int(shifted["num_tp"]) == 1
+    assert float(shifted["lesionwise_hd95"]) == pytest.approx((2.0 + 374.0) / 2)  # shifted lesion + FP
+    assert float(shifted["auroc_wt_error"]) == pytest.approx(1.0)
+    assert by[(CASES[1], "TC")]["auroc_wt_error"] == ""          # WT-error measures only on WT rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == 2
+    assert summary["regions"]["WT"]["legacy_dice"] == pytest.approx(
+        (1.0 + float(shifted["legacy_dice"])) / 2)
+
+
+def test_evaluate_cli_names_missing_and_mismatched_files(crafted, tmp_path):
+    g_dir, p_dir, _ = crafted
+    (p_dir / f"{CASES[1]}.nii.gz").unlink()
+    _save(p_dir / "BraTS-GLI-00009-000.nii.gz", np.zeros(SHAPE, np.uint8))
+    _save(p_dir / f"{CASES[0]}.nii.gz", np.zeros((64, 64, 40), np.uint8))
+    out = tmp_path / "R"
+    proc = run_cmd([sys.executable, "scripts/evaluate.py", "--pred_dir", p_dir, "--gt_dir", g_dir,
+                    "--out_dir", out], check=False, timeout=300)
+    assert proc.returncode != 0
+    assert f"{CASES[1]}.nii.gz: prediction missing" in proc.stderr
+    assert "BraTS-GLI-00009-000.nii.gz: prediction has no ground truth" in proc.stderr
+    assert f"{CASES[0]}.nii.gz: shape (64, 64, 40) differs" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "per_case.csv").exists() and not (out / "summary.json").exists()
+
+
+def test_bad_label_values_and_missing_uncertainty_are_named(crafted, tmp_path):
+    g_dir, p_dir, u_dir = crafted
+    (u_dir / f"{CASES[0]}-unc.nii.gz").unlink()
+    with pytest.raises(BraTSInputError, match=f"{CASES[0]}-unc.nii.gz: uncertainty map missing"):
+        match_prediction_files(p_dir, g_dir, u_dir)
+    bad = np.zeros(SHAPE, np.uint8)
+    bad[0, 0, 0] = 4
+    _save(p_dir / f"{CASES[0]}.nii.gz", bad)
+    from custom.evaluation import evaluate_folder
+    with pytest.raises(BraTSInputError, match=r"label values must be 0, 1, 2 or 3, found \[4\]"):
+        evaluate_folder(p_dir, g_dir, tmp_path / "R")
+    assert not (tmp_path / "R" / "per_case.csv").exists()
+
+
+def test_crosscheck_agrees_with_official_evaluator_where_definitions_coincide(crafted):
+    g_dir, p_dir, _ = crafted
+    pairs = [(c, p_dir / f"{c}.nii.gz", g_dir / c / f"{c}-seg.nii.gz") for c in CASES]
+    res = official_crosscheck(pairs)
+    if not res["available"]:
+        pytest.fail(f"brats_evaluation could not run: {res['agreement']}")
+    a = res["agreement"]
+    assert a["legacy_dice"]["compared"] == 6 and a["legacy_dice"]["agree"] == 6
+    assert a["hd95"]["agree"] == a["hd95"]["compared"] == 6
+    assert a["lesions"]["compared"] >= 3 and a["lesions"]["agree"] == a["lesions"]["compared"]
