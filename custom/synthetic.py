@@ -56,10 +56,10 @@ _BG, _CSF, _GM, _WM, _WMH, _ED, _NCR, _ET = range(len(TISSUES))
 INTENSITY_TABLE = np.array(
     [
         # bg    csf   gm    wm    wmh   ed    ncr   et
-        [0.0, 0.30, 0.72, 0.92, 0.82, 0.70, 0.38, 1.55],  # t1c: enhancing rim bright, core dark
+        [0.0, 0.30, 0.72, 0.92, 0.82, 0.70, 0.38, 1.80],  # t1c: enhancing rim bright, core dark
         [0.0, 0.28, 0.75, 1.00, 0.86, 0.72, 0.52, 0.80],  # t1n: tumour slightly dark
-        [0.0, 0.25, 0.95, 0.70, 1.22, 1.30, 0.95, 1.10],  # t2f: edema bright, CSF suppressed
-        [0.0, 1.70, 0.95, 0.60, 1.00, 1.30, 1.55, 1.05],  # t2w: edema and core bright
+        [0.0, 0.25, 0.95, 0.70, 1.30, 1.45, 0.95, 1.15],  # t2f: edema bright, CSF suppressed
+        [0.0, 1.70, 0.95, 0.60, 1.00, 1.40, 1.55, 1.05],  # t2w: edema and core bright
     ],
     dtype=np.float32,
 )
@@ -193,7 +193,7 @@ def _tumour_geometry(rng, shape, spacing, r_pert, brain_centre, brain_semi, labe
     direction = rng.standard_normal(3)
     direction /= np.linalg.norm(direction) + 1e-9
     centre = brain_centre + direction * rng.uniform(0.0, 0.5) * brain_semi
-    radius = brain_semi.mean() * rng.uniform(0.22, 0.45) * rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    radius = brain_semi.mean() * rng.uniform(0.3, 0.55) * rng.uniform(0.8, 1.2, 3).astype(np.float32)
     core_offset = rng.standard_normal(3).astype(np.float32) * 0.12 * radius
 
     vox_radius = float((radius / spacing_arr).mean())
@@ -213,14 +213,16 @@ def _tumour_geometry(rng, shape, spacing, r_pert, brain_centre, brain_semi, labe
     d_core = _ellipsoid_radius(core_coords, radius) * np.exp(0.2 * shape_field + 0.12 * core_field)
 
     t_tc = rng.uniform(0.45, 0.75)
-    t_ncr = t_tc * rng.uniform(0.45, 0.8)
+    t_ncr = t_tc * rng.uniform(0.5, 0.8)
     inside = r_pert[box] < 0.95
+    # label noise draws from its own stream, so the image does not depend on label_noise
+    label_rng = np.random.default_rng(rng.integers(0, 2**63))
 
     def masks(noise_amp):
         if noise_amp > 0:
             # a displacement of `label_noise` voxels moves a normalised distance by about label_noise / R
             ln_scale = 2.0 * float(spacing_arr.mean())
-            fields = [smooth_field(rng, bshape, spacing, ln_scale) for _ in range(3)]
+            fields = [smooth_field(label_rng, bshape, spacing, ln_scale) for _ in range(3)]
             shifts = [noise_amp * f / vox_radius for f in fields]
         else:
             shifts = [0.0, 0.0, 0.0]
@@ -235,7 +237,7 @@ def _tumour_geometry(rng, shape, spacing, r_pert, brain_centre, brain_semi, labe
     else:
         wt_lab, tc_lab, ncr_lab = wt_img, tc_img, ncr_img
     # edema fades towards its outer edge: ambiguous boundary like real peritumoral edema
-    grade = 0.35 + 0.65 * np.clip((1.0 - d_wt) / 0.3, 0.0, 1.0)
+    grade = 0.5 + 0.5 * np.clip((1.0 - d_wt) / 0.3, 0.0, 1.0)
     return box, (wt_img, tc_img, ncr_img), (wt_lab, tc_lab, ncr_lab), grade
 
 
