@@ -43,7 +43,7 @@ class StudyPrediction:
 
 
 def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:
-    """Numbers an annotator reads next to the maps.
+    """Numbers an annotator reads next to the maps (the bundle's ``summary.json`` entry, plus a score).
 
     Args:
         labels: uint8 ``(X, Y, Z)`` label map (0..3).
@@ -51,21 +51,18 @@ def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:
         spacing: voxel size in mm.
 
     Returns:
-        ``{"mean_uncertainty_in_tumour", "p95_uncertainty_in_tumour", "max_uncertainty",
-        "volumes_ml": {"WT", "TC", "ET", "NCR", "ED"}, "tumour_voxels"}``. The tumour is the predicted
-        whole tumour (labels 1, 2, 3); with no predicted tumour the uncertainty numbers are 0.
+        ``custom.inference.case_summary`` (``volume_{wt,tc,et}_ml``, ``unc_mean_wt``, ``unc_p95_wt``; None
+        without predicted tumour) plus ``mean_uncertainty_in_tumour`` (``unc_mean_wt``, 0.0 without predicted
+        tumour: the score the review order uses), ``max_uncertainty`` and ``tumour_voxels``.
     """
-    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
-    wt = labels > 0
-    regions = {"WT": wt, "TC": (labels == 1) | (labels == 3), "ET": labels == 3, "NCR": labels == 1, "ED": labels == 2}
-    inside = unc[wt]
-    return {
-        "mean_uncertainty_in_tumour": float(inside.mean()) if inside.size else 0.0,
-        "p95_uncertainty_in_tumour": float(np.percentile(inside, 95)) if inside.size else 0.0,
-        "max_uncertainty": float(unc.max()) if unc.size else 0.0,
-        "volumes_ml": {name: round(float(mask.sum()) * voxel_ml, 4) for name, mask in regions.items()},
-        "tumour_voxels": int(wt.sum()),
-    }
+    from custom.inference import case_summary
+
+    summary = case_summary(labels, unc, spacing)
+    mean = summary.get("unc_mean_wt")
+    summary["mean_uncertainty_in_tumour"] = float(mean) if mean is not None else 0.0
+    summary["max_uncertainty"] = float(unc.max()) if unc.size else 0.0
+    summary["tumour_voxels"] = int((labels > 0).sum())
+    return summary
 
 
 class StudyPredictor:
