@@ -197,7 +197,9 @@ def _tumour_geometry(rng, shape, spacing, r_pert, brain_centre, brain_semi, labe
     core_offset = rng.standard_normal(3).astype(np.float32) * 0.12 * radius
 
     vox_radius = float((radius / spacing_arr).mean())
-    margin_mm = 1.45 * radius + (3.0 * label_noise + 2.0) * spacing_arr
+    # fixed margin (not a function of label_noise, so the image does not depend on it); label boundaries
+    # displaced by more than ~6 voxels are cut at the box
+    margin_mm = 1.45 * radius + 6.0 * spacing_arr
     lo = np.clip(np.floor((centre - margin_mm) / spacing_arr), 0, np.asarray(shape) - 1).astype(int)
     hi = np.clip(np.ceil((centre + margin_mm) / spacing_arr) + 1, 1, np.asarray(shape)).astype(int)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
