@@ -19,12 +19,11 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        from custom.networks import PatchProbabilityNetwork, build_network
+        from custom.inference import load_network
+        from custom.networks import PatchProbabilityNetwork
         from custom.planning import load_plans
-        from custom.triton_utils import read_model_parameters
 
         self.model_config = json.loads(args["model_config"])
-        params = read_model_parameters(self.model_config)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         checkpoint, plans_path = version_dir / "model.pt", version_dir / "plans.json"
         for path in (checkpoint, plans_path):
@@ -36,14 +35,12 @@ class TritonPythonModel:
             self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
         else:
             self.device = torch.device("cpu")
-        network = build_network(load_plans(str(plans_path)), with_uncertainty=bool(params.get("with_uncertainty", True)))
-        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
-        network.load_state_dict(state)
-        self.network = PatchProbabilityNetwork(network).to(self.device).eval()
-        self.logger = pb_utils.Logger
-        self.logger.log_info(f"brats_unc_patch: {checkpoint} on {self.device}")
+        # the same loader as bundle inference: weights_only=True, output channels read from the checkpoint
+        network, with_uncertainty = load_network(str(checkpoint), load_plans(str(plans_path)), device=self.device)
+        self.network = PatchProbabilityNetwork(network).eval()
+        pb_utils.Logger.log_info(
+            f"brats_unc_patch: {checkpoint} on {self.device} ({'with' if with_uncertainty else 'without'} uncertainty)"
+        )
 
     def execute(self, requests):
         # the dynamic batcher hands over several requests at once: one forward pass for all of them

@@ -30,11 +30,15 @@ class TritonPythonModel:
 
         self.model_config = json.loads(args["model_config"])
         params = read_model_parameters(self.model_config)
-        plans_path = Path(args["model_repository"]) / args["model_version"] / "plans.json"
-        if not plans_path.exists():
-            raise pb_utils.TritonModelException(
-                f"{plans_path}: missing; run scripts/export.py (or custom.triton_utils.prepare_model_repository)"
-            )
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        plans_path, info_path = version_dir / "plans.json", version_dir / "model_info.json"
+        for path in (plans_path, info_path):
+            if not path.exists():
+                raise pb_utils.TritonModelException(
+                    f"{path}: missing; run scripts/export.py (or custom.triton_utils.prepare_model_repository)"
+                )
+        # written by prepare_model_repository from the checkpoint: 4 output channels or 3 (baseline)
+        model_info = json.loads(info_path.read_text())
         self.patch_model = str(params.get("patch_model", PATCH_MODEL))
         self.patch_max_batch_size = int(params.get("patch_max_batch_size", 8))
         self.max_edge = int(params.get("max_volume_edge", MAX_VOLUME_EDGE))
@@ -43,7 +47,7 @@ class TritonPythonModel:
             None,
             load_plans(str(plans_path)),
             device="cpu",
-            with_uncertainty=bool(params.get("with_uncertainty", True)),
+            with_uncertainty=bool(model_info["with_uncertainty"]),
             mask_dilation=int(params.get("mask_dilation", 3)),
             overlap=float(params.get("overlap", 0.5)),
             sw_batch_size=int(params.get("sw_batch_size", 2)),

@@ -1,0 +1,218 @@
+"""Throughput and latency through Triton at several concurrencies against in-process inference, one run.
+
+    python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench.json \
+        [--concurrency "[1,2,4,8]"] [--requests_per_level 8] [--protocol grpc] [--threads 1]
+
+Same cases, same checkpoint, same machine, side by side:
+
+- ``in_process``: ``UncertaintySegmenter.from_checkpoint(CKPT).predict`` one case after another
+  (the bundle's inference path), ``torch.set_num_threads(threads)``.
+- ``triton``: a real ``tritonserver`` on a temporary copy of the model repository (same checkpoint),
+  ``OMP_NUM_THREADS=threads`` per model instance; for each concurrency c, c client threads each send
+  volumes back to back until ``max(requests_per_level, c)`` requests are done.
+
+Writes one JSON object to ``--out`` (throughput in cases per second, latencies in ms) and prints a one-line
+summary. perf_analyzer's wheels need glibc 2.38, so this is the project's own load generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+
+
+def _latency_stats(latencies_s) -> dict:
+    ms = sorted(1000.0 * x for x in latencies_s)
+    return {
+        "latency_mean_ms": round(statistics.fmean(ms), 2),
+        "latency_p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "latency_p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "latency_max_ms": round(ms[-1], 2),
+    }
+
+
+def _load_cases(input_dir, num_cases: int):
+    from custom.inference import _load_case, find_case_files, list_case_folders
+
+    cases = []
+    for case_dir in list_case_folders(input_dir)[:num_cases]:
+        case = find_case_files(case_dir)
+        image, _, spacing, _ = _load_case(case)
+        cases.append((case["case_id"], image, np.asarray(spacing, np.float32)))
+    if not cases:
+        raise SystemExit(f"[benchmark_triton] no cases in {input_dir}")
+    return cases
+
+
+def bench_in_process(checkpoint, cases, requests: int, device: str = "cpu") -> dict:
+    from custom.inference import UncertaintySegmenter
+
+    segmenter = UncertaintySegmenter.from_checkpoint(checkpoint, device=device)
+    segmenter.predict(cases[0][1], cases[0][2])  # warm-up: allocator, MONAI imports
+    latencies = []
+    t0 = time.perf_counter()
+    for i in range(requests):
+        _, image, spacing = cases[i % len(cases)]
+        t = time.perf_counter()
+        segmenter.predict(image, spacing)
+        latencies.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"requests": requests, "wall_s": round(wall, 3), "throughput_cases_per_s": round(requests / wall, 4),
+            **_latency_stats(latencies)}
+
+
+def bench_triton_level(url, protocol, cases, concurrency: int, requests: int, timeout_s: float) -> dict:
+    from custom.triton_utils import VolumeClient
+
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    latencies, errors = [], []
+
+    def worker():
+        with VolumeClient(url, protocol, timeout_s=timeout_s) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                case_id, image, spacing = cases[i % len(cases)]
+                t = time.perf_counter()
+                try:
+                    client.infer(image, spacing, request_id=f"{case_id}-{i}")
+                except Exception as err:  # recorded, reported in the JSON: a benchmark must not hide failures
+                    with lock:
+                        errors.append(f"{case_id}: {err}")
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    out = {"concurrency": concurrency, "requests": requests, "errors": len(errors), "wall_s": round(wall, 3),
+           "throughput_cases_per_s": round(len(latencies) / wall, 4)}
+    if latencies:
+        out.update(_latency_stats(latencies))
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+def _patch_batching(url) -> dict:
+    """Patches per patch-model execution (> sw_batch_size means patches of different requests were merged)."""
+    import tritonclient.http as th
+
+    from custom.triton_utils import PATCH_MODEL
+
+    client = th.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(PATCH_MODEL)["model_stats"][0]
+    finally:
+        client.close()
+    return {"inference_count": int(stats.get("inference_count", 0)),
+            "execution_count": int(stats.get("execution_count", 0))}
+
+
+def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), requests_per_level: int = 8,
+         num_cases: int = 4, protocol: str = "grpc", threads: int = 1, timeout_s: float = 600.0) -> dict:
+    """Run the benchmark; see the module docstring.
+
+    Args:
+        checkpoint: training checkpoint (plans.json beside it).
+        input_dir: BraTS case folders to send.
+        out: JSON output path.
+        concurrency: concurrency levels (clients in flight).
+        requests_per_level: requests per level (at least the concurrency) and in-process cases timed.
+        num_cases: distinct cases used (cycled).
+        protocol: grpc or http.
+        threads: torch/OpenMP threads for the in-process run and per Triton model instance.
+        timeout_s: per-request timeout.
+    """
+    import torch
+
+    from custom.io_utils import atomic_write_json
+    from custom.triton_utils import TritonServer, free_port, prepare_model_repository
+
+    levels = [int(c) for c in (concurrency if isinstance(concurrency, (list, tuple)) else [concurrency])]
+    if not levels or min(levels) < 1:
+        raise SystemExit(f"[benchmark_triton] concurrency levels must be >= 1, got {concurrency}")
+    if protocol not in ("grpc", "http"):
+        raise SystemExit(f"[benchmark_triton] protocol must be grpc or http, got {protocol!r}")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(int(threads))
+    cases = _load_cases(input_dir, num_cases)
+    shape = list(cases[0][1].shape)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    in_process = bench_in_process(checkpoint, cases, requests_per_level, device)
+    triton = []
+    with tempfile.TemporaryDirectory(prefix="brats-triton-bench-") as tmp:
+        repo = prepare_model_repository(checkpoint, repo_dir=Path(tmp) / "models")
+        with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_stream=None, threads=threads) as server:
+            url = server.grpc_url if protocol == "grpc" else server.http_url
+            bench_triton_level(url, protocol, cases, 1, 1, timeout_s)  # warm-up
+            for c in levels:
+                before = _patch_batching(server.http_url)
+                level = bench_triton_level(url, protocol, cases, c, max(requests_per_level, c), timeout_s)
+                after = _patch_batching(server.http_url)
+                patches = after["inference_count"] - before["inference_count"]
+                executions = after["execution_count"] - before["execution_count"]
+                level["patches_per_execution"] = round(patches / max(executions, 1), 3)
+                level["throughput_ratio_vs_in_process"] = round(
+                    level["throughput_cases_per_s"] / in_process["throughput_cases_per_s"], 3)
+                triton.append(level)
+    ratio_c1 = next((t["throughput_ratio_vs_in_process"] for t in triton if t["concurrency"] == 1), None)
+    throughputs = [t["throughput_cases_per_s"] for t in triton]
+    # "must not fall": allow 5 % measurement noise between neighbouring levels
+    non_decreasing = all(b >= 0.95 * a for a, b in zip(throughputs, throughputs[1:]))
+    result = {
+        "benchmark": "triton_vs_in_process",
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "protocol": protocol,
+        "num_cases": len(cases),
+        "case_shape": shape,
+        "threads": threads,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "in_process": in_process,
+        "triton": triton,
+        "throughput_ratio_c1_ratio": ratio_c1,
+        "target_c1_ratio": 0.9,
+        "meets_c1_target": bool(ratio_c1 is not None and ratio_c1 >= 0.9),
+        "throughput_non_decreasing": bool(non_decreasing),
+        "gpu_command": gpu_command(),
+    }
+    atomic_write_json(out, result)
+    levels_txt = " ".join(f"c{t['concurrency']}={t['throughput_cases_per_s']:.3g}/s" for t in triton)
+    print(f"[benchmark_triton] in-process {in_process['throughput_cases_per_s']:.3g} cases/s; triton {protocol} "
+          f"{levels_txt}; c1 ratio {ratio_c1}; non-decreasing {non_decreasing} -> {out}")
+    print(f"[benchmark_triton] on a GPU machine: {gpu_command()}")
+    return result
+
+
+def gpu_command() -> str:
+    """The one command that repeats this benchmark on a GPU machine (NVIDIA's Triton container)."""
+    return ("docker run --rm --gpus all --shm-size=8g -v $PWD:/workspace -w /workspace "
+            "nvcr.io/nvidia/tritonserver:24.08-py3 bash -c \"pip install -e . && "
+            "python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench_gpu.json "
+            "--threads 4\"")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

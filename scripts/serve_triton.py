@@ -1,0 +1,69 @@
+"""Serve the Triton model repository with a real ``tritonserver`` until Ctrl-C / SIGTERM.
+
+    python scripts/serve_triton.py [--model_repository triton_models] [--http_port 8000] [--grpc_port 8001]
+                                   [--metrics_port 8002] [--address 127.0.0.1]
+
+Uses ``tritonserver`` from PATH (NVIDIA's container) or the one bundled in the nvidia-pytriton wheel,
+binds to 127.0.0.1 unless ``--address`` says otherwise, waits until both models are ready, forwards the
+server log to stderr, and stops the server cleanly on Ctrl-C or SIGTERM. Export a model first
+(``scripts/export.py --checkpoint CKPT``).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import fire
+
+from custom.triton_utils import DEFAULT_MODEL_REPOSITORY, TritonServer, check_model_repository
+
+
+def main(model_repository=str(DEFAULT_MODEL_REPOSITORY), http_port: int = 8000, grpc_port: int = 8001,
+         metrics_port: int = 8002, address: str = "127.0.0.1", startup_timeout_s: float = 300.0,
+         threads: int | None = None, tritonserver: str | None = None, log_verbose: int = 0) -> None:
+    """Start tritonserver on ``model_repository`` and block until it is stopped.
+
+    Args:
+        model_repository: folder with brats_unc_volume/ and brats_unc_patch/ (config.pbtxt, 1/model.py, weights).
+        http_port, grpc_port, metrics_port: ports to listen on.
+        address: interface for all three endpoints (0.0.0.0 to serve other machines).
+        startup_timeout_s: seconds to wait for the models to become ready.
+        threads: torch/OpenMP threads per model instance (OMP_NUM_THREADS), default: the library's.
+        tritonserver: path of a tritonserver binary (default: PATH, then the nvidia-pytriton wheel).
+        log_verbose: tritonserver --log-verbose level.
+    """
+    try:
+        repo = check_model_repository(model_repository)
+    except FileNotFoundError as err:
+        sys.exit(f"[serve_triton] {err}")
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          address=address, startup_timeout_s=startup_timeout_s, threads=threads,
+                          binary=tritonserver, log_verbose=log_verbose)
+
+    def _stop(signum, _frame):  # SIGTERM takes the same clean path as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    rc = 0
+    try:
+        server.start()
+        print(f"[serve_triton] ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "
+              f"(pid {server.process.pid}; Ctrl-C to stop)", file=sys.stderr, flush=True)
+        rc = server.wait()
+        print(f"[serve_triton] tritonserver exited on its own with code {rc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("[serve_triton] stopping tritonserver", file=sys.stderr, flush=True)
+    except (RuntimeError, TimeoutError) as err:
+        server.stop()
+        sys.exit(f"[serve_triton] {err}")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        code = server.stop()
+    print(f"[serve_triton] stopped (exit code {code})", file=sys.stderr, flush=True)
+    if rc:
+        sys.exit(rc)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,388 @@
+"""Triton deployment against a real tritonserver (the nvidia-pytriton wheel's binary, CPU).
+
+One server per module on free ports, serving a model repository filled by ``prepare_model_repository``
+with a freshly initialised tiny network (seeded) and the plan of the prepared synthetic work dir: the
+tests check plumbing and parity, not accuracy, so they do not depend on training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON, REPO_ROOT, run_cmd
+
+pytest.importorskip("tritonclient")
+pytest.importorskip("pytriton")
+
+import tritonclient.grpc as tgrpc  # noqa: E402
+import tritonclient.http as thttp  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from custom.errors import BraTSInputError  # noqa: E402
+from custom.triton_utils import (  # noqa: E402
+    MAX_VOLUME_EDGE,
+    PATCH_MODEL,
+    VOLUME_MODEL,
+    TritonClientError,
+    TritonServer,
+    VolumeClient,
+    free_port,
+    locate_tritonserver,
+    prepare_backend_dir,
+    prepare_model_repository,
+    validate_volume_request,
+)
+
+NUM_PARITY_CASES = 2
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie still answers kill(0): it is gone when its state is Z or it has no /proc entry
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tiny_checkpoint(prepared_work_dir, tmp_path_factory) -> Path:
+    """A seeded, freshly initialised network from the prepared plan, saved as training saves it."""
+    import shutil
+
+    import torch
+
+    from custom.networks import build_network
+    from custom.planning import load_plans
+
+    out = tmp_path_factory.mktemp("triton_ckpt")
+    torch.manual_seed(0)
+    network = build_network(load_plans(str(prepared_work_dir / "plans.json")), with_uncertainty=True)
+    torch.save({"model": network.state_dict()}, out / "model.pt")
+    shutil.copyfile(prepared_work_dir / "plans.json", out / "plans.json")
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def model_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    return prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path_factory.mktemp("triton_repo"))
+
+
+@pytest.fixture(scope="module")
+def server(model_repository):
+    srv = TritonServer(model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                       log_stream=None, threads=1, startup_timeout_s=240)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        assert srv.process.returncode is not None
+        assert _pid_gone(srv.process.pid), "tritonserver still running after stop()"
+
+
+@pytest.fixture(scope="module")
+def cases(synthetic_dataset):
+    """(case_id, image (4,X,Y,Z) float32, spacing (3,) float32, affine) of the first synthetic cases."""
+    from custom.data import load_case_arrays
+    from custom.inference import find_case_files, list_case_folders
+
+    out = []
+    for case_dir in list_case_folders(synthetic_dataset)[:NUM_PARITY_CASES]:
+        case = find_case_files(case_dir)
+        image, _, affine, spacing = load_case_arrays(case["image"], None)
+        out.append((case["case_id"], image, np.asarray(spacing, np.float32), affine))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, cases):
+    """In-process bundle inference on the same checkpoint: {case_id: (labels, unc)}."""
+    from custom.inference import UncertaintySegmenter
+
+    segmenter = UncertaintySegmenter.from_checkpoint(tiny_checkpoint)
+    ref = {}
+    for case_id, image, spacing, _ in cases:
+        pred = segmenter.predict(image, spacing)
+        ref[case_id] = (pred.labels, pred.unc)
+    return ref
+
+
+def assert_matches(seg, unc, ref, what=""):
+    labels, ref_unc = ref
+    assert seg.dtype == np.uint8 and unc.dtype == np.float32, what
+    assert seg.shape == labels.shape and unc.shape == ref_unc.shape, what
+    agreement = float((seg == labels).mean())
+    assert agreement >= 0.999, f"{what}: labels agree on {agreement:.5f} of voxels"
+    diff = float(np.abs(unc - ref_unc).max())
+    assert diff <= 1e-3, f"{what}: unc max abs diff {diff}"
+    assert 0.0 <= float(unc.min()) and float(unc.max()) <= 1.0, what
+
+
+# -------------------------------------------------------------------------------------- no server needed
+def test_validate_volume_request_names_each_problem():
+    good = np.ones((4, 8, 8, 8), np.float32)
+    image, spacing = validate_volume_request(good, [1, 1, 1])
+    assert image.shape == (4, 8, 8, 8) and spacing.tolist() == [1.0, 1.0, 1.0]
+    bad = {
+        "float32": (good.astype(np.float64), [1, 1, 1]),
+        "4 channels": (good[:3], [1, 1, 1]),
+        "empty": (np.ones((4, 0, 8, 8), np.float32), [1, 1, 1]),
+        "every voxel is 0": (np.zeros((4, 8, 8, 8), np.float32), [1, 1, 1]),
+        "SPACING": (good, None),
+        "exceeds the limit": (np.ones((4, MAX_VOLUME_EDGE + 1, 2, 2), np.float32), [1, 1, 1]),
+        "NaN": (np.full((4, 8, 8, 8), np.nan, np.float32), [1, 1, 1]),
+        "positive": (good, [1, 0, 1]),
+    }
+    for needle, (img, sp) in bad.items():
+        with pytest.raises(BraTSInputError, match=needle) as info:
+            validate_volume_request(img, sp, source="case-x")
+        assert "case-x" in str(info.value)
+
+
+def test_backend_dir_has_stub_beside_python_backend(tmp_path):
+    dist = locate_tritonserver()
+    assert dist.binary.exists()
+    backend = prepare_backend_dir(dist, cache_dir=tmp_path)
+    assert (backend / "python" / "libtriton_python.so").exists()
+    assert os.access(backend / "python" / "triton_python_backend_stub", os.X_OK)
+    assert prepare_backend_dir(dist, cache_dir=tmp_path) == backend  # reused, not copied again
+
+
+def test_prepare_model_repository_rejects_missing_plan(tiny_checkpoint, tmp_path):
+    lonely = tmp_path / "ckpt" / "model.pt"
+    lonely.parent.mkdir()
+    lonely.write_bytes(tiny_checkpoint.read_bytes())
+    with pytest.raises(BraTSInputError, match="plans.json"):
+        prepare_model_repository(lonely, repo_dir=tmp_path / "repo")
+    assert not (tmp_path / "repo" / PATCH_MODEL / "1" / "model.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ real server
+def test_ready_and_metadata(server):
+    http = thttp.InferenceServerClient(server.http_url)
+    grpc = tgrpc.InferenceServerClient(server.grpc_url)
+    try:
+        assert http.is_server_live() and http.is_server_ready()
+        assert grpc.is_server_ready()
+        for name in (VOLUME_MODEL, PATCH_MODEL):
+            assert http.is_model_ready(name) and grpc.is_model_ready(name)
+        meta = http.get_model_metadata(VOLUME_MODEL)
+        inputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]}
+        outputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]}
+        assert inputs == {"IMAGE": ("FP32", [4, -1, -1, -1]), "SPACING": ("FP32", [3])}
+        assert outputs == {"SEG": ("UINT8", [-1, -1, -1]), "UNC": ("FP32", [-1, -1, -1])}
+        patch_cfg = grpc.get_model_config(PATCH_MODEL, as_json=True)["config"]
+        assert int(patch_cfg["max_batch_size"]) >= 2
+        assert patch_cfg["dynamic_batching"]["preferred_batch_size"]
+        meta = grpc.get_model_metadata(PATCH_MODEL, as_json=True)
+        assert [i["name"] for i in meta["inputs"]] == ["IMAGE"] and [o["name"] for o in meta["outputs"]] == ["PROBS"]
+    finally:
+        http.close()
+        grpc.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_parity_with_in_process_inference(server, cases, reference, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with VolumeClient(url, protocol, timeout_s=300) as client:
+        client.check_ready()
+        for case_id, image, spacing, _ in cases:
+            seg, unc = client.infer(image, spacing, request_id=case_id)
+            assert_matches(seg, unc, reference[case_id], f"{protocol} {case_id}")
+            assert int((seg > 0).sum()) > 0 or int((reference[case_id][0] > 0).sum()) == 0
+
+
+def test_concurrent_requests_batched_and_correct(server, cases, reference):
+    stats_client = thttp.InferenceServerClient(server.http_url)
+
+    def patch_counts():
+        stats = stats_client.get_inference_statistics(PATCH_MODEL)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
+    n = 8
+    before = patch_counts()
+    results, errors = [None] * n, []
+
+    def worker(i):
+        protocol = "grpc" if i % 2 else "http"
+        case_id, image, spacing, _ = cases[i % len(cases)]
+        try:
+            with VolumeClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol,
+                              timeout_s=300) as client:
+                results[i] = (case_id, protocol, *client.infer(image, spacing, request_id=f"{case_id}-{i}"))
+        except Exception as err:  # collected so that the assertion shows every failure
+            errors.append(f"request {i}: {err}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    after = patch_counts()
+    stats_client.close()
+    assert not errors, errors
+    for case_id, protocol, seg, unc in results:
+        assert_matches(seg, unc, reference[case_id], f"concurrent {protocol} {case_id}")
+    patches, executions = after[0] - before[0], after[1] - before[1]
+    # each volume sends sw_batch_size (2) patches per BLS call: more per execution = cross-request batching
+    assert executions > 0 and patches / executions > 2.0, (patches, executions)
+
+
+def _expect_rejected(call, needle):
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    assert needle.lower() in str(info.value).lower(), str(info.value)
+
+
+def test_malformed_requests_rejected_server_stays_up(server, cases, reference):
+    http = thttp.InferenceServerClient(server.http_url)
+    case_id, image, spacing, _ = cases[0]
+
+    def send(img, sp=None, img_dtype=None):
+        inputs = [thttp.InferInput("IMAGE", list(img.shape), img_dtype or "FP32")]
+        inputs[0].set_data_from_numpy(img)
+        if sp is not None:
+            inputs.append(thttp.InferInput("SPACING", [3], "FP32"))
+            inputs[1].set_data_from_numpy(sp)
+        return http.infer(VOLUME_MODEL, inputs)
+
+    sp = np.ones(3, np.float32)
+    try:
+        _expect_rejected(lambda: send(image.astype(np.float64), sp, "FP64"), "data-type")  # wrong dtype
+        _expect_rejected(lambda: send(image[:3].copy(), sp), "shape")  # wrong channel count
+        _expect_rejected(lambda: send(np.zeros((4, 0, 4, 4), np.float32), sp), "empty")  # zero-size volume
+        _expect_rejected(lambda: send(np.zeros((4, 16, 16, 16), np.float32), sp), "empty")  # all-zero volume
+        _expect_rejected(lambda: send(image, None), "SPACING")  # spacing missing
+        big = np.ones((4, MAX_VOLUME_EDGE + 1, 4, 4), np.float32)
+        _expect_rejected(lambda: send(big, sp), "exceeds the limit")  # volume over the limit
+        _expect_rejected(lambda: send(image, np.array([1, -1, 1], np.float32)), "SPACING")
+        assert http.is_server_ready() and http.is_model_ready(VOLUME_MODEL)
+        result = send(image, spacing)
+        assert_matches(result.as_numpy("SEG"), result.as_numpy("UNC"), reference[case_id], "after errors")
+    finally:
+        http.close()
+    assert server.is_alive()
+
+
+def test_triton_infer_cli_writes_bundle_outputs(server, synthetic_dataset, cases, reference, tmp_path):
+    import nibabel as nib
+
+    inputs = tmp_path / "cases"
+    inputs.mkdir()
+    for case_id, *_ in cases:
+        (inputs / case_id).symlink_to(synthetic_dataset / case_id, target_is_directory=True)
+    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        out = tmp_path / f"out_{protocol}"
+        proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", url, "--protocol", protocol,
+                        "--input_dir", inputs, "--output_dir", out, "--concurrency", 2, "--timeout", 300])
+        assert f"{len(cases)} cases" in proc.stdout
+        for case_id, image, _, affine in cases:
+            seg_img = nib.load(str(out / f"{case_id}.nii.gz"))
+            unc_img = nib.load(str(out / f"{case_id}-unc.nii.gz"))
+            assert seg_img.shape == unc_img.shape == image.shape[1:]
+            np.testing.assert_allclose(seg_img.affine, affine, atol=1e-5)
+            np.testing.assert_allclose(unc_img.affine, affine, atol=1e-5)
+            seg = np.asarray(seg_img.dataobj)
+            unc = np.asarray(unc_img.dataobj)
+            assert seg.dtype == np.uint8 and unc.dtype == np.float32
+            assert_matches(seg, unc, reference[case_id], f"cli {protocol} {case_id}")
+        assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_triton_infer_cli_bad_case_rejected_before_sending(server, synthetic_dataset, cases, tmp_path):
+    import shutil
+
+    inputs = tmp_path / "cases"
+    good_id = cases[0][0]
+    shutil.copytree(synthetic_dataset / good_id, inputs / good_id)
+    bad_id = "BraTS-GLI-99999-000"
+    (inputs / bad_id).mkdir()
+    for f in (synthetic_dataset / good_id).iterdir():
+        dst = inputs / bad_id / f.name.replace(good_id, bad_id)
+        shutil.copyfile(f, dst)
+    (inputs / bad_id / f"{bad_id}-t2f.nii.gz").write_bytes(b"not a nifti file")
+    http = thttp.InferenceServerClient(server.http_url)
+    before = int(http.get_inference_statistics(VOLUME_MODEL)["model_stats"][0]["inference_count"])
+    out = tmp_path / "out"
+    proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", server.grpc_url, "--protocol", "grpc",
+                    "--input_dir", inputs, "--output_dir", out, "--concurrency", 2, "--progress", "false"],
+                   check=False)
+    after = int(http.get_inference_statistics(VOLUME_MODEL)["model_stats"][0]["inference_count"])
+    http.close()
+    assert proc.returncode != 0
+    assert bad_id in proc.stderr and "t2f" in proc.stderr and "Traceback" not in proc.stderr
+    assert after - before == 1, "the corrupt case must not be sent"
+    assert (out / f"{good_id}.nii.gz").exists() and (out / f"{good_id}-unc.nii.gz").exists()
+    assert not list(out.glob(f"{bad_id}*"))
+
+
+def test_triton_infer_cli_server_down_and_model_missing(server, synthetic_dataset, tmp_path):
+    proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", f"127.0.0.1:{free_port()}", "--protocol", "grpc",
+                    "--input_dir", synthetic_dataset, "--output_dir", tmp_path / "a", "--timeout", 5], check=False)
+    assert proc.returncode != 0 and "not reachable" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", server.http_url, "--protocol", "http",
+                    "--model", "no_such_model", "--input_dir", synthetic_dataset, "--output_dir", tmp_path / "b"],
+                   check=False)
+    assert proc.returncode != 0 and "not ready" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_client_reports_rejected_request(server):
+    with VolumeClient(server.grpc_url, "grpc", timeout_s=60) as client:
+        with pytest.raises(TritonClientError, match="rejected.*empty"):
+            client.infer(np.zeros((4, 8, 8, 8), np.float32), [1, 1, 1])
+
+
+def test_serve_triton_cli_ready_and_clean_sigterm(model_repository):
+    http_port = free_port()
+    cmd = [PYTHON, "scripts/serve_triton.py", "--model_repository", str(model_repository),
+           "--http_port", str(http_port), "--grpc_port", str(free_port()), "--metrics_port", str(free_port()),
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "[serve_triton] ready" in line:
+                break
+        assert any("[serve_triton] ready" in ln for ln in lines), "".join(lines[-40:])
+        assert f"127.0.0.1:{http_port}" in "".join(lines)
+        client = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
+        assert client.is_model_ready(VOLUME_MODEL)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest[-3000:]
+    assert "[serve_triton] stopped" in rest
+    import socket
+
+    with socket.socket() as s:  # the port is free again: the server is gone
+        assert s.connect_ex(("127.0.0.1", http_port)) != 0
+
+
+def test_serve_triton_cli_refuses_empty_repository(tmp_path):
+    proc = run_cmd([PYTHON, "scripts/serve_triton.py", "--model_repository", tmp_path], check=False, timeout=60)
+    assert proc.returncode != 0 and "export.py" in proc.stderr and "Traceback" not in proc.stderr
