@@ -87,7 +87,11 @@ class BraTSBundleTrainTask(BundleTrainTask):
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
-        parser.read_config(self.config_files())
+        try:
+            parser.read_config(self.config_files())
+        except Exception as exc:  # /info/ must keep answering while a config is being edited
+            logger.warning(f"cannot read train configs {self.config_files()}: {exc}")
+            return 1
         for key in ("num_epochs", "max_epochs", self.const.key_train_trainer_max_epochs()):
             value = parser.get(key)
             if isinstance(value, int):
@@ -105,7 +109,7 @@ class BraTSBundleTrainTask(BundleTrainTask):
                 return key
         return None
 
-    def resolve(self, work_dir, fold: int = 0, section: str = "train#trainer"):
+    def resolve(self, work_dir, fold: int = 0, section: str = "trainer"):
         """Parse the merged train config for ``work_dir``/``fold`` and instantiate ``section`` (a check)."""
         from monai.bundle import ConfigParser
 
