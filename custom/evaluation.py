@@ -54,6 +54,12 @@ __all__ = [
     "write_rows_csv",
     "evaluate_folder",
     "official_crosscheck",
+    "read_metrics_csv",
+    "last_k_summary",
+    "run_status",
+    "collect_runs",
+    "fold_average",
+    "render_quality_vs_cost",
 ]
 
 #: penalty HD95 of a missed/false-positive structure (the BraTS 2023 ranking code's value)
@@ -746,3 +752,193 @@ def official_crosscheck(cases) -> dict:
         agreement[key[: -len("_agree")]] = stat
     agreement["errors"] = [r for r in rows if "official_error" in r]
     return {"available": True, "rows": [r for r in rows if "official_error" not in r], "agreement": agreement}
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's protocol over training runs: W/runs/<variant>/fold<k>/metrics.csv
+# ---------------------------------------------------------------------------------------------
+
+#: metrics.csv validation columns (DESIGN.md) summarised by the report
+DICE_COLUMNS = ("val_dice_wt", "val_dice_tc", "val_dice_et", "val_dice_mean")
+UNC_METRIC_COLUMNS = ("val_rmsd_unc", "val_corr_unc", "val_rmsd_variance_stable", "val_corr_variance_stable",
+                      "val_rmsd_var1shot", "val_corr_var1shot")
+VAL_COLUMNS = DICE_COLUMNS + UNC_METRIC_COLUMNS
+#: run states: only "finished" runs enter the fold averages
+RUN_FINISHED, RUN_UNFINISHED, RUN_MISSING = "finished", "unfinished", "missing"
+
+
+def read_metrics_csv(path) -> list:
+    """Rows of a run's metrics.csv as dicts of floats (empty cell -> NaN); ``epoch`` as int.
+
+    Raises ``BraTSInputError`` naming the file when it cannot be parsed or lacks ``epoch``.
+    """
+    import csv
+    from pathlib import Path
+
+    from custom.errors import BraTSInputError
+
+    path = Path(path)
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "epoch" not in reader.fieldnames:
+                raise BraTSInputError(f"{path}: not a metrics.csv (no 'epoch' column; header {reader.fieldnames})")
+            rows = []
+            for i, raw in enumerate(reader, start=2):
+                row = {}
+                for k, v in raw.items():
+                    if k is None:
+                        continue
+                    v = (v or "").strip()
+                    try:
+                        row[k] = float(v) if v not in ("", "nan", "None") else float("nan")
+                    except ValueError:
+                        raise BraTSInputError(f"{path}: line {i}: column {k!r} holds {v!r}, not a number") from None
+                row["epoch"] = int(row["epoch"])
+                rows.append(row)
+    except OSError as exc:
+        raise BraTSInputError(f"{path}: cannot be read ({exc})") from None
+    return rows
+
+
+def last_k_summary(rows: list, columns=VAL_COLUMNS, k: int = 30) -> dict:
+    """Per column: value at the final validation epoch and mean over the last ``k`` validation epochs.
+
+    Epochs without validation (empty cells) are skipped, so "last k" means the last k epochs that have
+    a value. Returns ``{column: {"final", "last_k_mean", "final_epoch", "num_values"}}`` (NaN when the
+    column never has a value); ``k`` must be >= 1.
+    """
+    if int(k) < 1:
+        raise ValueError(f"k (last validation epochs to average) must be >= 1, got {k}")
+    out = {}
+    for c in columns:
+        vals = [(r["epoch"], r.get(c, float("nan"))) for r in rows]
+        vals = [(e, v) for e, v in vals if v is not None and np.isfinite(v)]
+        if not vals:
+            out[c] = {"final": float("nan"), "last_k_mean": float("nan"), "final_epoch": None, "num_values": 0}
+            continue
+        tail = [v for _, v in vals[-int(k):]]
+        out[c] = {"final": float(vals[-1][1]), "last_k_mean": float(np.mean(tail)),
+                  "final_epoch": int(vals[-1][0]), "num_values": len(vals)}
+    return out
+
+
+def run_status(run_dir) -> tuple:
+    """``(status, reason)`` of a training run folder: finished (FINISHED marker and metrics.csv),
+    unfinished (metrics.csv without FINISHED) or missing (no metrics.csv)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return RUN_MISSING, f"{run_dir}: run folder does not exist"
+    if not (run_dir / "metrics.csv").is_file():
+        return RUN_MISSING, f"{run_dir / 'metrics.csv'}: missing"
+    if not (run_dir / "FINISHED").exists():
+        return RUN_UNFINISHED, f"{run_dir}: no FINISHED marker (training interrupted or still running)"
+    return RUN_FINISHED, ""
+
+
+def collect_runs(work_dir, variants=("unc", "baseline"), folds=None, k: int = 30) -> dict:
+    """Status and last-K summary of every ``W/runs/<variant>/fold<k>``.
+
+    ``folds`` defaults to ``range(num_folds)`` of ``W/datalist.json`` (else the folds found on disk).
+    Returns ``{variant: {fold: {"status", "reason", "dir", "num_epochs", "summary" (None unless
+    metrics.csv exists)}}}``. Unfinished runs keep their summary (shown, never averaged).
+    """
+    import json
+    from pathlib import Path
+
+    work_dir = Path(work_dir)
+    if folds is None:
+        dl = work_dir / "datalist.json"
+        if dl.is_file():
+            folds = list(range(int(json.loads(dl.read_text()).get("num_folds", 5))))
+        else:
+            found = {int(p.name[4:]) for v in variants for p in (work_dir / "runs" / v).glob("fold*")
+                     if p.name[4:].isdigit()}
+            folds = sorted(found)
+    runs = {}
+    for v in variants:
+        runs[v] = {}
+        for f in folds:
+            d = work_dir / "runs" / v / f"fold{int(f)}"
+            status, reason = run_status(d)
+            entry = {"status": status, "reason": reason, "dir": str(d), "num_epochs": 0, "summary": None}
+            if status != RUN_MISSING:
+                rows = read_metrics_csv(d / "metrics.csv")
+                entry["num_epochs"] = len(rows)
+                entry["summary"] = last_k_summary(rows, k=k)
+            runs[v][int(f)] = entry
+    return runs
+
+
+def fold_average(fold_entries: dict, columns=VAL_COLUMNS) -> dict:
+    """Mean over FINISHED folds of each column's ``final`` and ``last_k_mean``.
+
+    Returns ``{"folds_used": [...], "folds_excluded": {fold: status}, column: {"final", "last_k_mean"}}``;
+    every average says which folds it holds, so a missing fold can never pass unnoticed.
+    """
+    used = sorted(f for f, e in fold_entries.items() if e["status"] == RUN_FINISHED and e["summary"])
+    out = {"folds_used": used,
+           "folds_excluded": {int(f): e["status"] for f, e in fold_entries.items() if f not in used}}
+    for c in columns:
+        out[c] = {stat: nanmean([fold_entries[f]["summary"][c][stat] for f in used])
+                  for stat in ("final", "last_k_mean")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out "quality vs cost" table (written by scripts/evaluate_heldout.py, shown by scripts/report.py)
+# ---------------------------------------------------------------------------------------------
+
+QUALITY_COLUMNS = ("auroc_wt_error", "spearman_wt_error", "ece_wt_error", "qubrats_WT", "qubrats_TC", "qubrats_ET")
+
+
+def render_quality_vs_cost(heldout: dict) -> str:
+    """Markdown section of a ``heldout.json``: segmentation, cross-check and the quality-vs-cost table."""
+
+    def f(v, nd=3):
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
+
+    lines = ["## Held-out evaluation (final models on their validation cases)", ""]
+    seg = heldout.get("segmentation", {}).get("regions", {})
+    if seg:
+        lines += [f"Cases: {heldout.get('num_cases', '?')} (folds {heldout.get('folds', [])}).", "",
+                  "| region | legacy Dice | legacy HD95 (mm) | lesion-wise Dice | lesion-wise HD95 (mm) | TP | FP | FN |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in REGIONS:
+            s = seg.get(r, {})
+            lines.append(f"| {r} | {f(s.get('legacy_dice'))} | {f(s.get('legacy_hd95'), 2)} | {f(s.get('lesionwise_dice'))} "
+                         f"| {f(s.get('lesionwise_hd95'), 2)} | {f(s.get('num_tp'), 2)} | {f(s.get('num_fp'), 2)} "
+                         f"| {f(s.get('num_fn'), 2)} |")
+        lines += ["", "TP/FP/FN are means per case; lesion-wise as BraTS 2023 GLI (dilation 3, lesions <= 50 voxels "
+                  "dropped, FP Dice 0 / HD95 374).", ""]
+    cc = heldout.get("crosscheck")
+    if cc:
+        if cc.get("available"):
+            parts = []
+            for key, name in (("legacy_dice", "legacy Dice"), ("hd95", "HD95 (pooled percentile)"),
+                              ("lesions", "matched-lesion Dice and TP count")):
+                s = cc.get(key, {})
+                parts.append(f"{name}: {s.get('agree', 0)}/{s.get('compared', 0)} agree "
+                             f"(max |diff| {f(s.get('max_abs_diff'), 6)})")
+            lines += [f"Cross-check against {cc.get('tool')}: " + "; ".join(parts) + ". Compared only where the "
+                      "definitions coincide (lesions: one GT component per lesion, one matching prediction, nothing "
+                      "dropped or false-positive).", ""]
+        else:
+            lines += [f"Cross-check against brats_evaluation not available: {cc.get('error')}", ""]
+    methods = heldout.get("methods", [])
+    if methods:
+        lines += ["### Quality vs cost", "",
+                  "Each map is scored against the WT errors of the segmentation that comes with it, inside the "
+                  "dilated union of predicted and true WT (AUROC, Spearman; ECE reads the map as P(error), 10 bins); "
+                  "QU-BraTS per region with the map scaled to [0, 100].", "",
+                  "| method | forward passes | s / case | Dice WT | AUROC | Spearman | ECE | QU-BraTS WT | TC | ET |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            lines.append(f"| {m['method']} | {m.get('forward_passes', '–')} | {f(m.get('seconds_per_case'), 2)} "
+                         f"| {f(m.get('dice_wt'))} | " + " | ".join(f(m.get(c)) for c in QUALITY_COLUMNS) + " |")
+        lines.append("")
+    for name, why in (heldout.get("unavailable") or {}).items():
+        lines.append(f"- {name}: not measured — {why}")
+    return "\n".join(lines).rstrip() + "\n"
