@@ -1,0 +1,49 @@
+"""Export a trained checkpoint for deployment: TorchScript + ONNX with parity checks, Triton repository.
+
+    python scripts/export.py --checkpoint W/runs/unc/fold0/model.pt [--work_dir W] [--out_dir bundle/models]
+        [--triton_repo triton_models] [--tolerance 1e-4]
+
+Exits non-zero (with the numbers) when TorchScript or ONNX disagree with PyTorch by more than the tolerance.
+Logic: custom/export.py.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import fire
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(checkpoint: str, work_dir: str = None, out_dir: str = "bundle/models", triton_repo: str = "triton_models",
+         bundle_root: str = "bundle", config_file: str = None, meta_file: str = None, tolerance: float = 1e-4,
+         verify: bool = True) -> None:
+    """Export CHECKPOINT (plans.json beside it, else WORK_DIR/plans.json); "--triton_repo ''" skips Triton."""
+    import torch
+
+    from custom.errors import BraTSInputError
+    from custom.export import ExportParityError, export_model
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        report = export_model(checkpoint, work_dir=work_dir, out_dir=out_dir, triton_repo=triton_repo or None,
+                              bundle_root=bundle_root, config_file=config_file, meta_file=meta_file,
+                              tolerance=float(tolerance), verify=bool(verify))
+    except (ExportParityError, BraTSInputError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    p = report["parity"]
+    print(json.dumps({"torchscript": report["torchscript"], "onnx": report["onnx"],
+                      "triton_repository": report["triton_repository"]}))
+    print(f"export ok: {report['out_channels']} channels; max|diff| torchscript {p['max_abs_diff_torchscript']:.2e}, "
+          f"onnx {p['max_abs_diff_onnx']:.2e} (tolerance {p['tolerance']:g}); "
+          f"verify_net_in_out {'passed' if report['verify_net_in_out'] else 'skipped'}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
