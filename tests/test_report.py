@@ -1,0 +1,138 @@
+"""Report protocol: last-K and fold averaging on metrics.csv files written here, missing/unfinished folds
+reported (never averaged), tables/figures/report.md from scripts/report.py, cross_validate planning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from custom.errors import BraTSInputError
+from custom.evaluation import collect_runs, fold_average, last_k_summary, read_metrics_csv
+from tests.conftest import run_cmd
+
+COLUMNS = ("epoch,train_loss,lr,time_s,val_dice_wt,val_dice_tc,val_dice_et,val_dice_mean,val_rmsd_unc,"
+           "val_corr_unc,val_rmsd_variance_stable,val_corr_variance_stable,val_rmsd_var1shot,val_corr_var1shot,"
+           "ema_pseudo_dice").split(",")
+
+
+def write_run(work, variant, fold, dice_wt, finished=True, val_every=1, corr_unc=None):
+    """A metrics.csv with one row per epoch; validation every ``val_every`` epochs (other rows empty)."""
+    d = work / "runs" / variant / f"fold{fold}"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for e, v in enumerate(dice_wt):
+            row = [e, 1.0, 0.01, 2.0]
+            if v is None or e % val_every:
+                row += [""] * 11
+            else:
+                c = corr_unc[e] if corr_unc is not None else 0.9
+                row += [v, v - 0.1, v - 0.2, v - 0.1, 0.01, c, 0.02, 0.8, 0.2, 0.2, v]
+            w.writerow(row)
+    if finished:
+        (d / "FINISHED").write_text("done\n")
+    return d
+
+
+def test_last_k_uses_only_validation_epochs(tmp_path):
+    d = write_run(tmp_path, "unc", 0, [0.1, None, 0.3, None, 0.5, None, 0.7, None])
+    rows = read_metrics_csv(d / "metrics.csv")
+    s = last_k_summary(rows, k=2)["val_dice_wt"]
+    assert s["final"] == pytest.approx(0.7) and s["final_epoch"] == 6
+    assert s["last_k_mean"] == pytest.approx((0.5 + 0.7) / 2)       # epochs 4 and 6, not 6 and 7
+    assert s["num_values"] == 4
+    assert last_k_summary(rows, k=30)["val_dice_wt"]["last_k_mean"] == pytest.approx(0.4)  # fewer than K
+    assert last_k_summary(rows, k=2)["val_dice_mean"]["final"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="k"):
+        last_k_summary(rows, k=0)
+
+
+def test_fold_average_excludes_unfinished_and_missing(tmp_path):
+    (tmp_path / "datalist.json").write_text(json.dumps({"num_folds": 3}))
+    write_run(tmp_path, "unc", 0, [0.2, 0.4, 0.6])
+    write_run(tmp_path, "unc", 1, [0.5, 0.7, 0.8])
+    write_run(tmp_path, "unc", 2, [0.0, 0.0, 0.0], finished=False)
+    runs = collect_runs(tmp_path, variants=("unc", "baseline"), k=2)
+    assert [runs["unc"][f]["status"] for f in (0, 1, 2)] == ["finished", "finished", "unfinished"]
+    assert all(runs["baseline"][f]["status"] == "missing" for f in (0, 1, 2))
+    avg = fold_average(runs["unc"])
+    assert avg["folds_used"] == [0, 1] and avg["folds_excluded"] == {2: "unfinished"}
+    assert avg["val_dice_wt"]["final"] == pytest.approx((0.6 + 0.8) / 2)
+    assert avg["val_dice_wt"]["last_k_mean"] == pytest.approx(((0.4 + 0.6) / 2 + (0.7 + 0.8) / 2) / 2)
+    empty = fold_average(runs["baseline"])
+    assert empty["folds_used"] == [] and math.isnan(empty["val_dice_mean"]["final"])
+
+
+def test_bad_metrics_csv_is_named(tmp_path):
+    p = tmp_path / "metrics.csv"
+    p.write_text("epoch,val_dice_wt\n0,abc\n")
+    with pytest.raises(BraTSInputError, match=r"metrics.csv: line 2: column 'val_dice_wt' holds 'abc'"):
+        read_metrics_csv(p)
+    p.write_text("a,b\n1,2\n")
+    with pytest.raises(BraTSInputError, match="no 'epoch' column"):
+        read_metrics_csv(p)
+
+
+def test_report_cli_tables_figure1_and_missing_fold(tmp_path):
+    work, out = tmp_path / "W", tmp_path / "R"
+    work.mkdir()
+    (work / "datalist.json").write_text(json.dumps({"num_folds": 2}))
+    n = 12
+    write_run(work, "unc", 0, [0.5 + 0.02 * e for e in range(n)], val_every=2,
+              corr_unc=[0.3 + 0.05 * e for e in range(n)])
+    write_run(work, "unc", 1, [0.6] * n)
+    write_run(work, "baseline", 0, [0.7] * n)
+    # baseline fold 1 interrupted: metrics.csv but no FINISHED
+    write_run(work, "baseline", 1, [0.1] * 3, finished=False)
+    proc = run_cmd([sys.executable, "scripts/report.py", "--work_dir", work, "--out_dir", out, "--last_k", 3],
+                   timeout=300)
+    assert "baseline fold 1: UNFINISHED" in proc.stderr
+    assert "Figure 2 not made" in proc.stderr                      # no store/model in this work dir
+    tables = json.loads((out / "tables.json").read_text())
+    unc = tables["averages"]["unc"]
+    assert unc["folds_used"] == [0, 1]
+    # fold 0 validates on even epochs: final = epoch 10, last 3 = epochs 6, 8, 10
+    f0_final, f0_last3 = 0.5 + 0.2, np.mean([0.5 + 0.02 * e for e in (6, 8, 10)])
+    assert unc["val_dice_wt"]["final"] == pytest.approx((f0_final + 0.6) / 2)
+    assert unc["val_dice_wt"]["last_k_mean"] == pytest.approx((f0_last3 + 0.6) / 2)
+    assert tables["averages"]["baseline"]["folds_used"] == [0]
+    assert tables["averages"]["baseline"]["val_dice_wt"]["final"] == pytest.approx(0.7)   # 0.1 never averaged
+    with open(out / "table1.csv") as fh:
+        t1 = list(csv.DictReader(fh))
+    assert {r["variant"] for r in t1} == {"unc", "baseline"} and len(t1) == 6
+    assert (out / "table2.csv").is_file()
+    fig1 = out / f"metrics_fold0_{n}_epochs.png"
+    assert fig1.is_file() and fig1.stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "baseline fold 1: UNFINISHED" in md and "excluded from the averages" in md
+    assert "0.901" in md and "0.966" in md                          # the paper's numbers beside ours
+    assert f"]({fig1.name})" in md and "Figure 2: not made" in md
+
+
+def test_report_includes_heldout_table(tmp_path):
+    work, out = tmp_path / "W", tmp_path / "R"
+    write_run(work, "unc", 0, [0.5, 0.6])
+    out.mkdir()
+    (out / "heldout.json").write_text(json.dumps({
+        "num_cases": 3, "folds": [0],
+        "methods": [{"method": "unc_output", "forward_passes": 1, "seconds_per_case": 1.5, "dice_wt": 0.8,
+                     "auroc_wt_error": 0.91, "spearman_wt_error": 0.4, "ece_wt_error": 0.1,
+                     "qubrats_WT": 0.7, "qubrats_TC": 0.6, "qubrats_ET": 0.5}],
+        "unavailable": {"mc_dropout": "no mcdropout run"}}))
+    run_cmd([sys.executable, "scripts/report.py", "--work_dir", work, "--out_dir", out, "--folds", "[0]",
+             "--variants", "[unc]", "--figures", "false"], timeout=300)
+    md = (out / "report.md").read_text()
+    assert "### Quality vs cost" in md and "| unc_output | 1 | 1.50 | 0.800 | 0.910 |" in md
+    assert "mc_dropout: not measured — no mcdropout run" in md
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    proc = run_cmd([sys.executable, "scripts/report.py", "--work_dir", tmp_path, "--out_dir", tmp_path / "R"],
+                   check=False, timeout=300)
+    assert proc.returncode != 0 and "no training runs" in proc.stderr and "Traceback" not in proc.stderr
