@@ -340,14 +340,15 @@ def make_case(
         bias = np.exp(bias_strength * smooth_field(rng, shape, spacing, 0.7 * size))
         vol *= bias
         noise_sigma = noise_level * float(table[m, _WM] if table[m, _WM] > 0 else 1.0)
-        n1 = rng.standard_normal(shape, dtype=np.float32)
-        n2 = rng.standard_normal(shape, dtype=np.float32)
-        vol = np.sqrt((vol + noise_sigma * n1) ** 2 + (noise_sigma * n2) ** 2)
+        # Rician noise, drawn only where it survives skull stripping (a quarter of the voxels)
+        inside = vol[brain]
+        n1 = rng.standard_normal(inside.shape, dtype=np.float32)
+        n2 = rng.standard_normal(inside.shape, dtype=np.float32)
+        inside = np.sqrt((inside + noise_sigma * n1) ** 2 + (noise_sigma * n2) ** 2)
         scanner_scale = float(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
-        vol = np.rint(vol * scanner_scale)
         # skull-stripped: background exactly 0, brain strictly positive
-        vol = np.where(brain, np.maximum(vol, 1.0), 0.0)
-        image[m] = vol
+        image[m] = 0.0
+        image[m][brain] = np.maximum(np.rint(inside * scanner_scale), 1.0)
     return image, seg
 
 
