@@ -136,3 +136,53 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
     proc = run_cmd([sys.executable, "scripts/report.py", "--work_dir", tmp_path, "--out_dir", tmp_path / "R"],
                    check=False, timeout=300)
     assert proc.returncode != 0 and "no training runs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cross_validate_plans_skip_resume_and_fresh_runs(tmp_path):
+    work = tmp_path / "W"
+    work.mkdir()
+    (work / "datalist.json").write_text(json.dumps({"num_folds": 3}))
+    write_run(work, "unc", 0, [0.5])                                   # FINISHED -> skipped
+    interrupted = write_run(work, "unc", 1, [0.5], finished=False)     # checkpoint, no FINISHED -> resume
+    (interrupted / "checkpoint_last.pt").write_bytes(b"")
+    proc = run_cmd([sys.executable, "scripts/cross_validate.py", "--work_dir", work, "--variants", "[unc,baseline]",
+                    "--config", "tiny", "--overrides", '{"num_epochs": 3}', "--dry_run", "true"], timeout=120)
+    assert "unc fold 0: finished already, skipped" in proc.stdout
+    jobs = {(j["variant"], j["fold"]): j for j in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert len(jobs) == 6
+    assert jobs[("unc", 0)]["state"] == "finished"
+    assert jobs[("unc", 1)]["state"] == "resume" and jobs[("unc", 1)]["cmd"][-4:] == ["--resume", "true",
+                                                                                      "--num_epochs", "3"]
+    assert jobs[("unc", 2)]["state"] == "fresh" and "--resume" not in jobs[("unc", 2)]["cmd"]
+    cmd = jobs[("baseline", 2)]["cmd"]
+    assert cmd[1:5] == ["-m", "monai.bundle", "run", "training"]
+    cfg = cmd[cmd.index("--config_file") + 1]
+    assert cfg.index("train.json") < cfg.index("baseline.json") < cfg.index("tiny.json")
+    assert "baseline.json" not in jobs[("unc", 2)]["cmd"][jobs[("unc", 2)]["cmd"].index("--config_file") + 1]
+    assert cmd[cmd.index("--fold") + 1] == "2"
+    bad = run_cmd([sys.executable, "scripts/cross_validate.py", "--work_dir", work, "--folds", "[0,7]",
+                   "--dry_run", "true"], check=False, timeout=120)
+    assert bad.returncode != 0 and "folds [7] outside [0, 3)" in bad.stderr
+
+
+def test_cross_validate_spreads_runs_one_per_device(tmp_path):
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("cross_validate", REPO_ROOT / "scripts" / "cross_validate.py")
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    trace = tmp_path / "trace.txt"
+    # each "training" records its device and start/end times, so overlaps on one device would show
+    code = ("import os, time; d = os.environ['CUDA_VISIBLE_DEVICES']; t0 = time.time(); time.sleep(0.4); "
+            f"open({str(trace)!r}, 'a').write(f'{{d}} {{t0}} {{time.time()}}\\n')")
+    jobs = [{"variant": "unc", "fold": f, "state": "fresh", "log": str(tmp_path / f"fold{f}.log"),
+             "cmd": [sys.executable, "-c", code]} for f in range(4)]
+    ran = cv.run_jobs(jobs, devices=[0, 1])
+    assert len(ran) == 4 and all(j["returncode"] == 0 for j in ran)
+    spans = [line.split() for line in trace.read_text().splitlines()]
+    assert sorted({s[0] for s in spans}) == ["0", "1"]
+    for dev in ("0", "1"):
+        mine = sorted((float(a), float(b)) for d, a, b in spans if d == dev)
+        assert all(prev[1] <= nxt[0] for prev, nxt in zip(mine, mine[1:])), f"overlapping runs on device {dev}"
