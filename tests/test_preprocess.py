@@ -169,10 +169,12 @@ def _datalist(raw, work, ids):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Three synthetic cases (48x48x32, 1 mm) planned and preprocessed with the tiny overrides."""
+    """Three synthetic cases planned and preprocessed with the tiny overrides: two 48x48x32 at 1 mm (the
+    median, so the target spacing) and one 40x52x24 at 1.2x0.9x2.0 mm, which is resampled."""
     raw = tmp_path_factory.mktemp("raw_pp")
     work = tmp_path_factory.mktemp("work_pp")
-    ids = write_dataset(raw, num_cases=3, shape=(48, 48, 32), spacing=(1.0, 1.0, 1.0), seed=5)
+    ids = write_dataset(raw, num_cases=2, shape=(48, 48, 32), spacing=(1.0, 1.0, 1.0), seed=5)
+    ids += write_dataset(raw, num_cases=1, shape=(40, 52, 24), spacing=(1.2, 0.9, 2.0), seed=5, first_index=2)
     _datalist(raw, work, ids)
     plans = plan_and_preprocess(work, gpu_memory_gb=8, **TINY)
     return work, ids, plans
@@ -196,8 +198,13 @@ def test_plan_and_preprocess_writes_everything(prepared):
         assert img.dtype == np.float32 and img.shape[0] == 4 and seg.dtype == np.uint8
         assert seg.shape == img.shape[1:] == tuple(props["preprocessed_shape"])
         assert props["case_id"] == entry["case_id"] and props["plan_hash"] == plans.preprocessing_hash()
-        assert props["original_shape"] == [48, 48, 32] and props["affine"] is not None
-        assert seg.max() > 0
+        assert props["affine"] is not None and seg.max() > 0
+        if entry["case_id"] == ids[2]:
+            assert props["original_shape"] == [40, 52, 24] and props["resampled"] is True
+            assert props["preprocessed_shape"] == [round(n * s) for n, s in
+                                                   zip(props["cropped_shape"], (1.2, 0.9, 2.0))]
+        else:
+            assert props["original_shape"] == [48, 48, 32] and props["resampled"] is False
     leftovers = [p for p in (work / "preprocessed").iterdir() if ".tmp" in p.name]
     assert not leftovers
 
@@ -250,10 +257,11 @@ def test_load_preprocessed_transform(prepared):
         LoadPreprocessedd(keys=("image", "label"))({"case_id": "x", "pp_image": entry["pp_image"]})
 
 
-def test_inference_preprocessing_matches_training_cache(prepared):
+@pytest.mark.parametrize("index", [0, 2], ids=["1mm", "resampled"])
+def test_inference_preprocessing_matches_training_cache(prepared, index):
     """LoadImaged -> BraTSPreprocessd gives the cached training arrays exactly; RestoreOriginalGridd inverts it."""
     work, ids, plans = prepared
-    entry = json.loads((work / "datalist.json").read_text())["training"][0]
+    entry = json.loads((work / "datalist.json").read_text())["training"][index]
     pipeline = Compose([
         LoadImaged(keys=("image", "label"), image_only=True),
         EnsureChannelFirstd(keys=("image", "label")),
@@ -267,18 +275,25 @@ def test_inference_preprocessing_matches_training_cache(prepared):
     props = d["image_properties"]
     cached_props = json.loads(open(entry["pp_properties"]).read())
     assert props["bbox"] == cached_props["bbox"]
-    # the preprocessed grid keeps world coordinates: voxel 0 lies at the bbox corner of the original grid
+    # the preprocessed grid keeps world coordinates: its outer voxel edges are those of the crop box
     original_affine = np.asarray(props["affine"])
-    corner = original_affine @ np.array([*[b[0] for b in props["bbox"]], 1.0])
-    np.testing.assert_allclose(d["image"].affine.numpy() @ np.array([0, 0, 0, 1.0]), corner, atol=1e-6)
+    pp_affine = d["image"].affine.numpy()
+    for pp_edge, edge in (([-0.5] * 3, [b[0] - 0.5 for b in props["bbox"]]),
+                          ([n - 0.5 for n in props["preprocessed_shape"]], [b[1] - 0.5 for b in props["bbox"]])):
+        np.testing.assert_allclose(pp_affine @ np.array([*pp_edge, 1.0]), original_affine @ np.array([*edge, 1.0]),
+                                   atol=1e-5)
 
     d["pred"] = d["image"][:3].sigmoid()
     d["labels_pp"] = d["label"]
     out = RestoreOriginalGridd(keys=("pred", "labels_pp"), orders=(1, 0))(d)
-    assert out["pred"].shape == (3, 48, 48, 32) and isinstance(out["pred"], MetaTensor)
+    assert out["pred"].shape == (3, *props["original_shape"]) and isinstance(out["pred"], MetaTensor)
     np.testing.assert_allclose(out["pred"].affine.numpy(), original_affine)
-    raw_label = LoadImaged(keys="label", image_only=True)({"label": entry["label"]})["label"]
-    np.testing.assert_array_equal(out["labels_pp"][0].numpy(), np.asarray(raw_label).astype(np.uint8))
+    raw_label = np.asarray(LoadImaged(keys="label", image_only=True)({"label": entry["label"]})["label"])
+    restored_label = out["labels_pp"][0].numpy()
+    if props["resampled"]:
+        assert (restored_label == raw_label).mean() > 0.97
+    else:
+        np.testing.assert_array_equal(restored_label, raw_label.astype(np.uint8))
 
 
 def test_brats_preprocessd_spacing_key_and_errors(case):
