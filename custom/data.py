@@ -518,7 +518,8 @@ def prepare_data(
 
     Returns:
         a summary dict: ``datalist`` path, counts of ``training``, ``inference`` and ``invalid`` cases,
-        ``fold_sizes``, and ``plans`` (plans.json path) when planned.
+        ``fold_sizes``, ``skipped`` (the datalist's ``invalid`` entries) and ``plans`` (plans.json path)
+        when planned.
     """
     datalist = build_datalist(dataset_dir, num_folds, seed, skip_invalid, num_workers, progress)
     path = write_datalist(datalist, work_dir)
@@ -531,6 +532,7 @@ def prepare_data(
         "inference": len(datalist["inference"]),
         "invalid": len(datalist["invalid"]),
         "fold_sizes": fold_sizes,
+        "skipped": datalist["invalid"],
     }
     if plan:
         # planning belongs to another module; imported here so that ingestion works without it

@@ -61,6 +61,9 @@ def main(
     except (BraTSInputError, ValueError) as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    for entry in summary["skipped"]:
+        print(f"prepare_data: skipped invalid case {entry['case_id']}:", *entry["problems"], sep="\n  - ",
+              file=sys.stderr)
     print(
         f"prepare_data: {summary['training']} training cases in {len(summary['fold_sizes'])} folds "
         f"(sizes {summary['fold_sizes']}), {summary['inference']} inference-only, "

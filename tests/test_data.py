@@ -243,6 +243,7 @@ def test_cli_skip_invalid_lists_bad_cases_and_writes_datalist(raw, tmp_path):
     proc = run_prepare(raw, work, "--skip_invalid", "true")
     assert proc.returncode == 0, proc.stderr
     assert "1 inference-only" in proc.stdout and "1 invalid" in proc.stdout
+    assert f"skipped invalid case {case_id_for(1)}" in proc.stderr and str(bad_path) in proc.stderr
     datalist = load_datalist(work / "datalist.json")
     train_ids = [e["case_id"] for e in datalist["training"]]
     assert train_ids == [case_id_for(i) for i in (0, 2, 3)]
