@@ -388,3 +388,13 @@ def test_argument_parsing():
     assert parse_bool_arg("false", "plan") is False and parse_bool_arg(True, "plan") is True
     with pytest.raises(ValueError, match="--plan"):
         parse_bool_arg("maybe", "plan")
+
+
+def test_datalist_folds_do_not_depend_on_folder_creation_order(base_dataset, tmp_path):
+    forward, backward = tmp_path / "forward", tmp_path / "backward"
+    for root, order in ((forward, range(NUM_CASES)), (backward, reversed(range(NUM_CASES)))):
+        for i in order:
+            shutil.copytree(base_dataset / case_id_for(i), root / case_id_for(i))
+    folds = [{e["case_id"]: e["fold"] for e in build_datalist(r, 2, seed=5, progress=False)["training"]}
+             for r in (forward, backward)]
+    assert folds[0] == folds[1] == assign_folds([case_id_for(i) for i in range(NUM_CASES)], 2, 5)
