@@ -1,0 +1,583 @@
+"""The training target of the uncertainty channel: prediction failure, its case-space EMA, variance baselines.
+
+METHOD.md, "Error map": each iteration, from the detached forward pass,
+``f = [p_WT > 0.5] != GT_WT`` (prediction failure), ``f_s = mean_3x3x3(f)`` (zero padding), and for
+every case voxel ``v`` covered by the patch: ``n_v += 1``, ``a_v = max(1/n_v, 1/W)``,
+``e_v <- (1 - a_v) e_v + a_v f_s(v)`` (``W = ema_window``). ``error_stable = e``. The same schedule on
+``var1shot = 4 p_WT (1 - p_WT)`` gives ``variance_stable``.
+
+The EMA lives in CASE space (the preprocessed case grid), not patch space, so that it stays aligned
+with the anatomy under random crops, flips, rotations and zooms: the training pipeline carries each
+voxel's case coordinates (index + 1, 0 = padding, see :class:`custom.transforms.AddCaseCoordinatesd`)
+through the augmentation, and :class:`ErrorMapStore` gathers/scatters through them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from custom.io_utils import atomic_copytree, atomic_write_json
+
+__all__ = [
+    "compute_prediction_failure",
+    "smooth_failure",
+    "compute_prediction_variance",
+    "compute_prediction_error_probability",
+    "paper_target_transform",
+    "ErrorMapStore",
+]
+
+_SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+STORE_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------- formulas
+@torch.no_grad()
+def compute_prediction_failure(p_wt: torch.Tensor, gt_wt: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Whole-tumour prediction failure ``f = [p_WT > threshold] XOR [GT_WT > 0.5]`` as float32 (same shape).
+
+    Args:
+        p_wt: predicted WT probability, e.g. ``(B, 1, X, Y, Z)`` in [0, 1].
+        gt_wt: ground-truth WT (0/1), same shape.
+    """
+    if p_wt.shape != gt_wt.shape:
+        raise ValueError(f"p_wt {tuple(p_wt.shape)} and gt_wt {tuple(gt_wt.shape)} must have the same shape")
+    return ((p_wt > threshold) != (gt_wt > 0.5)).to(torch.float32)
+
+
+@torch.no_grad()
+def smooth_failure(f: torch.Tensor) -> torch.Tensor:
+    """3x3x3 mean filter, stride 1, zero padding (a border voxel averages over 27 including the padding).
+
+    Args:
+        f: ``(B, C, X, Y, Z)`` or ``(C, X, Y, Z)`` float tensor. Returns the same shape, float32.
+    """
+    if f.ndim not in (4, 5):
+        raise ValueError(f"smooth_failure expects (B,C,X,Y,Z) or (C,X,Y,Z), got {tuple(f.shape)}")
+    x = f.to(torch.float32)
+    out = F.avg_pool3d(x if x.ndim == 5 else x[None], kernel_size=3, stride=1, padding=1, count_include_pad=True)
+    return out if f.ndim == 5 else out[0]
+
+
+@torch.no_grad()
+def compute_prediction_variance(p_wt: torch.Tensor) -> torch.Tensor:
+    """``var1shot = 4 p (1 - p)``: single-pass Bernoulli variance of the WT probability, scaled to [0, 1]."""
+    p = p_wt.to(torch.float32)
+    return 4.0 * p * (1.0 - p)
+
+
+def ema_rates(count_after, ema_window: int):
+    """``a = max(1/n, 1/W)`` for visit counts ``n >= 1`` (numpy or torch)."""
+    if isinstance(count_after, torch.Tensor):
+        n = count_after.to(torch.float32).clamp_min(1.0)
+        return torch.clamp_min(1.0 / n, 1.0 / ema_window)
+    n = np.maximum(np.asarray(count_after, dtype=np.float32), 1.0)
+    return np.maximum(np.float32(1.0) / n, np.float32(1.0 / ema_window))
+
+
+def compute_prediction_error_probability(e, n, value, ema_window: int = 30, visited=None, max_count: int = 255):
+    """One EMA step on arrays (pure function; the store applies the same step in place).
+
+    For every visited voxel: ``n += 1`` (saturating at ``max_count``), ``a = max(1/n, 1/W)``,
+    ``e <- (1 - a) e + a value``. The first ``W`` visits are a running mean, later an EMA with rate 1/W.
+
+    Args:
+        e: current estimate (any shape), numpy or torch.
+        n: visit counts, same shape.
+        value: the new observation (``f_s`` or ``var1shot``), same shape.
+        ema_window: ``W``.
+        visited: optional boolean mask; unvisited voxels are returned unchanged.
+    Returns:
+        ``(e_new, n_new)``, same types as the inputs.
+    """
+    if not 1 <= int(ema_window) <= max_count:
+        raise ValueError(f"ema_window must be in [1, {max_count}], got {ema_window}")
+    is_torch = isinstance(e, torch.Tensor)
+    if is_torch:
+        n_new = torch.clamp(n.to(torch.int64) + 1, max=max_count)
+        a = ema_rates(n_new, ema_window)
+        e_new = e + a * (value - e)
+        if visited is not None:
+            e_new = torch.where(visited, e_new, e)
+            n_new = torch.where(visited, n_new, n.to(torch.int64))
+        return e_new.to(e.dtype), n_new.to(n.dtype)
+    e = np.asarray(e)
+    n = np.asarray(n)
+    n_new = np.minimum(n.astype(np.int64) + 1, max_count)
+    a = ema_rates(n_new, ema_window)
+    e_new = (e + a * (np.asarray(value, dtype=np.float32) - e)).astype(e.dtype)
+    if visited is not None:
+        e_new = np.where(visited, e_new, e)
+        n_new = np.where(visited, n_new, n)
+    return e_new, n_new.astype(n.dtype)
+
+
+@torch.no_grad()
+def paper_target_transform(e: torch.Tensor, wt_mask: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """The paper's rescaling ``sigmoid(max(e, 1e-3) - mean_WT(e))`` (``target_transform: paper``).
+
+    The mean is taken per sample (dim 0) over the voxels of ``wt_mask``; a sample with an empty mask uses 0.
+
+    Args:
+        e: ``(B, 1, X, Y, Z)`` error_stable.
+        wt_mask: ``(B, 1, X, Y, Z)`` ground-truth WT (0/1 or bool).
+    """
+    if e.shape != wt_mask.shape:
+        raise ValueError(f"e {tuple(e.shape)} and wt_mask {tuple(wt_mask.shape)} must have the same shape")
+    m = (wt_mask > 0.5).to(e.dtype) if wt_mask.dtype != torch.bool else wt_mask.to(e.dtype)
+    dims = tuple(range(1, e.ndim))
+    mean = (e * m).sum(dim=dims, keepdim=True) / m.sum(dim=dims, keepdim=True).clamp_min(1.0)
+    return torch.sigmoid(torch.clamp_min(e, floor) - mean)
+
+
+# ------------------------------------------------------------------------------------------ store
+def _to_numpy(x, dtype=np.float32) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _axis_slice(profile: np.ndarray):
+    """If ``profile`` (1-D, case index + 1) is consecutive with step +1 or -1, return ``(start, stop, step)``."""
+    if profile.size == 1:
+        return int(profile[0]) - 1, int(profile[0]), 1
+    step = profile[1] - profile[0]
+    if step not in (1.0, -1.0):
+        return None
+    expected = profile[0] + step * np.arange(profile.size, dtype=np.float32)
+    if not np.array_equal(profile, expected):
+        return None
+    return int(profile[0]) - 1, int(profile[-1]) - 1, int(step)
+
+
+class ErrorMapStore:
+    """Case-space EMA store of ``error_stable``, ``variance_stable`` and visit counts, on disk.
+
+    Layout of ``store_dir``: per case ``<case_id>.error.npy`` float32, ``<case_id>.variance.npy``
+    float32, ``<case_id>.count.npy`` uint8 (saturating at 255; the rate only needs ``min(n, W)``), each
+    of the case's preprocessed shape ``(X, Y, Z)``, plus ``index.json`` (case shapes, ema_window) and a
+    ``<case_id>.lock`` used with ``fcntl.flock`` so several training processes can scatter safely.
+    Files are memory-mapped lazily (the store pickles into DataLoader workers without open maps).
+
+    Coordinates ``coords (3, *S)`` are the case index + 1 of each patch voxel (0 on any axis = invalid,
+    e.g. padding); see :class:`custom.transforms.AddCaseCoordinatesd`.
+
+    Scatter semantics: every case voxel covered by at least one valid patch voxel gets ``n += 1`` once,
+    and the update value is the mean of the patch values mapping to it (a zoom-in maps several patch
+    voxels to one case voxel). Gather returns, for every patch voxel, the store value at its case voxel
+    (0 where invalid).
+
+    Args:
+        store_dir: folder of the store (created by :meth:`create`).
+        ema_window: ``W`` of ``a = max(1/n, 1/W)``, 1..255.
+        use_locks: lock scatter per case (disable only for single-process benchmarks).
+    """
+
+    MAX_COUNT = 255
+    KINDS = ("error", "variance", "count")
+
+    def __init__(self, store_dir, ema_window: int = 30, use_locks: bool = True):
+        if not 1 <= int(ema_window) <= self.MAX_COUNT:
+            raise ValueError(f"ema_window must be in [1, {self.MAX_COUNT}] (counts are uint8), got {ema_window}")
+        self.store_dir = Path(store_dir)
+        self.ema_window = int(ema_window)
+        self.use_locks = bool(use_locks)
+        self._maps: dict = {}
+        self._lock_fds: dict = {}
+        self._shapes: dict | None = None
+        self._work: dict = {}
+
+    # pickling: never ship open memmaps or file descriptors into workers
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        state["_lock_fds"] = {}
+        state["_shapes"] = None
+        state["_work"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        """Flush and drop the open memory maps and lock files (reopened lazily on next use)."""
+        for maps in self._maps.values():
+            for mm in maps.values():
+                if isinstance(mm, np.memmap):
+                    mm.flush()
+        self._maps = {}
+        for fd in self._lock_fds.values():
+            os.close(fd)
+        self._lock_fds = {}
+        self._shapes = None
+        self._work = {}
+
+    def _buffer(self, name: str, shape, dtype) -> np.ndarray:
+        """Reusable work array: fresh multi-MB allocations page-fault on every call, which costs more
+        than the arithmetic (a store instance is used from one thread)."""
+        key = (name, tuple(int(s) for s in shape), np.dtype(dtype).str)
+        buf = self._work.get(key)
+        if buf is None:
+            if len(self._work) > 16:
+                self._work.clear()
+            buf = self._work[key] = np.empty(key[1], dtype=dtype)
+        return buf
+
+    # ------------------------------------------------------------------ index / files
+    @property
+    def index_path(self) -> Path:
+        return self.store_dir / "index.json"
+
+    def _path(self, case_id: str, kind: str) -> Path:
+        return self.store_dir / f"{case_id}.{kind}.npy"
+
+    def _read_index(self) -> dict:
+        if not self.index_path.exists():
+            return {"version": STORE_FORMAT_VERSION, "ema_window": self.ema_window, "cases": {}}
+        with open(self.index_path) as fh:
+            return json.load(fh)
+
+    @property
+    def shapes(self) -> dict:
+        """``{case_id: (X, Y, Z)}`` of every case in the store."""
+        if self._shapes is None:
+            self._shapes = {k: tuple(v) for k, v in self._read_index()["cases"].items()}
+        return self._shapes
+
+    def __contains__(self, case_id) -> bool:
+        return case_id in self.shapes
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def create(self, cases: Mapping[str, Sequence[int]]) -> "ErrorMapStore":
+        """Add every case not yet in the store with zero maps (idempotent: existing cases keep their state).
+
+        Args:
+            cases: ``{case_id: (X, Y, Z)}`` preprocessed case shapes.
+        Raises:
+            ValueError: a case id unsafe as a file name, or a case already stored with another shape.
+        """
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.store_dir / ".store.lock", "a+") as lock_fh:
+            fcntl.flock(lock_fh.fileno(), fcntl.LOCK_EX)
+            index = self._read_index()
+            changed = False
+            for case_id, shape in cases.items():
+                case_id = str(case_id)
+                if not _SAFE_CASE_ID.match(case_id):
+                    raise ValueError(f"ErrorMapStore: case id {case_id!r} is not usable as a file name")
+                shape = [int(s) for s in shape]
+                if len(shape) != 3 or min(shape) < 1:
+                    raise ValueError(f"ErrorMapStore: case {case_id} needs a 3-D shape, got {shape}")
+                old = index["cases"].get(case_id)
+                if old is not None and all(self._path(case_id, k).exists() for k in self.KINDS):
+                    if list(old) != shape:
+                        raise ValueError(f"ErrorMapStore {self.store_dir}: case {case_id} stored with shape "
+                                         f"{old}, asked for {shape}")
+                    continue
+                for kind in self.KINDS:
+                    dtype = np.uint8 if kind == "count" else np.float32
+                    final = self._path(case_id, kind)
+                    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+                    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+                    mm.flush()
+                    del mm
+                    os.replace(tmp, final)
+                index["cases"][case_id] = shape
+                changed = True
+            if changed or not self.index_path.exists():
+                index["ema_window"] = self.ema_window
+                index["version"] = STORE_FORMAT_VERSION
+                atomic_write_json(self.index_path, index)
+            fcntl.flock(lock_fh.fileno(), fcntl.LOCK_UN)
+        self._shapes = None
+        return self
+
+    def _open(self, case_id: str) -> dict:
+        maps = self._maps.get(case_id)
+        if maps is None:
+            if case_id not in self.shapes:
+                self._shapes = None  # another process may have added it
+                if case_id not in self.shapes:
+                    raise KeyError(f"ErrorMapStore {self.store_dir}: unknown case {case_id!r}")
+            maps = {kind: np.load(self._path(case_id, kind), mmap_mode="r+") for kind in self.KINDS}
+            self._maps[case_id] = maps
+        return maps
+
+    def _lock(self, case_id: str):
+        fd = self._lock_fds.get(case_id)
+        if fd is None:
+            fd = os.open(self.store_dir / f"{case_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fds[case_id] = fd
+        return fd
+
+    # ------------------------------------------------------------------ coordinate analysis
+    def _analyse(self, case_id: str, coords) -> tuple:
+        """Classify ``coords (3, *S)``: ``("slices", case_slices, patch_slices, flips)`` when the valid
+        voxels form an axis-aligned (possibly flipped) box surrounded by invalid voxels, else
+        ``("general", valid_mask, flat_case_index)``."""
+        c = _to_numpy(coords)
+        if c.ndim != 4 or c.shape[0] != 3:
+            raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
+        shape = self.shapes.get(case_id) or tuple(self._open(case_id)["error"].shape)
+        fast = self._fast_slices(c, shape, self._buffer)
+        if fast is not None:
+            return ("slices",) + fast
+        valid = (c[0] > 0) & (c[1] > 0) & (c[2] > 0)
+        idx = np.rint(c[:, valid]).astype(np.int64) - 1
+        if idx.size:
+            hi = idx.max(axis=1)
+            if np.any(idx.min(axis=1) < 0) or np.any(hi >= np.asarray(shape)):
+                raise ValueError(f"ErrorMapStore: coords reach {(hi + 1).tolist()} outside case {case_id} "
+                                 f"of shape {list(shape)} (wrong case id or coordinates?)")
+        return "general", valid, idx
+
+    @staticmethod
+    def _fast_slices(c: np.ndarray, shape, buffer) -> tuple | None:
+        """Exact, cheap detection of an axis-aligned crop (with flips and zero padding) of the case."""
+        spatial = c.shape[1:]
+        centre = [s // 2 for s in spatial]
+        profiles = (c[0, :, centre[1], centre[2]], c[1, centre[0], :, centre[2]], c[2, centre[0], centre[1], :])
+        case_sl, patch_sl, flips = [], [], []
+        for axis, prof in enumerate(profiles):
+            nz = np.flatnonzero(prof)
+            if nz.size == 0:
+                return None
+            lo, hi = int(nz[0]), int(nz[-1]) + 1
+            if hi - lo != nz.size:
+                return None
+            info = _axis_slice(prof[lo:hi])
+            if info is None:
+                return None
+            first, last, step = info
+            a, b = min(first, last), max(first, last) + 1
+            if a < 0 or b > shape[axis]:
+                return None
+            case_sl.append(slice(a, b))
+            patch_sl.append(slice(lo, hi))
+            flips.append(step < 0)
+        box = tuple(patch_sl)
+        # exact verification: inside the box each channel equals its broadcast profile ...
+        eq = buffer("eq", tuple(b.stop - b.start for b in box), bool)
+        for axis in range(3):
+            view = [1, 1, 1]
+            view[axis] = -1
+            expected = profiles[axis][patch_sl[axis]].reshape(view)
+            np.equal(c[axis][box], expected, out=eq)
+            if not eq.all():
+                return None
+        # ... and outside it everything is invalid (all three channels 0)
+        full = tuple(slice(None) for _ in spatial)
+        for axis in range(3):
+            for part in (slice(0, patch_sl[axis].start), slice(patch_sl[axis].stop, spatial[axis])):
+                if part.stop > part.start:
+                    sl = list(full)
+                    sl[axis] = part
+                    if c[(slice(None),) + tuple(sl)].any():
+                        return None
+        return tuple(case_sl), box, tuple(flips)
+
+    # ------------------------------------------------------------------ gather / scatter
+    @staticmethod
+    def _oriented(patch_view: np.ndarray, flips) -> np.ndarray:
+        """View of a patch box re-ordered into case orientation (undo flips)."""
+        sl = tuple(slice(None, None, -1) if f else slice(None) for f in flips)
+        return patch_view[sl]
+
+    def gather(self, case_id: str, coords, device=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store values at each patch voxel's case coordinates.
+
+        Args:
+            case_id: case in the store.
+            coords: ``(3, X, Y, Z)`` case coordinates (index + 1, 0 invalid), numpy or torch.
+            device: move the results there (e.g. the training GPU).
+            out: optional pair of CPU float32 tensors ``(1, X, Y, Z)`` to fill (a reusable staging
+                buffer, which avoids page-faulting two fresh multi-MB arrays per call).
+        Returns:
+            ``(error, variance)``, float32 torch ``(1, X, Y, Z)``, 0 where invalid.
+        """
+        maps = self._open(case_id)
+        plan = self._analyse(case_id, coords)
+        spatial = tuple(int(s) for s in coords.shape[1:])
+        results = []
+        for k, kind in enumerate(("error", "variance")):
+            if out is not None:
+                if tuple(out[k].shape) != (1,) + spatial or out[k].dtype != torch.float32:
+                    raise ValueError(f"gather: out[{k}] must be float32 {(1,) + spatial}, got "
+                                     f"{out[k].dtype} {tuple(out[k].shape)}")
+                t = out[k]
+                arr = t.numpy()[0]
+            else:
+                arr = np.empty(spatial, dtype=np.float32)
+                t = torch.from_numpy(arr)[None]
+            if plan[0] == "slices":
+                _, case_sl, box, flips = plan
+                if any(b.stop - b.start != n for b, n in zip(box, spatial)):
+                    arr.fill(0.0)
+                np.copyto(self._oriented(arr[box], flips), maps[kind][case_sl])
+            else:
+                _, valid, idx = plan
+                arr.fill(0.0)
+                arr[valid] = maps[kind][idx[0], idx[1], idx[2]]
+            results.append(t.to(device) if device is not None else t)
+        return results[0], results[1]
+
+    def scatter(self, case_id: str, coords, failure_smoothed, variance) -> int:
+        """EMA update of ``error`` with ``failure_smoothed`` and of ``variance`` with ``variance`` (var1shot).
+
+        Args:
+            case_id: case in the store.
+            coords: ``(3, X, Y, Z)`` case coordinates (index + 1, 0 invalid).
+            failure_smoothed: ``f_s``, ``(X, Y, Z)`` or ``(1, X, Y, Z)``.
+            variance: ``var1shot``, same shape.
+        Returns:
+            number of case voxels updated.
+        """
+        maps = self._open(case_id)
+        spatial = tuple(np.shape(coords)[1:])
+        values = []
+        for name, v in (("failure_smoothed", failure_smoothed), ("variance", variance)):
+            v = _to_numpy(v)
+            if v.ndim == 4 and v.shape[0] == 1:
+                v = v[0]
+            if v.shape != spatial:
+                raise ValueError(f"scatter: {name} has shape {v.shape}, coords cover {spatial}")
+            values.append(v)
+        plan = self._analyse(case_id, coords)
+        fd = self._lock(case_id) if self.use_locks else None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if plan[0] == "slices":
+                return self._scatter_slices(maps, plan, values)
+            return self._scatter_general(maps, plan, values)
+        finally:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _rates_inplace(self, count_view: np.ndarray) -> np.ndarray:
+        """Increment the (saturating) counts in place and return ``a = max(1/n, 1/W)`` as float32."""
+        np.minimum(count_view, self.MAX_COUNT - 1, out=count_view)
+        count_view += 1
+        a = self._buffer("rate", count_view.shape, np.float32)
+        np.copyto(a, count_view)
+        np.reciprocal(a, out=a)
+        np.maximum(a, np.float32(1.0 / self.ema_window), out=a)
+        return a
+
+    def _scatter_slices(self, maps, plan, values) -> int:
+        _, case_sl, box, flips = plan
+        a = self._rates_inplace(maps["count"][case_sl])
+        tmp = self._buffer("delta", a.shape, np.float32)
+        for kind, v in zip(("error", "variance"), values):
+            target = maps[kind][case_sl]
+            # a contiguous copy first: numpy ufuncs are several times slower on reversed strides
+            np.copyto(tmp, self._oriented(v[box], flips))
+            tmp -= target
+            tmp *= a
+            target += tmp
+        return int(a.size)
+
+    def _scatter_general(self, maps, plan, values) -> int:
+        _, valid, idx = plan
+        if idx.shape[1] == 0:
+            return 0
+        lo = idx.min(axis=1)
+        hi = idx.max(axis=1) + 1
+        dims = hi - lo
+        local = idx - lo[:, None]
+        lin = (local[0] * dims[1] + local[1]) * dims[2] + local[2]
+        size = int(np.prod(dims))
+        hits = np.bincount(lin, minlength=size)
+        covered = np.flatnonzero(hits)
+        block = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+        pos = np.unravel_index(covered, tuple(int(d) for d in dims))
+        case_pos = tuple(p + int(l) for p, l in zip(pos, lo))
+        n = maps["count"][block][pos].astype(np.int64)
+        n = np.minimum(n + 1, self.MAX_COUNT)
+        a = ema_rates(n, self.ema_window)
+        maps["count"][case_pos] = n.astype(np.uint8)
+        inv_hits = 1.0 / hits[covered]
+        for kind, v in zip(("error", "variance"), values):
+            mean = np.bincount(lin, weights=v[valid], minlength=size)[covered] * inv_hits
+            cur = maps[kind][case_pos]
+            maps[kind][case_pos] = (cur + a * (mean.astype(np.float32) - cur)).astype(np.float32)
+        return int(covered.size)
+
+    # ------------------------------------------------------------------ batches
+    def gather_batch(self, case_ids: Sequence[str], coords, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched :meth:`gather`: ``coords (B, 3, X, Y, Z)`` -> ``(error, variance)`` each ``(B, 1, X, Y, Z)``."""
+        if len(case_ids) != len(coords):
+            raise ValueError(f"gather_batch: {len(case_ids)} case ids for {len(coords)} coordinate patches")
+        pairs = [self.gather(str(cid), coords[b]) for b, cid in enumerate(case_ids)]
+        err = torch.stack([p[0] for p in pairs])
+        var = torch.stack([p[1] for p in pairs])
+        if device is not None:
+            err, var = err.to(device), var.to(device)
+        return err, var
+
+    def scatter_batch(self, case_ids: Sequence[str], coords, failure_smoothed, variance) -> int:
+        """Batched :meth:`scatter`: ``coords (B,3,…)``, ``failure_smoothed``/``variance`` ``(B,1,…)``.
+
+        Samples of the same case are applied one after the other (each is one visit).
+        """
+        if not len(case_ids) == len(coords) == len(failure_smoothed) == len(variance):
+            raise ValueError("scatter_batch: case_ids, coords, failure_smoothed and variance differ in batch size")
+        return sum(self.scatter(str(cid), coords[b], failure_smoothed[b], variance[b])
+                   for b, cid in enumerate(case_ids))
+
+    # ------------------------------------------------------------------ whole cases, persistence
+    def full(self, case_id: str) -> dict:
+        """Copies of the whole case maps: ``{"error", "variance", "count"}`` numpy ``(X, Y, Z)``."""
+        return {kind: np.array(mm) for kind, mm in self._open(case_id).items()}
+
+    def flush(self) -> None:
+        for maps in self._maps.values():
+            for mm in maps.values():
+                mm.flush()
+
+    def snapshot(self, dst_dir) -> Path:
+        """Copy the store to ``dst_dir`` atomically (``dst_dir`` is replaced whole or not at all)."""
+        self.flush()
+        atomic_copytree(self.store_dir, dst_dir)
+        for lock in Path(dst_dir).glob("*.lock"):
+            lock.unlink()
+        return Path(dst_dir)
+
+    def restore(self, src_dir) -> "ErrorMapStore":
+        """Replace this store's content with a snapshot (call before other processes open the store)."""
+        src_dir = Path(src_dir)
+        if not (src_dir / "index.json").exists():
+            raise FileNotFoundError(f"ErrorMapStore.restore: {src_dir} has no index.json (not a store snapshot)")
+        self.close()
+        atomic_copytree(src_dir, self.store_dir)
+        return self
+
+    def disk_bytes(self) -> int:
+        """Bytes used by the store's files (apparent size)."""
+        return sum(p.stat().st_size for p in self.store_dir.iterdir() if p.is_file())
+
+    def remove(self) -> None:
+        """Delete the store folder."""
+        self.close()
+        shutil.rmtree(self.store_dir, ignore_errors=True)
