@@ -65,19 +65,24 @@ def _resolve(path: str) -> Path:
 
 
 def bundle_labels(bundle_path: Path) -> Dict[str, int]:
-    """Label name -> value from the bundle's metadata ``channel_def`` (BundleInferTask's rule), else the constants."""
+    """Label name -> value for the label map.
+
+    Taken from an output ``channel_def`` of the bundle's metadata that names the BraTS labels (NCR, ED, ET),
+    as ``BundleInferTask`` would read it; otherwise (e.g. a ``channel_def`` that describes the network's
+    logit channels) from ``custom.constants.LABEL_NAMES``.
+    """
+    expected = {name: value for value, name in LABEL_NAMES.items() if value}
     meta_path = bundle_path / "configs" / "metadata.json"
-    labels = {}
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        outputs = meta.get("network_data_format", {}).get("outputs", {})
-        for out in outputs.values():
-            for k, v in (out.get("channel_def") or {}).items():
-                if str(v).lower() != "background" and str(k).isdigit():
-                    labels[str(v)] = int(k)
-            if labels:
-                break
-    return labels or {name: value for value, name in LABEL_NAMES.items() if value}
+        for out in meta.get("network_data_format", {}).get("outputs", {}).values():
+            found = {str(v): int(k) for k, v in (out.get("channel_def") or {}).items()
+                     if str(k).isdigit() and str(v) in expected}
+            if found:
+                if found != expected:
+                    logger.warning(f"{meta_path}: channel_def labels {found} differ from {expected}; using them")
+                return found
+    return expected
 
 
 class BraTSUncertaintyApp(MONAILabelApp):
