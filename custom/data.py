@@ -117,9 +117,9 @@ def _scan_case_dir(case_dir: Path) -> CaseFiles:
 def scan_dataset(dataset_dir) -> list[CaseFiles]:
     """Find every BraTS case folder under ``dataset_dir`` (any depth), sorted by case id.
 
-    Folders named like a case id (``CASE_ID_PATTERN``) are cases; other folders that directly hold
-    NIfTI files are returned too, with a problem saying their name is not a case id. Duplicate case
-    ids (the same case in two places) get a problem each.
+    Folders named like a case id (``CASE_ID_PATTERN``) are cases (their subfolders are not scanned);
+    other folders that directly hold NIfTI files are returned too, with a problem saying their name is
+    not a case id. Duplicate case ids (the same case in two places) get a problem each.
 
     Raises:
         BraTSInputError: ``dataset_dir`` is not a folder.
@@ -132,9 +132,11 @@ def scan_dataset(dataset_dir) -> list[CaseFiles]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         cur = Path(current)
         holds_nifti = any(_nifti_stem(f) is not None and not f.startswith(".") for f in files)
-        if CASE_ID_PATTERN.match(cur.name) or (holds_nifti and cur != root) or (holds_nifti and not dirs):
+        if CASE_ID_PATTERN.match(cur.name):
             cases.append(_scan_case_dir(cur))
             dirs[:] = []  # a case folder's subfolders are not cases
+        elif holds_nifti:
+            cases.append(_scan_case_dir(cur))  # reported as misnamed; its subfolders are still scanned
     by_id: dict[str, list[CaseFiles]] = {}
     for case in cases:
         by_id.setdefault(case.case_id, []).append(case)

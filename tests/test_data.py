@@ -295,10 +295,12 @@ def test_scan_finds_nested_cases_and_flags_duplicates_and_misnamed_folders(raw, 
     stray = tmp_path / "download" / "misc"
     stray.mkdir()
     shutil.copy(case_file(raw, 1, "t1c"), stray / "image.nii.gz")
+    shutil.copytree(raw / case_id_for(1), stray / "BraTS-GLI-00099-000")  # below a stray folder: still found
     cases = scan_dataset(tmp_path / "download")
     ids = [c.case_id for c in cases]
     assert ids == sorted(ids)
-    assert ids.count(case_id_for(0)) == 2 and set(ids) == {case_id_for(i) for i in range(NUM_CASES)} | {"misc"}
+    assert ids.count(case_id_for(0)) == 2
+    assert set(ids) == {case_id_for(i) for i in range(NUM_CASES)} | {"misc", "BraTS-GLI-00099-000"}
     dup = [c for c in cases if c.case_id == case_id_for(0)]
     assert all(any("duplicate case id" in p for p in validate_case(c)) for c in dup)
     misc = next(c for c in cases if c.case_id == "misc")
