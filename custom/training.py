@@ -1,0 +1,365 @@
+"""Training-side data plumbing for the bundle: fold lists, the nnU-Net patch sampler, batch preparation, the store.
+
+The configs (``bundle/configs/train.json`` and its overlays) declare what is built; this module holds the few
+pieces a JSON config cannot express: nnU-Net's per-iteration random case sampling with forced foreground,
+the ``(image, targets dict)`` batch layout the composite loss and :class:`custom.handlers.ErrorMapHandler`
+share, and the creation of the case-space error-map store for the cases of one fold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from custom.errors import BraTSInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "load_fold_data",
+    "preprocessed_shapes",
+    "create_error_map_store",
+    "PatchDataset",
+    "UncertaintyPrepareBatch",
+    "write_run_config",
+    "close_store",
+    "open_error_map_store",
+    "load_model_weights",
+    "attach_progress_bar",
+    "is_main_process",
+    "as_bool",
+]
+
+#: keys of a datalist entry written by the preprocessing step
+_PP_KEYS = ("pp_image", "pp_label", "pp_properties")
+
+
+def is_main_process() -> bool:
+    """True outside ``torch.distributed`` or on rank 0: only this process writes files."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def as_bool(value, name: str = "flag") -> bool:
+    """Command-line flags arrive as strings (``--resume true``): map true/false/yes/no/1/0 to a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _to_item(entry: Mapping, datalist_path: Path) -> dict:
+    missing = [k for k in _PP_KEYS if not entry.get(k)]
+    if missing:
+        raise BraTSInputError(
+            f"{datalist_path}: case {entry.get('case_id', '?')} has no {', '.join(missing)}; "
+            "run scripts/prepare_data.py with planning enabled (the default) before training",
+            header="work directory not prepared for training",
+        )
+    for key in ("pp_image", "pp_label"):
+        if not Path(entry[key]).is_file():
+            raise BraTSInputError(
+                f"{entry[key]}: preprocessed file of case {entry['case_id']} is missing "
+                f"(listed in {datalist_path}); re-run scripts/prepare_data.py",
+                header="work directory not prepared for training",
+            )
+    return {"case_id": entry["case_id"], **{k: str(entry[k]) for k in _PP_KEYS}}
+
+
+def load_fold_data(datalist_path, fold: int) -> tuple[list[dict], list[dict]]:
+    """Training and validation items of ``fold`` for :class:`custom.preprocess.LoadPreprocessedd`.
+
+    Each item is ``{"case_id", "pp_image": <.npy>, "pp_label": <seg .npy>, "pp_properties": <.json>}``.
+
+    Raises:
+        BraTSInputError: the datalist is missing, lacks the preprocessing keys, the fold is out of range,
+            or a fold side is empty.
+    """
+    from custom.data import fold_split, load_datalist
+
+    datalist_path = Path(datalist_path)
+    if not datalist_path.is_file():
+        raise BraTSInputError(
+            f"{datalist_path}: datalist not found; run scripts/prepare_data.py --work_dir <W> first",
+            header="work directory not prepared for training",
+        )
+    datalist = load_datalist(datalist_path)
+    num_folds = int(datalist.get("num_folds", 0))
+    if not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < num_folds:
+        raise BraTSInputError(f"{datalist_path}: fold {fold!r} is not in 0..{num_folds - 1}", header="invalid fold")
+    train_entries, val_entries = fold_split(datalist, int(fold))
+    if not train_entries or not val_entries:
+        raise BraTSInputError(
+            f"{datalist_path}: fold {fold} has {len(train_entries)} training and {len(val_entries)} validation "
+            "cases; both must be non-empty",
+            header="invalid fold",
+        )
+    return [_to_item(e, datalist_path) for e in train_entries], [_to_item(e, datalist_path) for e in val_entries]
+
+
+def preprocessed_shapes(items: Sequence[Mapping]) -> dict[str, tuple[int, int, int]]:
+    """``{case_id: (X', Y', Z')}`` read from the ``.npy`` headers (memory-mapped, no data read)."""
+    shapes = {}
+    for item in items:
+        try:
+            shape = np.load(item["pp_image"], mmap_mode="r").shape
+        except (OSError, ValueError) as exc:
+            raise BraTSInputError(f"{item['pp_image']}: cannot read preprocessed image ({exc})") from None
+        if len(shape) != 4:
+            raise BraTSInputError(f"{item['pp_image']}: expected a (4, X, Y, Z) array, found shape {shape}")
+        shapes[item["case_id"]] = tuple(int(s) for s in shape[1:])
+    return shapes
+
+
+def create_error_map_store(store_dir, items: Sequence[Mapping], ema_window: int = 30, reset: bool = False):
+    """Open (or create) the case-space EMA store for every case in ``items`` (train + val of one fold).
+
+    Args:
+        store_dir: ``output_dir/store``.
+        items: fold items (:func:`load_fold_data`), their preprocessed shapes size the maps.
+        ema_window: ``W`` of the EMA.
+        reset: start from zero maps (a new run in an existing output folder); a resumed run keeps them
+            and then restores ``store_snapshot/`` (:class:`custom.handlers.ResumeHandler`).
+    """
+    from custom.error_maps import ErrorMapStore
+
+    if int(ema_window) < 1:
+        raise ValueError(f"ema_window must be >= 1, got {ema_window}")
+    store = ErrorMapStore(str(store_dir), ema_window=int(ema_window))
+    if as_bool(reset, "reset") and is_main_process():
+        store.remove()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if is_main_process():
+        store.create(preprocessed_shapes(items))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return store
+
+
+def open_error_map_store(store_dir, ema_window: int = 30):
+    """Open an existing store read-only for evaluation; None (with a warning) when there is none."""
+    from custom.error_maps import ErrorMapStore
+
+    if not (Path(store_dir) / "index.json").exists():
+        logger.warning("no error-map store in %s: error_stable falls back to the current smoothed failure", store_dir)
+        return None
+    return ErrorMapStore(str(store_dir), ema_window=int(ema_window))
+
+
+def load_model_weights(network: torch.nn.Module, checkpoint, map_location="cpu") -> torch.nn.Module:
+    """Load ``model.pt`` / ``model_final.pt`` (``{"model": state_dict}``) or ``checkpoint_last.pt``
+    (``{"network": state_dict, …}``) into ``network`` with ``weights_only=True``.
+
+    Raises:
+        BraTSInputError: missing, unreadable or incompatible checkpoint (named).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise BraTSInputError(f"{path}: checkpoint not found", header="cannot load model weights")
+    try:
+        state = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise BraTSInputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})",
+                              header="cannot load model weights") from None
+    weights = state.get("model", state.get("network")) if isinstance(state, dict) else None
+    if weights is None:
+        raise BraTSInputError(f"{path}: no 'model' or 'network' entry (keys: {sorted(state) if isinstance(state, dict) else type(state).__name__})",
+                              header="cannot load model weights")
+    from custom.handlers import unwrap_network
+
+    try:
+        unwrap_network(network).load_state_dict(weights)
+    except RuntimeError as exc:
+        raise BraTSInputError(f"{path}: weights do not fit the network built from the plan ({exc})".splitlines()[0],
+                              header="cannot load model weights") from None
+    return network
+
+
+def close_store(store) -> None:
+    """Flush and close an error-map store (None is accepted: the baseline has none)."""
+    if store is not None:
+        store.close()
+
+
+def attach_progress_bar(trainer, enabled: bool = True):
+    """Attach Ignite's tqdm ``ProgressBar`` showing the iteration loss (main process only)."""
+    if not as_bool(enabled, "progress_bar") or not is_main_process():
+        return None
+    from ignite.handlers import ProgressBar
+
+    def _loss(output):
+        loss = output.get("loss") if isinstance(output, dict) else None
+        return {} if loss is None else {"loss": float(loss.detach() if torch.is_tensor(loss) else loss)}
+
+    bar = ProgressBar(persist=False)
+    bar.attach(trainer, output_transform=_loss)
+    return bar
+
+
+class PatchDataset(Dataset):
+    """nnU-Net patch sampling as a map-style dataset: one epoch is ``iterations_per_epoch`` batches.
+
+    Sample ``i`` of epoch ``e`` draws a random case from ``data`` and seeds the random transforms with a
+    generator derived from ``(seed, rank, e, i)``, so the stream of patches depends neither on the number of
+    DataLoader workers nor on where a resumed run restarts. The last ``round(batch_size * fg_fraction)``
+    positions of every batch get ``force_fg=True`` (nnU-Net's foreground oversampling, read by
+    :class:`custom.transforms.ForegroundOversampledCropd`). Use it with ``shuffle=False`` and the same
+    ``batch_size`` in the DataLoader, and call :meth:`set_epoch` at the start of every epoch
+    (:class:`custom.handlers.SetEpochHandler`).
+
+    Args:
+        data: items (dicts) handed to ``transform``; each sample is a shallow copy plus ``force_fg``.
+        transform: a MONAI ``Compose`` (or any callable); Randomizable transforms are re-seeded per sample.
+        batch_size: samples per batch (>= 1).
+        iterations_per_epoch: batches per epoch (>= 1).
+        fg_fraction: fraction of each batch forced to contain foreground, in [0, 1].
+        seed: base seed.
+        rank: distributed rank; every rank draws its own stream.
+        force_fg_key: key receiving the boolean flag.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        transform: Callable | None,
+        batch_size: int,
+        iterations_per_epoch: int,
+        fg_fraction: float = 0.33,
+        seed: int = 0,
+        rank: int = 0,
+        force_fg_key: str = "force_fg",
+    ) -> None:
+        if len(data) == 0:
+            raise ValueError("PatchDataset needs at least one training case, got an empty list")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(iterations_per_epoch) < 1:
+            raise ValueError(f"iterations_per_epoch must be >= 1, got {iterations_per_epoch}")
+        if not 0.0 <= float(fg_fraction) <= 1.0:
+            raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}")
+        self.data = list(data)
+        self.transform = transform
+        self.batch_size = int(batch_size)
+        self.iterations_per_epoch = int(iterations_per_epoch)
+        self.fg_fraction = float(fg_fraction)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.force_fg_key = force_fg_key
+        self.num_forced = int(round(self.batch_size * self.fg_fraction))
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the sample stream of ``epoch`` (1-based, as Ignite counts)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batch_size * self.iterations_per_epoch
+
+    def force_fg(self, index: int) -> bool:
+        """Whether sample ``index`` (position ``index % batch_size`` in its batch) must contain foreground."""
+        return index % self.batch_size >= self.batch_size - self.num_forced
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.rank, self.epoch, int(index)])
+
+    def case_index(self, index: int) -> int:
+        """Index into ``data`` of the case drawn for sample ``index`` of the current epoch."""
+        return int(self._rng(index).integers(len(self.data)))
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < len(self):
+            raise IndexError(f"PatchDataset index {index} out of range 0..{len(self) - 1}")
+        rng = self._rng(index)
+        item = dict(self.data[int(rng.integers(len(self.data)))])
+        item[self.force_fg_key] = self.force_fg(index)
+        if self.transform is None:
+            return item
+        if hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=int(rng.integers(2**31 - 1)))
+        from monai.transforms import apply_transform
+
+        return apply_transform(self.transform, item)
+
+
+def _plain(x):
+    """MetaTensor -> torch.Tensor: the loss and the store need no metadata, and plain tensors are faster."""
+    from monai.data import MetaTensor
+
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+class UncertaintyPrepareBatch:
+    """``prepare_batch`` for MONAI engines: ``batch -> (image, targets)``.
+
+    With ``with_uncertainty`` (default) ``targets`` is the dict the composite loss and the error-map handlers
+    share: ``{"label": (B,3,…) regions, "coords": (B,3,…) case coordinates (index + 1, 0 = padding),
+    "case_id": list[str], "error_stable": None}``; ``error_stable`` is filled by
+    :class:`custom.handlers.ErrorMapHandler` after the forward pass. Without it, ``targets`` is the region
+    tensor (the baseline's plain region loss).
+    """
+
+    def __init__(self, with_uncertainty: bool = True, coords_key: str = "coords") -> None:
+        self.with_uncertainty = bool(with_uncertainty)
+        self.coords_key = coords_key
+
+    def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
+        for key in ("image", "label"):
+            if key not in batchdata:
+                raise KeyError(f"batch has no '{key}' (keys: {sorted(batchdata)}); check the data transforms")
+        image = _plain(batchdata["image"]).to(device=device, non_blocking=non_blocking, **kwargs)
+        label = _plain(batchdata["label"]).to(device=device, non_blocking=non_blocking, **kwargs)
+        if not self.with_uncertainty:
+            return image, label
+        if self.coords_key not in batchdata:
+            raise KeyError(
+                f"batch has no '{self.coords_key}'; AddCaseCoordinatesd must run before the spatial transforms"
+            )
+        coords = _plain(batchdata[self.coords_key]).to(device=device, non_blocking=non_blocking)
+        case_id = batchdata.get("case_id")
+        if case_id is None:
+            raise KeyError("batch has no 'case_id'; LoadPreprocessedd adds it")
+        case_ids = [case_id] if isinstance(case_id, str) else [str(c) for c in case_id]
+        targets = {"label": label, "coords": coords, "case_id": case_ids, "error_stable": None}
+        return image, targets
+
+
+def write_run_config(path, config: Mapping) -> str:
+    """Write the resolved run settings (paths, hyper-parameters, versions) as JSON, atomically, on rank 0."""
+    from custom.io_utils import atomic_write_json
+
+    def _jsonable(v):
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        if isinstance(v, (list, tuple)):
+            return [_jsonable(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): _jsonable(x) for k, x in v.items()}
+        if hasattr(v, "to_dict"):
+            return _jsonable(v.to_dict())
+        return str(v)
+
+    if is_main_process():
+        import monai
+
+        out = _jsonable(dict(config))
+        out["versions"] = {"monai": monai.__version__, "torch": torch.__version__, "numpy": np.__version__}
+        out["pid"] = os.getpid()
+        atomic_write_json(path, out)
+    return str(path)
+
+
+def read_json(path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)

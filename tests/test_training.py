@@ -1,0 +1,283 @@
+"""Training as a MONAI bundle on Ignite (issue 4): real `python -m monai.bundle run` subprocesses on synthetic data.
+
+Sizes are tiny (64x64x48 cases, patch 32, filters [8,16,32,64]); nothing asserts wall-clock times.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, REPO_ROOT, run_cmd
+
+from custom.errors import BraTSInputError
+from custom.handlers import METRICS_CSV_COLUMNS
+from custom.training import PatchDataset, UncertaintyPrepareBatch, load_fold_data
+
+CONFIGS = "bundle/configs"
+TINY = f"['{CONFIGS}/train.json','{CONFIGS}/tiny.json']"
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def bundle_cmd(config_files: str, work_dir, *extra, run_id: str = "training"):
+    return [PYTHON, "-m", "monai.bundle", "run", run_id, "--bundle_root", "bundle", "--config_file", config_files,
+            "--work_dir", str(work_dir), "--fold", 0, *extra]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------- unit level
+class TestPatchDataset:
+    def test_forced_foreground_positions_and_seeding(self):
+        items = [{"case_id": f"c{i}"} for i in range(4)]
+        ds = PatchDataset(items, None, batch_size=3, iterations_per_epoch=20, fg_fraction=0.33, seed=7)
+        assert len(ds) == 60
+        # round(3 * 0.33) = 1: only the last position of every batch is forced
+        assert [ds[i]["force_fg"] for i in range(6)] == [False, False, True, False, False, True]
+        first = [ds[i]["case_id"] for i in range(60)]
+        assert first == [ds[i]["case_id"] for i in range(60)], "same epoch must give the same draws"
+        assert set(first) == {"c0", "c1", "c2", "c3"}, "random case per sample over all cases"
+        ds.set_epoch(2)
+        assert [ds[i]["case_id"] for i in range(60)] != first, "a new epoch draws new cases"
+        other_rank = PatchDataset(items, None, batch_size=3, iterations_per_epoch=20, seed=7, rank=1)
+        assert [other_rank[i]["case_id"] for i in range(60)] != first
+        half = PatchDataset(items, None, batch_size=2, iterations_per_epoch=1, fg_fraction=0.5)
+        assert [half[i]["force_fg"] for i in range(2)] == [False, True]
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="at least one training case"):
+            PatchDataset([], None, 2, 1)
+        with pytest.raises(ValueError, match="batch_size"):
+            PatchDataset([{}], None, 0, 1)
+        with pytest.raises(ValueError, match="iterations_per_epoch"):
+            PatchDataset([{}], None, 2, 0)
+        with pytest.raises(ValueError, match="fg_fraction"):
+            PatchDataset([{}], None, 2, 1, fg_fraction=1.5)
+        with pytest.raises(IndexError):
+            PatchDataset([{}], None, 2, 1)[2]
+
+
+def test_prepare_batch_layout():
+    batch = {"image": torch.rand(2, 4, 8, 8, 8), "label": torch.zeros(2, 3, 8, 8, 8),
+             "coords": torch.ones(2, 3, 8, 8, 8), "case_id": ["a", "b"]}
+    image, targets = UncertaintyPrepareBatch()(batch, device="cpu")
+    assert image.shape == (2, 4, 8, 8, 8)
+    assert set(targets) == {"label", "coords", "case_id", "error_stable"}
+    assert targets["case_id"] == ["a", "b"] and targets["error_stable"] is None
+    image, label = UncertaintyPrepareBatch(with_uncertainty=False)(batch, device="cpu")
+    assert torch.is_tensor(label) and label.shape == (2, 3, 8, 8, 8)
+    with pytest.raises(KeyError, match="coords"):
+        UncertaintyPrepareBatch()({"image": batch["image"], "label": batch["label"]})
+
+
+def test_fold_data_needs_preprocessing(prepared_work_dir, tmp_path):
+    train, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
+    assert train and val and not {x["case_id"] for x in train} & {x["case_id"] for x in val}
+    assert all(Path(x["pp_image"]).is_file() for x in train + val)
+    with pytest.raises(BraTSInputError, match="fold 5"):
+        load_fold_data(prepared_work_dir / "datalist.json", 5)
+    datalist = json.loads((prepared_work_dir / "datalist.json").read_text())
+    for entry in datalist["training"]:
+        entry.pop("pp_image")
+    bad = tmp_path / "datalist.json"
+    bad.write_text(json.dumps(datalist))
+    with pytest.raises(BraTSInputError, match=r"datalist\.json.*pp_image"):
+        load_fold_data(bad, 0)
+
+
+def test_training_on_unprepared_work_dir_fails_clearly(tmp_path):
+    proc = run_cmd(bundle_cmd(TINY, tmp_path / "nowhere"), check=False, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert "plans.json" in proc.stdout + proc.stderr or "datalist" in proc.stdout + proc.stderr
+    assert not (tmp_path / "nowhere" / "runs").exists() or not any((tmp_path / "nowhere" / "runs").rglob("*.pt"))
+
+
+# ----------------------------------------------------------------------------------------- full run
+def test_tiny_run_outputs(tiny_training_run, prepared_work_dir):
+    out = tiny_training_run
+    for name in ("model.pt", "model_final.pt", "checkpoint_last.pt", "plans.json", "train_config.json",
+                 "metrics.csv", "FINISHED"):
+        assert (out / name).is_file(), f"missing {name} in {out}"
+    assert json.loads((out / "plans.json").read_text()) == json.loads((prepared_work_dir / "plans.json").read_text())
+
+    ckpt = load_ckpt(out / "checkpoint_last.pt")
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "pseudo_dice"} <= set(ckpt)
+    assert ckpt["trainer"]["epoch"] == 2 and ckpt["trainer"]["iteration"] == 16
+    assert ckpt["lr_scheduler"]["last_epoch"] == 2
+    best = load_ckpt(out / "model.pt")
+    assert set(best) >= {"model"} and set(best["model"]) == set(ckpt["network"])
+    from custom.networks import build_network
+
+    net = build_network(prepared_work_dir / "plans.json")
+    net.load_state_dict(load_ckpt(out / "model_final.pt")["model"])  # weights fit the plan's network
+    assert net(torch.zeros(1, 4, 32, 32, 32)).shape[1] == 4
+
+    # metrics.csv: exactly the contract's columns, one row per epoch, validation every epoch (tiny)
+    rows = read_csv(out / "metrics.csv")
+    with open(out / "metrics.csv") as fh:
+        assert fh.readline().strip().split(",") == list(METRICS_CSV_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:
+        for col in METRICS_CSV_COLUMNS:
+            assert r[col] != "", f"epoch {r['epoch']}: column {col} is empty"
+        assert np.isfinite(float(r["train_loss"])) and 0 <= float(r["val_dice_mean"]) <= 1
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) == pytest.approx(0.01), "poly LR steps per epoch"
+
+    # EMA store: every case of the fold, train cases and val cases visited
+    index = json.loads((out / "store" / "index.json").read_text())
+    train, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
+    assert set(index["cases"]) == {x["case_id"] for x in train + val}
+    from custom.error_maps import ErrorMapStore
+
+    store = ErrorMapStore(out / "store")
+    visited = {cid: int(store.full(cid)["count"].max()) for cid in index["cases"]}
+    for x in val:  # one full-volume visit per validation round
+        assert visited[x["case_id"]] == 2
+    assert sum(visited[x["case_id"]] > 0 for x in train) >= 1
+    assert json.loads((out / "store_snapshot" / "epoch.json").read_text()) == {"epoch": 2}
+    snap = ErrorMapStore(out / "store_snapshot")
+    for cid in index["cases"]:
+        np.testing.assert_array_equal(snap.full(cid)["error"], store.full(cid)["error"])
+
+    # TensorBoard events with training and validation scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    tags = set()
+    for ev in events:
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train_loss", "val_dice_mean", "val_corr_unc", "ema_pseudo_dice"} <= tags, tags
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["fold"] == 0 and cfg["variant"] == "unc" and cfg["num_epochs"] == 2
+
+
+def _stream(proc, lines):
+    for line in proc.stdout:
+        lines.append(line)
+
+
+def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
+    out = tmp_path / "run"
+    args = bundle_cmd(TINY, prepared_work_dir, "--output_dir", out, "--num_epochs", 3, "--progress_bar", "false")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **ENV)
+    proc = subprocess.Popen([str(a) for a in args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=_stream, args=(proc, lines), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    try:
+        # kill inside epoch 2, after its third iteration (checkpoint of epoch 1 exists)
+        while not any("Epoch: 2/3, Iter: 3/8" in line for line in list(lines)):
+            assert proc.poll() is None, "training ended before it could be killed:\n" + "".join(lines[-60:])
+            assert time.monotonic() < deadline, "no progress:\n" + "".join(lines[-60:])
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "FINISHED").exists()
+    ckpt = load_ckpt(out / "checkpoint_last.pt")  # complete, loadable file
+    assert ckpt["trainer"]["epoch"] == 1
+    assert [int(r["epoch"]) for r in read_csv(out / "metrics.csv")] == [1]
+    assert not list(out.glob(".*.tmp-*")), "temporary files left behind"
+
+    run_cmd(bundle_cmd(TINY, prepared_work_dir, "--output_dir", out, "--num_epochs", 3, "--resume", "true",
+                       "--progress_bar", "false"), env=ENV, timeout=600)
+    assert (out / "FINISHED").exists()
+    ckpt = load_ckpt(out / "checkpoint_last.pt")
+    assert ckpt["trainer"]["epoch"] == 3 and ckpt["trainer"]["iteration"] == 24
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    # the LR schedule continued from the checkpoint: lr of epoch k is 0.01 * (1 - (k-1)/3) ** 0.9
+    for r in rows:
+        k = int(r["epoch"])
+        assert float(r["lr"]) == pytest.approx(0.01 * (1 - (k - 1) / 3) ** 0.9, rel=1e-6)
+    # the store continued: validation cases were visited once per validation round, 3 rounds in all
+    from custom.error_maps import ErrorMapStore
+
+    _, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
+    store = ErrorMapStore(out / "store")
+    assert all(int(store.full(x["case_id"])["count"].max()) == 3 for x in val)
+
+
+def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    parser = ConfigParser()
+    parser.read_config([f"{REPO_ROOT}/{CONFIGS}/train.json", f"{REPO_ROOT}/{CONFIGS}/tiny.json"])
+    parser.update({"work_dir": str(work_dir), "output_dir": str(output_dir), "num_epochs": 1,
+                   "iterations_per_epoch": 3, "val_interval": 100, "num_workers": num_workers,
+                   "progress_bar": False})
+    losses: list[float] = []
+    try:
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("trainer")
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+        trainer.run()
+        parser.get_parsed_content("finalize")
+    finally:
+        set_determinism(seed=None)
+    return losses
+
+
+def test_same_seed_same_first_epoch_losses(prepared_work_dir, tmp_path):
+    torch.set_num_threads(1)
+    a = _first_epoch_losses(prepared_work_dir, tmp_path / "a", num_workers=0)
+    b = _first_epoch_losses(prepared_work_dir, tmp_path / "b", num_workers=2)
+    assert len(a) == 3 and all(np.isfinite(a))
+    # per-sample seeding: the patch stream does not depend on the number of loader workers
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_baseline_variant(prepared_work_dir):
+    run_cmd(bundle_cmd(f"['{CONFIGS}/train.json','{CONFIGS}/baseline.json','{CONFIGS}/tiny.json']",
+                       prepared_work_dir, "--num_epochs", 1, "--iterations_per_epoch", 4, "--progress_bar", "false"),
+            env=ENV, timeout=600)
+    out = prepared_work_dir / "runs" / "baseline" / "fold0"
+    assert (out / "FINISHED").exists() and not (out / "store").exists() and not (out / "store_snapshot").exists()
+    weights = load_ckpt(out / "model.pt")["model"]
+    out_weights = [v for k, v in weights.items() if k.startswith("output_block") and k.endswith("weight")]
+    assert out_weights and out_weights[0].shape[0] == 3, "baseline has 3 output channels"
+    (row,) = read_csv(out / "metrics.csv")
+    assert row["val_dice_wt"] != "" and row["ema_pseudo_dice"] != ""
+    assert all(row[c] == "" for c in METRICS_CSV_COLUMNS if "rmsd" in c or "corr" in c)
+
+
+def test_mcdropout_variant_builds_dropout_network(prepared_work_dir):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([f"{REPO_ROOT}/{CONFIGS}/train.json", f"{REPO_ROOT}/{CONFIGS}/mcdropout.json"])
+    parser["work_dir"] = str(prepared_work_dir)
+    assert parser.get_parsed_content("variant") == "mcdropout"
+    assert parser.get_parsed_content("output_dir").endswith("runs/mcdropout/fold0")
+    net = parser.get_parsed_content("network_def")
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert drops and all(m.p == pytest.approx(0.1) for m in drops)
+    assert parser.get_parsed_content("loss").__class__.__name__ == "CompositeUncertaintyLoss"
