@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -184,14 +184,25 @@ def _channel_stats(values: np.ndarray) -> dict:
     }
 
 
+def _worker_init():
+    import sys
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def _map_cases(fn, items, num_workers: int, desc: str):
     """Apply ``fn`` to every item, in worker processes when ``num_workers > 1``, with a progress bar."""
     from tqdm import tqdm
 
     if num_workers <= 1 or len(items) <= 1:
         return [fn(it) for it in tqdm(items, desc=desc, disable=None)]
-    # spawn, not fork: forked children of a process that already ran torch/OpenMP can deadlock
-    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
+    # fork where available (as torch's DataLoader does): spawned workers would re-import torch/monai, which
+    # costs many seconds each; every worker gets one intra-op thread so that workers do not oversubscribe
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context(method),
+                             initializer=_worker_init) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None))
 
 

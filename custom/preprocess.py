@@ -399,12 +399,18 @@ class LoadPreprocessedd(MapTransform):
     Reads ``data["pp_<key>"]`` for each key: ``image`` -> float32 tensor (4, X', Y', Z'),
     ``label`` -> uint8 tensor (1, X', Y', Z'). Adds ``case_id`` (from the entry, else the file name) and, when
     ``pp_properties`` is present and ``properties_key`` is set, the properties dict.
+
+    Args:
+        mmap: False (default) reads the whole case into a private tensor (~50 ms for a 4x176x213x128 BraTS case);
+            True returns read-only memory-mapped numpy arrays instead, so that a following crop reads only the
+            patch from disk (the crop must copy; nothing may write into them).
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), properties_key: str | None = "image_properties",
-                 allow_missing_keys: bool = False):
+                 mmap: bool = False, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.properties_key = properties_key
+        self.mmap = mmap
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -416,12 +422,14 @@ class LoadPreprocessedd(MapTransform):
                 raise KeyError(f"LoadPreprocessedd: entry {d.get('case_id', '?')} has no 'pp_{key}' path; "
                                f"run scripts/prepare_data.py with planning enabled")
             try:
-                arr = np.array(np.load(src, mmap_mode="r"))
+                arr = np.load(src, mmap_mode="r")
+                if not self.mmap:
+                    arr = np.array(arr)
             except (OSError, ValueError) as exc:
                 raise BraTSInputError(f"{src}: cannot load the preprocessed array ({exc})") from None
             if arr.ndim == 3:
                 arr = arr[None]
-            d[key] = torch.from_numpy(arr)
+            d[key] = arr if self.mmap else torch.from_numpy(arr)
             d.setdefault("case_id", Path(src).name.rsplit("_", 1)[0])
         if self.properties_key and d.get("pp_properties"):
             with open(d["pp_properties"]) as fh:

@@ -232,6 +232,22 @@ def test_plan_and_preprocess_is_idempotent(prepared):
     assert json.loads(props_path.read_text())["plan_hash"] == plans.preprocessing_hash()
 
 
+def test_plan_and_preprocess_parallel_matches_serial(prepared, tmp_path):
+    work, ids, plans = prepared
+    dl = json.loads((work / "datalist.json").read_text())
+    for entry in dl["training"]:
+        for key in ("pp_image", "pp_label", "pp_properties"):
+            entry.pop(key)
+    (tmp_path / "datalist.json").write_text(json.dumps(dl))
+    assert plan_and_preprocess(tmp_path, num_workers=2, **TINY) == plans
+    for cid in ids:
+        for suffix in ("_image.npy", "_seg.npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "preprocessed" / f"{cid}{suffix}"),
+                                          np.load(work / "preprocessed" / f"{cid}{suffix}"))
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["shapes_after_crop"] == \
+        json.loads((work / "fingerprint.json").read_text())["shapes_after_crop"]
+
+
 def test_plan_and_preprocess_errors(tmp_path):
     with pytest.raises(BraTSInputError, match="datalist"):
         plan_and_preprocess(tmp_path)
@@ -253,6 +269,9 @@ def test_load_preprocessed_transform(prepared):
     np.testing.assert_array_equal(d["image"].numpy(), np.load(entry["pp_image"]))
     assert d["image_properties"]["case_id"] == ids[1]
     d["image"][0, 0, 0, 0] = 123.0  # a private copy, not a read-only memory map
+    m = LoadPreprocessedd(keys=("image", "label"), mmap=True)(entry)
+    assert isinstance(m["image"], np.memmap) and not m["image"].flags.writeable
+    np.testing.assert_array_equal(np.asarray(m["label"][0]), np.load(entry["pp_label"]))
     with pytest.raises(KeyError, match="pp_label"):
         LoadPreprocessedd(keys=("image", "label"))({"case_id": "x", "pp_image": entry["pp_image"]})
 
