@@ -424,7 +424,8 @@ def _read_plans(plans_path):
     return plans
 
 
-def prepare_model_repository(checkpoint, plans_path=None, repo_dir=DEFAULT_MODEL_REPOSITORY, template_dir=None) -> Path:
+def prepare_model_repository(checkpoint, plans_path=None, repo_dir=DEFAULT_MODEL_REPOSITORY, template_dir=None,
+                             volume_instances: int | None = None) -> Path:
     """Put a trained model into a Triton model repository (what ``scripts/export.py`` calls).
 
     Writes, each atomically:
@@ -437,6 +438,8 @@ def prepare_model_repository(checkpoint, plans_path=None, repo_dir=DEFAULT_MODEL
 
     When ``repo_dir`` differs from ``template_dir`` (default: the project's ``triton_models/``), the
     ``config.pbtxt`` and ``model.py`` files are copied there first, so any folder becomes a servable repository.
+    ``volume_instances`` sets the instance count of the volume model there (= volumes in flight; each
+    instance is one Python process), e.g. fewer for a small CPU machine.
 
     Returns:
         the repository folder.
@@ -455,6 +458,8 @@ def prepare_model_repository(checkpoint, plans_path=None, repo_dir=DEFAULT_MODEL
     if not plans_path.is_file():
         raise BraTSInputError([f"{plans_path}: plans.json not found"], header="cannot export to Triton")
     _read_plans(plans_path)
+    if volume_instances is not None and int(volume_instances) < 1:
+        raise ValueError(f"volume_instances must be >= 1, got {volume_instances}")
     for name in MODEL_NAMES:
         src, dst = template_dir / name, repo_dir / name
         if not (src / "config.pbtxt").exists():
@@ -466,12 +471,28 @@ def prepare_model_repository(checkpoint, plans_path=None, repo_dir=DEFAULT_MODEL
                     shutil.copyfile(src / rel, tmp)
         with atomic_path(dst / "1" / "plans.json") as tmp:
             shutil.copyfile(plans_path, tmp)
+    if volume_instances is not None:
+        set_instance_count(repo_dir / VOLUME_MODEL / "config.pbtxt", int(volume_instances))
     with atomic_path(repo_dir / PATCH_MODEL / "1" / "model.pt") as tmp:
         shutil.copyfile(checkpoint, tmp)
     atomic_write_json(repo_dir / VOLUME_MODEL / "1" / "model_info.json",
                       {"with_uncertainty": out_channels == 4, "out_channels": out_channels,
                        "checkpoint": str(checkpoint.resolve())})
     return repo_dir
+
+
+def set_instance_count(config_path, count: int) -> None:
+    """Rewrite the ``count`` of the (single) ``instance_group`` of a ``config.pbtxt`` in place (atomically)."""
+    import re
+
+    from custom.io_utils import atomic_write_bytes
+
+    text = Path(config_path).read_text()
+    new, n = re.subn(r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", rf"\g<1>{int(count)}", text)
+    if n != 1:
+        raise ValueError(f"{config_path}: expected one instance_group starting with 'count:', found {n}")
+    if new != text:
+        atomic_write_bytes(config_path, new.encode())
 
 
 def read_model_parameters(model_config: dict) -> dict:

@@ -79,7 +79,9 @@ def tiny_checkpoint(prepared_work_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_repository(tiny_checkpoint, tmp_path_factory) -> Path:
-    return prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path_factory.mktemp("triton_repo"))
+    # 2 volume instances (2 volumes in flight) keep the start-up of Python stubs short on a 2-core machine
+    return prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path_factory.mktemp("triton_repo"),
+                                    volume_instances=2)
 
 
 @pytest.fixture(scope="module")
@@ -348,9 +350,11 @@ def test_client_reports_rejected_request(server):
             client.infer(np.zeros((4, 8, 8, 8), np.float32), [1, 1, 1])
 
 
-def test_serve_triton_cli_ready_and_clean_sigterm(model_repository):
+def test_serve_triton_cli_ready_and_clean_sigterm(tiny_checkpoint, tmp_path):
+    repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "repo", volume_instances=1)
+    assert "count: 1" in (repo / VOLUME_MODEL / "config.pbtxt").read_text()
     http_port = free_port()
-    cmd = [PYTHON, "scripts/serve_triton.py", "--model_repository", str(model_repository),
+    cmd = [PYTHON, "scripts/serve_triton.py", "--model_repository", str(repo),
            "--http_port", str(http_port), "--grpc_port", str(free_port()), "--metrics_port", str(free_port()),
            "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,8 +7,9 @@ in [0, 1].
 The work is ``custom.inference.UncertaintySegmenter.predict`` (the bundle's inference path: plan-based
 preprocessing, sliding window, regions to labels, cancer mask, paste-back) with a ``patch_fn`` that sends
 each sliding-window batch by BLS to the patch model, whose dynamic batcher merges the patches of all
-volumes in flight. ``execute`` is async: each request runs in a worker thread, the BLS calls are awaited on
-the stub's event loop, so one instance keeps up to ``max_concurrent_volumes`` volumes in flight.
+volumes in flight (one per instance of this model; see config.pbtxt). ``execute`` is async so that the
+sliding window runs in a worker thread while its BLS calls are awaited on the stub's event loop (a batch
+larger than the patch model's ``max_batch_size`` goes out as several concurrent BLS requests).
 Bad requests get a ``TritonError`` response naming the problem; the model keeps serving.
 """
 
@@ -53,9 +54,8 @@ class TritonPythonModel:
             sw_batch_size=int(params.get("sw_batch_size", 2)),
             tta=bool(params.get("tta", False)),
         )
-        self.executor = ThreadPoolExecutor(
-            max_workers=int(params.get("max_concurrent_volumes", 8)), thread_name_prefix="brats-volume"
-        )
+        # requests reach an instance one at a time; the pool only moves the CPU work off the event loop
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="brats-volume")
         self.logger = pb_utils.Logger
 
     # -------------------------------------------------------------------------------------------- BLS
