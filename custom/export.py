@@ -60,37 +60,50 @@ def build_export_module(config_file, bundle_root, checkpoint, work_dir=None) -> 
     return module.eval()
 
 
-def real_patch(plans, work_dir=None, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """A real preprocessed input ``(batch, 4, *patch)``: cut from a cached case of ``work_dir`` if there is one,
-    else from a synthetic case run through ``preprocess_case`` (the same preprocessing as inference)."""
+def real_volume(plans, work_dir=None, seed: int = 0) -> np.ndarray:
+    """A real preprocessed case ``(4, X', Y', Z')``: the first cached case of ``work_dir`` if there is one, else a
+    synthetic case run through ``preprocess_case`` (the same preprocessing as inference)."""
     from custom.preprocess import preprocess_case
 
-    patch = plans.patch_size
-    image_pp = None
     if work_dir is not None:
         cached = sorted(Path(work_dir, "preprocessed").glob("*_image.npy"))
         if cached:
-            image_pp = np.load(cached[0])
-    if image_pp is None:
-        from custom.synthetic import make_case
+            return np.load(cached[0])
+    from custom.synthetic import make_case
 
-        rng = np.random.default_rng(seed)
-        shape = tuple(max(int(p) + 8, 48) for p in patch)
-        image, _ = make_case(rng, shape, tuple(plans.target_spacing), 0.0)
-        image_pp, _, _ = preprocess_case(image, plans.target_spacing, plans)
-    pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch, image_pp.shape[1:])]
-    image_pp = np.pad(image_pp, pad)
+    shape = tuple(max(int(p) + 16, 48) for p in plans.patch_size)
+    image, _ = make_case(np.random.default_rng(seed), shape, tuple(plans.target_spacing), 0.0)
+    image_pp, _, _ = preprocess_case(image, plans.target_spacing, plans)
+    return image_pp
+
+
+def crop_patches(volume: np.ndarray, size, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """``(batch, 4, *size)`` crops of ``volume`` (zero-padded only where the volume is smaller): the first is
+    centred on the case (brain and tumour), the others are random."""
+    pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(size, volume.shape[1:])]
+    volume = np.pad(volume, pad)
     rng = np.random.default_rng(seed)
     out = []
     for b in range(batch):
-        # the first patch is centred on the case (brain and tumour); others are random
         if b == 0:
-            starts = [(s - p) // 2 for s, p in zip(image_pp.shape[1:], patch)]
+            starts = [(s - p) // 2 for s, p in zip(volume.shape[1:], size)]
         else:
-            starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(image_pp.shape[1:], patch)]
-        sl = tuple(slice(st, st + p) for st, p in zip(starts, patch))
-        out.append(image_pp[(slice(None),) + sl])
+            starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(volume.shape[1:], size)]
+        out.append(volume[(slice(None),) + tuple(slice(st, st + p) for st, p in zip(starts, size))])
     return torch.from_numpy(np.ascontiguousarray(np.stack(out), dtype=np.float32))
+
+
+def parity_inputs(plans, work_dir=None) -> list[torch.Tensor]:
+    """Real inputs for the parity check: 2 plan-size patches, and one crop of another size (the largest multiple
+    of the network's total stride that fits in the case, up to 1.5x the patch) to exercise the dynamic axes."""
+    volume = real_volume(plans, work_dir)
+    inputs = [crop_patches(volume, plans.patch_size, batch=2)]
+    total_stride = np.prod(np.asarray(plans.strides), axis=0).astype(int)
+    other = [int(max(st, min(n, int(p * 1.5)) // st * st))
+             for n, p, st in zip(volume.shape[1:], plans.patch_size, total_stride)]
+    if tuple(other) != tuple(plans.patch_size):
+        inputs.append(crop_patches(volume, other, batch=1))
+    return inputs
 
 
 def export_torchscript(config_file, bundle_root, checkpoint, filepath, work_dir=None, meta_file=None,
@@ -204,16 +217,11 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
     out_dir.mkdir(parents=True, exist_ok=True)
 
     module = build_export_module(config_file, bundle_root, checkpoint, work_dir)
-    patch = real_patch(plans, work_dir, batch=2)
+    inputs = parity_inputs(plans, work_dir)
     ts_path = export_torchscript(config_file, bundle_root, checkpoint, out_dir / "model.ts", work_dir, meta_file,
                                  input_shape=[1, 4, *plans.patch_size])
-    onnx_path = export_onnx(module, patch[:1], out_dir / "model.onnx")
-    # a second spatial size proves the dynamic axes: 1.5x the patch, rounded to the network's total stride
-    total_stride = np.prod(np.asarray(plans.strides), axis=0)
-    bigger = [int(np.ceil(p * 1.5 / s) * s) for p, s in zip(plans.patch_size, total_stride)]
-    other = torch.nn.functional.pad(patch[:1], [0, bigger[2] - patch.shape[4], 0, bigger[1] - patch.shape[3],
-                                                 0, bigger[0] - patch.shape[2]])
-    parity = check_parity(module, ts_path, onnx_path, [patch, other], tolerance)
+    onnx_path = export_onnx(module, inputs[0][:1], out_dir / "model.onnx")
+    parity = check_parity(module, ts_path, onnx_path, inputs, tolerance)
 
     if verify:
         verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_dir, out_channels,

@@ -27,13 +27,14 @@ def main(checkpoint: str, work_dir: str = None, out_dir: str = "bundle/models", 
 
     from custom.errors import BraTSInputError
     from custom.export import ExportParityError, export_model
+    from custom.inference import as_bool
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         report = export_model(checkpoint, work_dir=work_dir, out_dir=out_dir, triton_repo=triton_repo or None,
                               bundle_root=bundle_root, config_file=config_file, meta_file=meta_file,
-                              tolerance=float(tolerance), verify=bool(verify))
+                              tolerance=float(tolerance), verify=as_bool(verify, "verify"))
     except (ExportParityError, BraTSInputError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         sys.exit(1)
