@@ -199,6 +199,9 @@ class ErrorMapStore:
         self._lock_fds: dict = {}
         self._shapes: dict | None = None
         self._work: dict = {}
+        self._lock_pid = os.getpid()
+        #: use the slicing fast path for axis-aligned crops (False forces the general path, for tests)
+        self.allow_fast_path = True
 
     # pickling: never ship open memmaps or file descriptors into workers
     def __getstate__(self):
@@ -225,8 +228,9 @@ class ErrorMapStore:
                 if isinstance(mm, np.memmap):
                     mm.flush()
         self._maps = {}
-        for fd in self._lock_fds.values():
-            os.close(fd)
+        if self._lock_pid == os.getpid():
+            for fd in self._lock_fds.values():
+                os.close(fd)
         self._lock_fds = {}
         self._shapes = None
         self._work = {}
@@ -325,6 +329,11 @@ class ErrorMapStore:
         return maps
 
     def _lock(self, case_id: str):
+        if self._lock_pid != os.getpid():
+            # flock is per open file description: descriptors inherited through fork would not exclude
+            # the parent, so a forked process opens its own
+            self._lock_fds = {}
+            self._lock_pid = os.getpid()
         fd = self._lock_fds.get(case_id)
         if fd is None:
             fd = os.open(self.store_dir / f"{case_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -340,7 +349,7 @@ class ErrorMapStore:
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
         shape = self.shapes.get(case_id) or tuple(self._open(case_id)["error"].shape)
-        fast = self._fast_slices(c, shape, self._buffer)
+        fast = self._fast_slices(c, shape, self._buffer) if self.allow_fast_path else None
         if fast is not None:
             return ("slices",) + fast
         valid = (c[0] > 0) & (c[1] > 0) & (c[2] > 0)

@@ -1,0 +1,343 @@
+"""Case-space EMA error-map store and the error-map formulas (custom/error_maps.py)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, RandFlipd, RandRotated, RandZoomd, SpatialPadd
+
+from custom.error_maps import (
+    ErrorMapStore,
+    compute_prediction_error_probability,
+    compute_prediction_failure,
+    compute_prediction_variance,
+    paper_target_transform,
+    smooth_failure,
+)
+from custom.transforms import AddCaseCoordinatesd, ForegroundOversampledCropd, make_case_coordinates
+
+CASE = (40, 44, 36)
+PATCH = (24, 24, 24)
+
+
+def known_function(idx0, idx1, idx2):
+    """A value per case voxel that differs between neighbours (so misalignment by one voxel shows)."""
+    return ((idx0 * 7 + idx1 * 13 + idx2 * 29) % 97).astype(np.float32) / 97.0 + 0.01
+
+
+def case_values(shape=CASE):
+    i0, i1, i2 = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    return known_function(i0, i1, i2)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ErrorMapStore(tmp_path / "store", ema_window=30).create({"case_a": CASE, "case_b": (8, 9, 10)})
+
+
+# ----------------------------------------------------------------------------------------- formulas
+def test_prediction_failure_is_wt_xor():
+    p = torch.tensor([0.2, 0.7, 0.5, 0.9, 0.1]).reshape(1, 1, 5, 1, 1)
+    gt = torch.tensor([0, 0, 1, 1, 1]).reshape(1, 1, 5, 1, 1).float()
+    f = compute_prediction_failure(p, gt)
+    # 0.5 is not > 0.5: a false negative
+    assert f.flatten().tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="same shape"):
+        compute_prediction_failure(p, gt[:, :, :3])
+
+
+def test_smooth_failure_is_3x3x3_mean_with_zero_padding():
+    f = torch.zeros(1, 1, 5, 5, 5)
+    f[0, 0, 2, 2, 2] = 1.0
+    f[0, 0, 0, 0, 0] = 1.0
+    s = smooth_failure(f)
+    assert s.shape == f.shape
+    assert s[0, 0, 2, 2, 2] == pytest.approx(1 / 27)
+    assert s[0, 0, 1, 1, 1] == pytest.approx(2 / 27)  # neighbour of both ones
+    assert s[0, 0, 0, 0, 0] == pytest.approx(1 / 27)  # corner: padding counts as 0, divisor stays 27
+    assert s[0, 0, 4, 4, 4] == 0.0
+    # brute-force reference
+    fp = np.pad(f[0, 0].numpy(), 1)
+    ref = np.zeros((5, 5, 5))
+    for x in range(5):
+        for y in range(5):
+            for z in range(5):
+                ref[x, y, z] = fp[x:x + 3, y:y + 3, z:z + 3].mean()
+    np.testing.assert_allclose(s[0, 0].numpy(), ref, atol=1e-7)
+    assert smooth_failure(f[0]).shape == f[0].shape
+
+
+def test_var1shot():
+    p = torch.tensor([0.0, 0.5, 1.0, 0.25])
+    np.testing.assert_allclose(compute_prediction_variance(p).numpy(), [0.0, 1.0, 0.0, 0.75])
+
+
+def test_paper_target_transform_by_hand():
+    e = torch.tensor([0.0, 0.2, 0.4, 0.9]).reshape(1, 1, 4, 1, 1)
+    m = torch.tensor([0, 1, 1, 0]).reshape(1, 1, 4, 1, 1)
+    out = paper_target_transform(e, m).flatten()
+    mean_wt = 0.3
+    expected = torch.sigmoid(torch.tensor([1e-3 - mean_wt, 0.2 - mean_wt, 0.4 - mean_wt, 0.9 - mean_wt]))
+    torch.testing.assert_close(out, expected)
+    # empty mask: mean 0
+    out0 = paper_target_transform(e, torch.zeros_like(m)).flatten()
+    torch.testing.assert_close(out0, torch.sigmoid(torch.clamp_min(e.flatten(), 1e-3)))
+
+
+def test_ema_schedule_pure_function_scripted_visits():
+    """First W visits are a running mean, then an EMA with rate 1/W; unvisited voxels untouched."""
+    window = 4
+    rng = np.random.default_rng(1)
+    values = rng.random((12, 3)).astype(np.float32)
+    visits = rng.random((12, 3)) < 0.7
+    e = np.zeros(3, np.float32)
+    n = np.zeros(3, np.uint8)
+    ref_e = np.zeros(3)
+    ref_n = np.zeros(3, int)
+    for value, visit in zip(values, visits):
+        e, n = compute_prediction_error_probability(e, n, value, window, visited=visit)
+        for v in range(3):
+            if visit[v]:
+                ref_n[v] += 1
+                a = max(1.0 / ref_n[v], 1.0 / window)
+                ref_e[v] = (1 - a) * ref_e[v] + a * value[v]
+    np.testing.assert_allclose(e, ref_e, rtol=1e-5)
+    np.testing.assert_array_equal(n, ref_n)
+    # the running-mean phase: after k <= W visits e equals the plain mean
+    e1, n1 = np.zeros(1, np.float32), np.zeros(1, np.uint8)
+    for k, v in enumerate([0.2, 0.4, 0.9], start=1):
+        e1, n1 = compute_prediction_error_probability(e1, n1, np.float32([v]), window)
+    assert e1[0] == pytest.approx(np.mean([0.2, 0.4, 0.9]), rel=1e-6) and n1[0] == 3
+    # torch flavour agrees
+    et, nt = compute_prediction_error_probability(torch.zeros(3), torch.zeros(3, dtype=torch.uint8),
+                                                  torch.tensor([0.5, 0.1, 1.0]), window)
+    assert et.tolist() == pytest.approx([0.5, 0.1, 1.0]) and nt.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="ema_window"):
+        compute_prediction_error_probability(e, n, values[0], 300)
+
+
+# ----------------------------------------------------------------------------------------- the store
+def test_create_is_idempotent_and_validates(tmp_path):
+    s = ErrorMapStore(tmp_path / "st", ema_window=5).create({"c1": (4, 5, 6)})
+    coords = make_case_coordinates((4, 5, 6))
+    s.scatter("c1", coords, np.full((4, 5, 6), 0.5, np.float32), np.zeros((4, 5, 6), np.float32))
+    s.create({"c1": (4, 5, 6), "c2": (3, 3, 3)})  # keeps c1's state, adds c2
+    assert s.full("c1")["error"].min() == pytest.approx(0.5)
+    assert (s.full("c1")["count"] == 1).all() and (s.full("c2")["count"] == 0).all()
+    files = sorted(p.name for p in (tmp_path / "st").iterdir() if p.suffix == ".npy")
+    assert files == sorted(f"{c}.{k}.npy" for c in ("c1", "c2") for k in ("error", "variance", "count"))
+    assert s.full("c1")["error"].dtype == np.float32 and s.full("c1")["count"].dtype == np.uint8
+    with pytest.raises(ValueError, match="shape"):
+        s.create({"c1": (4, 5, 7)})
+    with pytest.raises(ValueError, match="file name"):
+        s.create({"../evil": (2, 2, 2)})
+    with pytest.raises(KeyError, match="unknown case"):
+        s.gather("nope", coords)
+    with pytest.raises(ValueError, match="outside case"):
+        s.gather("c2", coords)
+    with pytest.raises(ValueError, match="ema_window"):
+        ErrorMapStore(tmp_path / "x", ema_window=256)
+
+
+def test_scatter_mean_of_duplicates_counts_once(store):
+    """Zoom-in maps several patch voxels to one case voxel: one visit, value = their mean."""
+    coords = np.zeros((3, 2, 2, 1), np.float32)
+    coords[:, 0, 0, 0] = (3, 4, 5)
+    coords[:, 0, 1, 0] = (3, 4, 5)  # same case voxel (2,3,4)
+    coords[:, 1, 0, 0] = (1, 1, 1)  # case voxel (0,0,0)
+    coords[:, 1, 1, 0] = (0, 7, 7)  # invalid (0 on one axis): never writes
+    f = np.array([[[0.2], [0.6]], [[1.0], [0.9]]], np.float32)
+    updated = store.scatter("case_b", coords, f, f * 0.5)
+    full = store.full("case_b")
+    assert updated == 2
+    assert full["count"][2, 3, 4] == 1 and full["count"][0, 0, 0] == 1 and full["count"].sum() == 2
+    assert full["error"][2, 3, 4] == pytest.approx(0.4) and full["error"][0, 0, 0] == pytest.approx(1.0)
+    assert full["variance"][2, 3, 4] == pytest.approx(0.2)
+    assert full["error"][6, 6, 6] == 0 and full["count"][:, 6, 6].sum() == 0
+    err, var = store.gather("case_b", coords)
+    assert err.shape == (1, 2, 2, 1) and err.dtype == torch.float32
+    assert err[0, :, :, 0].flatten().tolist() == pytest.approx([0.4, 0.4, 1.0, 0.0])
+    # a second visit: running mean with the new value
+    store.scatter("case_b", coords, np.full_like(f, 0.8), f * 0)
+    assert store.full("case_b")["error"][2, 3, 4] == pytest.approx((0.4 + 0.8) / 2)
+    assert store.full("case_b")["count"][2, 3, 4] == 2
+
+
+def test_store_ema_schedule_and_saturating_count(tmp_path):
+    window = 5
+    s = ErrorMapStore(tmp_path / "st", ema_window=window).create({"c": (2, 2, 2)})
+    coords = make_case_coordinates((2, 2, 2))
+    rng = np.random.default_rng(0)
+    ref_e, ref_n = 0.0, 0
+    for step in range(300):
+        v = np.float32(rng.random())
+        s.scatter("c", coords, np.full((2, 2, 2), v, np.float32), np.full((2, 2, 2), v, np.float32))
+        ref_n += 1
+        a = max(1.0 / ref_n, 1.0 / window)
+        ref_e = (1 - a) * ref_e + a * v
+        if step in (0, 3, 4, 10, 299):
+            full = s.full("c")
+            assert full["error"][0, 0, 0] == pytest.approx(ref_e, rel=1e-4), step
+    assert (s.full("c")["count"] == 255).all()  # saturates instead of wrapping to 0
+
+
+def test_fast_path_equals_general_path(tmp_path):
+    """Axis-aligned flipped crops use slicing; the result must equal the general (bincount) path."""
+    rng = np.random.default_rng(3)
+    fast = ErrorMapStore(tmp_path / "fast").create({"c": CASE})
+    slow = ErrorMapStore(tmp_path / "slow").create({"c": CASE})
+    slow.allow_fast_path = False
+    cc = make_case_coordinates(CASE)
+    for step in range(6):
+        x0, y0, z0 = rng.integers(0, 17), rng.integers(0, 21), rng.integers(0, 13)
+        c = cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + 24]
+        for axis in range(3):
+            if rng.random() < 0.5:
+                c = np.flip(c, axis + 1)
+        if step == 5:  # padding around the crop stays on the fast path
+            c = np.pad(c, [(0, 0), (2, 1), (0, 3), (1, 0)])
+        c = np.ascontiguousarray(c)
+        assert fast._analyse("c", c)[0] == "slices"
+        f = rng.random(c.shape[1:]).astype(np.float32)
+        v = rng.random(c.shape[1:]).astype(np.float32)
+        fast.scatter("c", torch.from_numpy(c), torch.from_numpy(f)[None], v)
+        slow.scatter("c", c, f, v)
+        for a, b in zip(fast.gather("c", c), slow.gather("c", c)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_allclose(fast.full("c")[kind], slow.full("c")[kind], rtol=1e-6, atol=1e-6)
+
+
+def _augment_pipeline(seed):
+    t = Compose([
+        AddCaseCoordinatesd(ref_key="image", coords_key="coords"),
+        RandRotated(keys=["image", "value", "coords"], range_x=0.5, range_y=0.5, range_z=0.5, prob=1.0,
+                    mode=["bilinear", "nearest", "nearest"], padding_mode="zeros", keep_size=True),
+        RandZoomd(keys=["image", "value", "coords"], prob=1.0, min_zoom=0.7, max_zoom=1.4,
+                  mode=["trilinear", "nearest", "nearest"], padding_mode="constant", keep_size=True),
+        RandFlipd(keys=["image", "value", "coords"], prob=0.5, spatial_axis=0),
+        RandFlipd(keys=["image", "value", "coords"], prob=0.5, spatial_axis=1),
+        RandFlipd(keys=["image", "value", "coords"], prob=0.5, spatial_axis=2),
+        ForegroundOversampledCropd(keys=["image", "value", "coords", "label"], label_key="label",
+                                   patch_size=PATCH),
+        SpatialPadd(keys=["image", "value", "coords"], spatial_size=[26, 26, 26], mode="constant"),
+    ])
+    t.set_random_state(seed)
+    return t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_alignment_through_monai_rotation_zoom_flip_crop(tmp_path, seed):
+    """A patch whose values are a known function of case coordinates lands on exactly those case voxels."""
+    rng = np.random.default_rng(seed)
+    values = case_values()
+    label = np.zeros((1,) + CASE, np.uint8)
+    label[0, 15:25, 18:28, 12:22] = 2
+    data = {"image": rng.standard_normal((4,) + CASE).astype(np.float32), "value": values[None].copy(),
+            "label": label, "force_fg": bool(seed % 2)}
+    out = _augment_pipeline(seed)(data)
+    coords = out["coords"]
+    patch_values = torch.as_tensor(out["value"])[0].numpy()
+    c = torch.as_tensor(coords).numpy()
+    valid = (c > 0).all(0)
+    assert valid.any() and (~valid).any()  # rotation/zoom/pad leave invalid voxels
+    idx = np.rint(c[:, valid]).astype(int) - 1
+    # the transforms themselves keep coords and the carried image aligned
+    np.testing.assert_array_equal(patch_values[valid], known_function(*idx))
+
+    s = ErrorMapStore(tmp_path / "store", ema_window=30).create({"c": CASE})
+    s.scatter("c", coords, torch.as_tensor(out["value"]), torch.as_tensor(out["value"]) * 0.5)
+    full = s.full("c")
+    covered = np.zeros(CASE, bool)
+    covered[tuple(idx)] = True
+    # exactly the covered case voxels were visited once, with the known value; nothing else moved
+    np.testing.assert_array_equal(full["count"], covered.astype(np.uint8))
+    np.testing.assert_allclose(full["error"][covered], values[covered], rtol=1e-6)
+    np.testing.assert_allclose(full["variance"][covered], 0.5 * values[covered], rtol=1e-6)
+    assert not full["error"][~covered].any() and not full["variance"][~covered].any()
+    # gather returns the store at each patch voxel (0 where invalid)
+    err, var = s.gather("c", coords)
+    np.testing.assert_allclose(err[0].numpy()[valid], patch_values[valid], rtol=1e-6)
+    assert not err[0].numpy()[~valid].any() and not var[0].numpy()[~valid].any()
+
+
+def test_padding_never_writes(tmp_path):
+    """Case smaller than the patch: the padded border is invalid and leaves the store untouched."""
+    small = (20, 44, 16)
+    s = ErrorMapStore(tmp_path / "store").create({"c": small})
+    data = {"image": np.ones((4,) + small, np.float32), "label": np.zeros((1,) + small, np.uint8)}
+    data = AddCaseCoordinatesd()(data)
+    crop = ForegroundOversampledCropd(["image", "label", "coords"], "label", PATCH)
+    crop.set_random_state(0)
+    out = crop(data)
+    c = out["coords"]
+    assert c.shape == (3,) + PATCH
+    valid = (c > 0).all(0)
+    assert valid.sum() == 20 * 24 * 16 and not (out["image"][:, ~valid]).any()
+    ones = np.ones(PATCH, np.float32)
+    s.scatter("c", c, ones, ones)
+    full = s.full("c")
+    assert full["count"].sum() == 20 * 24 * 16 and full["error"].sum() == pytest.approx(20 * 24 * 16)
+    # all-invalid patch: nothing written
+    n = s.scatter("c", np.zeros((3,) + PATCH, np.float32), ones, ones)
+    assert n == 0 and s.full("c")["count"].sum() == 20 * 24 * 16
+
+
+def test_batch_api_snapshot_restore_and_pickle(tmp_path, store):
+    cc = make_case_coordinates(CASE)
+    coords = torch.from_numpy(np.stack([cc[:, :24, :24, :24], cc[:, 10:34, 5:29, 12:36]]))
+    f = torch.rand(2, 1, 24, 24, 24)
+    v = torch.rand(2, 1, 24, 24, 24)
+    assert store.scatter_batch(["case_a", "case_a"], coords, f, v) == 2 * 24**3
+    err, var = store.gather_batch(["case_a", "case_a"], coords)
+    assert err.shape == (2, 1, 24, 24, 24) and var.shape == err.shape
+    state = store.full("case_a")
+    snap = store.snapshot(tmp_path / "snap")
+    assert (snap / "index.json").exists()
+    store.scatter_batch(["case_a", "case_a"], coords, f * 0 + 1, v)
+    assert not np.array_equal(store.full("case_a")["error"], state["error"])
+    store.restore(snap)
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(store.full("case_a")[kind], state[kind])
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._maps == {}
+    torch.testing.assert_close(clone.gather("case_a", coords[1])[0], store.gather("case_a", coords[1])[0])
+    buf = (torch.empty(1, 24, 24, 24), torch.empty(1, 24, 24, 24))
+    got = store.gather("case_a", coords[1], out=buf)
+    assert got[0].data_ptr() == buf[0].data_ptr()
+    torch.testing.assert_close(got[0], err[1])
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        store.restore(tmp_path / "missing")
+
+
+def _worker(store, n):
+    coords = make_case_coordinates((6, 6, 6))
+    ones = np.ones((6, 6, 6), np.float32)
+    for _ in range(n):
+        store.scatter("c", coords, ones, ones)
+
+
+def test_concurrent_processes_lose_no_update(tmp_path):
+    """Two forked processes scatter into one case at once: the per-case lock loses no visit."""
+    store = ErrorMapStore(tmp_path / "store", ema_window=200).create({"c": (6, 6, 6)})
+    _worker(store, 1)  # maps and lock file opened before the fork: children must not share the lock
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(store, 100)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert (store.full("c")["count"] == 201).all()
+    store2 = ErrorMapStore(tmp_path / "store2", ema_window=200).create({"c": (6, 6, 6)})
+    procs = [ctx.Process(target=_worker, args=(pickle.loads(pickle.dumps(store2)), 60)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert (store2.full("c")["count"] == 120).all()
