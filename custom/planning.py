@@ -28,7 +28,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -307,6 +307,8 @@ def estimate_feature_map_size(patch_size: Sequence[int], strides: Sequence[Seque
     Counts every conv output: ``convs_per_stage`` per encoder stage, and per decoder stage the transposed conv
     plus ``convs_per_stage`` convs, plus the final segmentation head. Multiply by the batch size for a batch.
     """
+    if len(strides) != len(filters):
+        raise ValueError(f"one filter count per stage is needed: {len(strides)} strides, {len(filters)} filters")
     size = np.asarray(patch_size, dtype=np.int64)
     stage_sizes = []
     total = 0
@@ -448,10 +450,12 @@ class ExperimentPlanner:
             trial = list(patch)
             trial[axis] -= topology["must_be_divisible_by"][axis]
             if trial[axis] < 2 * self.min_feature_map_size:
-                raise ValueError(f"cannot fit a patch into {gpu_memory_gb} GB: the patch became {trial}")
+                raise ValueError(f"cannot fit a patch into gpu_memory_gb={gpu_memory_gb} GB (the patch shrank to "
+                                 f"{trial}); raise gpu_memory_gb or give a patch_size")
             divisor = self.determine_topology(target_spacing, trial, fixed_stages)["must_be_divisible_by"]
             patch[axis] -= divisor[axis]
             topology = self.determine_topology(target_spacing, patch, fixed_stages)
+            self._check_num_stages(topology, filters)
             estimate = self.estimate(topology, filt(topology))
         topology["feature_map_voxels"] = estimate
         return topology
@@ -495,11 +499,14 @@ class ExperimentPlanner:
         else:
             initial = self.determine_patch_size(target_spacing, median_shape)
             topology = self.determine_topology(target_spacing, initial, num_stages)
+            # checked before the memory fit (the patch only shrinks there, so stages can only be lost) and after
+            self._check_num_stages(topology, filters)
             topology = self.fit_memory(target_spacing, median_shape, topology, gpu_memory_gb, filters)
-            if filters is not None and len(topology["strides"]) != len(filters):
-                raise ValueError(
-                    f"filters {filters} ask for {len(filters)} stages but the planned patch {topology['patch_size']} "
-                    f"allows only {len(topology['strides'])}; give fewer filters or a larger --patch_size")
+            self._check_num_stages(topology, filters)
+        if len(topology["strides"]) < 3:
+            raise ValueError(f"the plan has only {len(topology['strides'])} U-Net stages (patch "
+                             f"{topology['patch_size']}); at least 3 are needed: raise gpu_memory_gb "
+                             f"({gpu_memory_gb}) or give a larger patch_size")
         stage_filters = list(filters) if filters is not None else self.features_per_stage(len(topology["strides"]))
         dataset_voxels = float(np.prod(median_shape)) * len(spacings)
         batch_size = self.determine_batch_size(topology, stage_filters, gpu_memory_gb, dataset_voxels)
@@ -540,6 +547,13 @@ class ExperimentPlanner:
         if np.any(spacings <= 0) or np.any(shapes <= 0):
             raise ValueError("fingerprint spacings and shapes must be positive")
         return spacings, shapes
+
+    @staticmethod
+    def _check_num_stages(topology, filters):
+        if filters is not None and len(topology["strides"]) != len(filters):
+            raise ValueError(
+                f"filters {filters} ask for {len(filters)} stages but the planned patch {topology['patch_size']} "
+                f"allows only {len(topology['strides'])}; give fewer filters or a larger --patch_size")
 
     @staticmethod
     def _check_override(patch, topology, filters):

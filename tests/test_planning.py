@@ -135,7 +135,10 @@ def test_filters_override_sets_number_of_stages():
         ({"filters": [8, 16]}, "at least 3"),
         ({"filters": [8, -16, 32]}, "positive"),
         ({"patch_size": [32, 32, 32], "filters": [8, 16, 32, 64, 128, 256]}, "allows at most 4"),
+        ({"filters": [8, 16, 32, 64, 128, 256]}, "allows only"),
         ({"gpu_memory_gb": 0}, "gpu_memory_gb"),
+        ({"gpu_memory_gb": 0.001}, "raise gpu_memory_gb"),
+        ({"gpu_memory_gb": 0.005}, "at least 3 are needed"),
         ({"gpu_memory_gb": "8"}, "gpu_memory_gb"),
     ],
 )
