@@ -91,42 +91,10 @@ def compute_nonzero_bbox(image: np.ndarray, name: str = "image") -> list[list[in
 
 
 def _read_case(image_paths, label_path=None):
-    """(image (4,X,Y,Z) float32, label (X,Y,Z) uint8 | None, affine (4,4), spacing (3,)) of one case."""
-    try:
-        from custom.data import load_case_arrays
-    except ImportError:  # custom/data.py not there yet: read the files directly
-        load_case_arrays = _load_case_arrays_nibabel
+    """(image (4,X,Y,Z) float32, label (X,Y,Z) uint8 | None, affine (4,4), spacing (3,)), validated by custom.data."""
+    from custom.data import load_case_arrays  # local: keeps `import custom.planning` light for spawned workers
+
     return load_case_arrays(image_paths, label_path)
-
-
-def _load_case_arrays_nibabel(image_paths, label_path=None):
-    import nibabel as nib
-
-    channels, affine, spacing = [], None, None
-    for path in image_paths:
-        try:
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as exc:  # corrupt / unreadable file
-            raise BraTSInputError(f"{path}: cannot be read as NIfTI ({exc})") from None
-        if data.ndim != 3:
-            raise BraTSInputError(f"{path}: expected a 3D volume, got shape {data.shape}")
-        if affine is None:
-            affine, spacing = img.affine, np.asarray(img.header.get_zooms()[:3], dtype=float)
-        channels.append(data)
-    shapes = {c.shape for c in channels}
-    if len(shapes) != 1:
-        raise BraTSInputError(f"{image_paths[0]}: modalities have different shapes {sorted(shapes)}")
-    label = None
-    if label_path is not None:
-        try:
-            label = np.asarray(nib.load(str(label_path)).dataobj)
-        except Exception as exc:
-            raise BraTSInputError(f"{label_path}: cannot be read as NIfTI ({exc})") from None
-        if label.shape != channels[0].shape:
-            raise BraTSInputError(f"{label_path}: shape {label.shape} differs from the image {channels[0].shape}")
-        label = label.astype(np.uint8)
-    return np.stack(channels), label, affine, spacing
 
 
 def compute_case_fingerprint(image, spacing, seg=None, case_id: str = "case",

@@ -31,6 +31,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from custom.constants import LABEL_VALUES, MODALITIES
+from custom.data import load_datalist
 from custom.errors import BraTSInputError
 from custom.io_utils import atomic_save_npy, atomic_write_json
 from custom.planning import (  # noqa: F401  (compute_nonzero_bbox, PREPROCESS_VERSION re-exported)
@@ -304,22 +305,6 @@ def _preprocess_entry(args) -> tuple[str, bool]:
     return case_id, True
 
 
-def _load_datalist(path: Path) -> dict:
-    try:
-        from custom.data import load_datalist
-    except ImportError:
-        load_datalist = None
-    if load_datalist is not None:
-        return load_datalist(path)
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise BraTSInputError(f"{path}: datalist not found (run scripts/prepare_data.py)") from None
-    except json.JSONDecodeError as exc:
-        raise BraTSInputError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _cached_fingerprint(path: Path, signature: str):
     try:
         with open(path) as fh:
@@ -349,7 +334,7 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
     """
     work_dir = Path(work_dir).resolve()
     datalist_path = work_dir / "datalist.json"
-    datalist = _load_datalist(datalist_path)
+    datalist = load_datalist(datalist_path)
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     training = datalist.get("training", [])
