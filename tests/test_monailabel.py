@@ -325,3 +325,33 @@ def test_server_infer_scoring_strategy(server, studies, model_dir):
     best = max(sorted(stored), key=lambda k: stored[k])
     assert r.json()["id"] == best, (r.json(), stored)
     assert r.json()["unc_mean_in_tumour"] == pytest.approx(stored[best])
+
+
+def test_server_train_task_publishes_new_model(server, studies, model_dir):
+    """Training from MONAI Label through the bundle's train.json (+ tiny.json), then inference uses the new model."""
+    import requests
+
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert "segmentation" in info["trainers"], info["trainers"]
+    # tiny.json merged after train.json: its epoch count is what the client is offered
+    assert info["trainers"]["segmentation"]["config"]["max_epochs"] == 2
+
+    before = (model_dir / "model.pt").stat().st_mtime_ns
+    _, js_before = _infer(server, "segmentation", UNLABELED[1])
+    r = requests.post(f"{server.url}/train/segmentation", params={"run_sync": "true"},
+                      json={"max_epochs": 1}, timeout=900)
+    assert r.status_code == 200, f"{r.status_code} {r.text[:3000]}\n{server.log()}"
+    stats = r.json()
+    # the three labeled studies, and only those, were trained on
+    assert sorted(stats["cases"]) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    assert (model_dir / "model.pt").stat().st_mtime_ns > before, "training did not publish a new model.pt"
+    run_dir = Path(stats["run_dir"])
+    assert (run_dir / "FINISHED").exists()
+    metrics = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert len(metrics) == 2, f"expected one epoch (max_epochs=1) in metrics.csv, got {metrics}"
+
+    # the infer task reloads the published model on its next request
+    seg_img, js_after = _infer(server, "segmentation", UNLABELED[1])
+    assert js_after["model_ts"] >= js_before["model_ts"] and js_after["model_ts"] == int(
+        (model_dir / "model.pt").stat().st_mtime)
+    assert np.asarray(seg_img.dataobj).shape == (64, 64, 48)
