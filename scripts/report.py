@@ -187,7 +187,7 @@ def fold0_maps(work_dir, run_dir, num_cases: int = 6) -> list:
         if tuple(stored["error"].shape) != tuple(image.shape[1:]):
             raise BraTSInputError(f"{store_dir}: case {cid} stored with shape {stored['error'].shape}, "
                                   f"preprocessed image {e['pp_image']} has {image.shape[1:]}")
-        probs = seg.predict_preprocessed(np.asarray(image))
+        probs = seg.predict_preprocessed(np.array(image, dtype=np.float32))
         unc, _ = masked_uncertainty(torch.from_numpy(probs))
         p_wt = probs[0]
         label = np.load(e["pp_label"]) if e.get("pp_label") else None
