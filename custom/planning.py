@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -160,18 +161,36 @@ def _worker_init():
         sys.modules["torch"].set_num_threads(1)
 
 
+def _safe_call(fn, item):
+    """Run ``fn(item)``; input errors come back as data (their problems), so that every case is reported."""
+    try:
+        return True, fn(item)
+    except BraTSInputError as exc:
+        return False, exc.problems
+
+
 def _map_cases(fn, items, num_workers: int, desc: str):
-    """Apply ``fn`` to every item, in worker processes when ``num_workers > 1``, with a progress bar."""
+    """Apply ``fn`` to every item, in worker processes when ``num_workers > 1``, with a progress bar.
+
+    Raises:
+        BraTSInputError: listing the problems of every item that failed (the others still ran).
+    """
     from tqdm import tqdm
 
+    call = partial(_safe_call, fn)
     if num_workers <= 1 or len(items) <= 1:
-        return [fn(it) for it in tqdm(items, desc=desc, disable=None)]
-    # fork where available (as torch's DataLoader does): spawned workers would re-import torch/monai, which
-    # costs many seconds each; every worker gets one intra-op thread so that workers do not oversubscribe
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context(method),
-                             initializer=_worker_init) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None))
+        results = [call(it) for it in tqdm(items, desc=desc, disable=None)]
+    else:
+        # fork where available (as torch's DataLoader does): spawned workers would re-import torch/monai, which
+        # costs many seconds each; every worker gets one intra-op thread so that workers do not oversubscribe
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context(method),
+                                 initializer=_worker_init) as pool:
+            results = list(tqdm(pool.map(call, items), total=len(items), desc=desc, disable=None))
+    problems = [p for ok, res in results if not ok for p in res]
+    if problems:
+        raise BraTSInputError(problems, header=f"{desc} failed")
+    return [res for _, res in results]
 
 
 def compute_fingerprint(datalist: Mapping | str | os.PathLike, num_workers: int = 1,

@@ -357,7 +357,6 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
 
     plans = Plans(ExperimentPlanner().plan(fingerprint, gpu_memory_gb=gpu_memory_gb, patch_size=patch_size,
                                            filters=filters))
-    plans.save(work_dir / "plans.json")
 
     pp_dir = work_dir / "preprocessed"
     pp_dir.mkdir(parents=True, exist_ok=True)
@@ -365,6 +364,9 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
 
     jobs = [(entry, plans.to_dict(), str(pp_dir)) for entry in training]
     _map_cases(_preprocess_entry, jobs, num_workers, "preprocess")
+    # plans.json and the datalist's pp_* keys appear only once every case is cached, so that an interrupted or
+    # failed run never leaves a plan that points at a half-built cache
+    plans.save(work_dir / "plans.json")
 
     new_training = []
     for entry in training:

@@ -248,6 +248,23 @@ def test_plan_and_preprocess_parallel_matches_serial(prepared, tmp_path):
         json.loads((work / "fingerprint.json").read_text())["shapes_after_crop"]
 
 
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_plan_and_preprocess_names_a_broken_case(prepared, tmp_path, num_workers):
+    work, ids, plans = prepared
+    dl = json.loads((work / "datalist.json").read_text())
+    broken = tmp_path / "broken-t2f.nii.gz"
+    broken.write_bytes(b"this is not a NIfTI file")
+    dl["training"][1]["image"][2] = str(broken)
+    (tmp_path / "datalist.json").write_text(json.dumps(dl))
+    before = (tmp_path / "datalist.json").read_text()
+    with pytest.raises(BraTSInputError, match="broken-t2f.nii.gz") as info:
+        plan_and_preprocess(tmp_path, num_workers=num_workers, **TINY)
+    problems = info.value.problems  # one problem, not an error nested in an error from the worker
+    assert len(problems) == 1 and "broken-t2f" in problems[0] and "invalid BraTS input" not in problems[0]
+    assert not (tmp_path / "plans.json").exists() and not (tmp_path / "fingerprint.json").exists()
+    assert (tmp_path / "datalist.json").read_text() == before
+
+
 def test_plan_and_preprocess_errors(tmp_path):
     with pytest.raises(BraTSInputError, match="datalist"):
         plan_and_preprocess(tmp_path)
