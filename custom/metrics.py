@@ -139,7 +139,15 @@ def _tensor(x) -> torch.Tensor:
     return t.detach()
 
 
-class RegionDiceMetric(Metric):
+class _DictOutputMetric(Metric):
+    """Ignite metric fed the whole (transformed) output, a dict or list of dicts, not ``(y_pred, y)``."""
+
+    @torch.no_grad()
+    def iteration_completed(self, engine) -> None:
+        self.update(self._output_transform(engine.state.output))
+
+
+class RegionDiceMetric(_DictOutputMetric):
     """Per-case region Dice, averaged over the cases seen since ``reset``.
 
     Args:
@@ -185,7 +193,7 @@ class RegionDiceMetric(Metric):
         return float(self.results()[self.region])
 
 
-class UncertaintyAgreementMetric(Metric):
+class UncertaintyAgreementMetric(_DictOutputMetric):
     """RMSD or weighted Pearson correlation of an uncertainty source against error_stable over GT WT.
 
     Args:

@@ -1,0 +1,190 @@
+"""Region Dice+BCE and the composite uncertainty loss against plain numpy references (custom/losses.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from custom.losses import CompositeUncertaintyLoss, RegionDiceBCELoss, weighted_pearson, weighted_rmsd
+
+
+def np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_rmsd(x, y, w):
+    return math.sqrt((w * (x - y) ** 2).sum() / (w.sum() + 1e-5))
+
+
+def np_pearson(x, y, w):
+    mx, my = (w * x).sum() / w.sum(), (w * y).sum() / w.sum()
+    cov = (w * (x - mx) * (y - my)).sum() / w.sum()
+    vx = (w * (x - mx) ** 2).sum() / w.sum()
+    vy = (w * (y - my) ** 2).sum() / w.sum()
+    return cov / math.sqrt(vx * vy)
+
+
+def test_weighted_rmsd_by_hand():
+    x = torch.tensor([[0.1, 0.5, 0.9, 0.3]], dtype=torch.float64)
+    y = torch.tensor([[0.2, 0.1, 0.9, 0.0]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    r, valid = weighted_rmsd(x, y, w)
+    # (0.01 + 0.16 + 0.09) / (3 + 1e-5)
+    assert r.item() == pytest.approx(math.sqrt(0.26 / (3 + 1e-5)))
+    assert valid.tolist() == [True]
+    r0, v0 = weighted_rmsd(x, y, torch.zeros_like(w))
+    assert v0.tolist() == [False] and torch.isfinite(r0).all()
+
+
+def test_weighted_pearson_weights_and_exclusions():
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 1, 5, 5, 5))
+    y = 0.3 * x + rng.random((4, 1, 5, 5, 5))
+    w = (rng.random((4, 1, 5, 5, 5)) > 0.4).astype(np.float64)
+    w[1] = 0  # empty mask
+    y[2] = 0.7  # constant target
+    x[3][w[3] > 0] = 0.25  # constant prediction on the mask (varies outside, which must not count)
+    corr, valid = weighted_pearson(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(w))
+    assert valid.tolist() == [True, False, False, False]
+    assert corr[0].item() == pytest.approx(np_pearson(x[0], y[0], w[0]), rel=1e-9)
+    assert corr[1:].tolist() == [0, 0, 0]
+    # non-binary weights enter as weights
+    w2 = rng.random((1, 1, 5, 5, 5))
+    c2, _ = weighted_pearson(torch.from_numpy(x[:1]), torch.from_numpy(y[:1]), torch.from_numpy(w2))
+    assert c2.item() == pytest.approx(np_pearson(x[0], y[0], w2[0]), rel=1e-9)
+    # perfectly (anti-)correlated
+    c3, _ = weighted_pearson(torch.from_numpy(x[:1]), torch.from_numpy(1 - 2 * x[:1]), torch.ones(1, 1, 5, 5, 5,
+                                                                                                    dtype=torch.float64))
+    assert c3.item() == pytest.approx(-1.0)
+
+
+def test_region_dice_bce_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 3, 4, 4, 4))
+    target = (rng.random((2, 3, 4, 4, 4)) > 0.6).astype(np.float64)
+    target[1, 2] = 0  # an empty region: dice = smooth / (sum p + smooth)
+    p = np_sigmoid(logits)
+    dice = []
+    for b in range(2):
+        for c in range(3):
+            dice.append((2 * (p[b, c] * target[b, c]).sum() + 1e-5) / (p[b, c].sum() + target[b, c].sum() + 1e-5))
+    bce = np.mean(-(target * np.log(p) + (1 - target) * np.log(1 - p)))
+    loss_fn = RegionDiceBCELoss()
+    loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(target))
+    assert loss.item() == pytest.approx(bce - np.mean(dice), rel=1e-8)
+    assert loss_fn.last_terms["dice"].item() == pytest.approx(np.mean(dice))
+    # a perfect confident prediction reaches -1
+    perfect = torch.from_numpy(np.where(target > 0, 30.0, -30.0))
+    assert loss_fn(perfect, torch.from_numpy(target)).item() == pytest.approx(-1.0, abs=1e-5)
+
+
+def _composite_reference(logits, label, error, weights=(0.4, 0.5, 0.4)):
+    seg_target = label
+    p = np_sigmoid(logits[:, :3])
+    dice = [(2 * (p[b, c] * seg_target[b, c]).sum() + 1e-5) / (p[b, c].sum() + seg_target[b, c].sum() + 1e-5)
+            for b in range(len(p)) for c in range(3)]
+    bce = np.mean(-(seg_target * np.log(p) + (1 - seg_target) * np.log(1 - p)))
+    seg = bce - np.mean(dice)
+    unc = np_sigmoid(logits[:, 3:4])
+    m = label[:, 0:1]
+    mse = np.mean((unc * m - error * m) ** 2)
+    rmsds, corrs = [], []
+    for b in range(len(unc)):
+        w = m[b]
+        if w.sum() == 0:
+            continue
+        mx = (w * unc[b]).sum() / w.sum()
+        my = (w * error[b]).sum() / w.sum()
+        if (w * (unc[b] - mx) ** 2).sum() / w.sum() <= 1e-10 or (w * (error[b] - my) ** 2).sum() / w.sum() <= 1e-10:
+            continue
+        rmsds.append(np_rmsd(unc[b], error[b], w))
+        corrs.append(np_pearson(unc[b], error[b], w))
+    rmsd = np.mean(rmsds) if rmsds else 0.0
+    corr_term = 1 - np.mean(corrs) if corrs else 0.0
+    total = seg + weights[0] * mse + weights[1] * rmsd + weights[2] * corr_term
+    return dict(seg=seg, unc_mse=mse, rmsd=rmsd, corr_term=corr_term, total=total, n_valid=len(corrs))
+
+
+def _batch(rng, b=4):
+    logits = rng.normal(size=(b, 4, 6, 6, 6))
+    label = np.zeros((b, 3, 6, 6, 6))
+    label[:, 0, 1:5, 1:5, 1:5] = 1
+    label[:, 1, 2:4, 2:4, 2:4] = 1
+    label[:, 2, 2:3, 2:4, 2:4] = 1
+    error = rng.random((b, 1, 6, 6, 6))
+    return logits, label, error
+
+
+def test_composite_loss_terms_and_total():
+    rng = np.random.default_rng(2)
+    logits, label, error = _batch(rng)
+    label[1] = 0  # empty mask: excluded from RMSD and corr
+    error[2] = 0.3  # constant e on the mask: excluded
+    ref = _composite_reference(logits, label, error)
+    assert ref["n_valid"] == 2
+    loss_fn = CompositeUncertaintyLoss(unc_weight=0.4, rmsd_weight_cancer=0.5, corr_weight=0.4)
+    loss = loss_fn(torch.from_numpy(logits), {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error)})
+    assert loss.item() == pytest.approx(ref["total"], rel=1e-7)
+    t = loss_fn.last_terms
+    assert t["seg"] == pytest.approx(ref["seg"], rel=1e-6)
+    assert t["unc_mse"] == pytest.approx(ref["unc_mse"], rel=1e-6)
+    assert t["rmsd"] == pytest.approx(ref["rmsd"], rel=1e-6)
+    assert 1 - t["corr"] == pytest.approx(ref["corr_term"], rel=1e-6)
+    assert t["n_valid"] == 2 and t["loss"] == pytest.approx(ref["total"], rel=1e-6)
+    # other weights, from the config
+    loss_fn2 = CompositeUncertaintyLoss(unc_weight=1.0, rmsd_weight_cancer=0.0, corr_weight=2.0)
+    loss2 = loss_fn2(torch.from_numpy(logits), {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error)})
+    ref2 = _composite_reference(logits, label, error, weights=(1.0, 0.0, 2.0))
+    assert loss2.item() == pytest.approx(ref2["total"], rel=1e-7)
+
+
+def test_all_samples_excluded_gives_zero_terms_with_graph():
+    rng = np.random.default_rng(3)
+    logits, label, error = _batch(rng, b=2)
+    label[:] = 0
+    x = torch.from_numpy(logits).float().requires_grad_(True)
+    loss_fn = CompositeUncertaintyLoss()
+    loss = loss_fn(x, {"label": torch.from_numpy(label).float(), "error_stable": torch.from_numpy(error).float()})
+    assert loss_fn.last_terms["rmsd"] == 0 and loss_fn.last_terms["n_valid"] == 0
+    assert loss_fn.last_terms["unc_mse"] == 0
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    # empty mask: nothing pushes the uncertainty channel
+    assert x.grad[:, 3].abs().max() == 0
+
+
+def test_targets_detached_and_gradients_flow():
+    rng = np.random.default_rng(4)
+    logits, label, error = _batch(rng, b=2)
+    x = torch.from_numpy(logits).float().requires_grad_(True)
+    e = torch.from_numpy(error).float().requires_grad_(True)
+    loss = CompositeUncertaintyLoss()(x, {"label": torch.from_numpy(label).float(), "error_stable": e})
+    loss.backward()
+    assert e.grad is None
+    for c in range(4):
+        assert x.grad[:, c].abs().sum() > 0
+    assert torch.isfinite(x.grad).all()
+    # a perfect uncertainty (unc == e) keeps finite gradients
+    target = torch.sigmoid(x.detach()[:, 3:4])
+    x2 = x.detach().clone().requires_grad_(True)
+    CompositeUncertaintyLoss()(x2, {"label": torch.from_numpy(label).float(), "error_stable": target}).backward()
+    assert torch.isfinite(x2.grad).all()
+
+
+def test_without_uncertainty_is_region_loss():
+    rng = np.random.default_rng(5)
+    logits, label, _ = _batch(rng)
+    l3 = torch.from_numpy(logits[:, :3])
+    loss_fn = CompositeUncertaintyLoss(with_uncertainty=False)
+    got = loss_fn(l3, torch.from_numpy(label))
+    assert got.item() == pytest.approx(RegionDiceBCELoss()(l3, torch.from_numpy(label)).item())
+    assert loss_fn(l3, {"label": torch.from_numpy(label)}).item() == pytest.approx(got.item())
+    with pytest.raises(ValueError, match="channels"):
+        loss_fn(torch.from_numpy(logits), torch.from_numpy(label))
+    with pytest.raises(ValueError, match="error_stable"):
+        CompositeUncertaintyLoss()(torch.from_numpy(logits), {"label": torch.from_numpy(label)})
+    with pytest.raises(ValueError, match="unc_weight"):
+        CompositeUncertaintyLoss(unc_weight=-1)
