@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 _SPACING_RTOL = 1e-3
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -263,7 +265,11 @@ def _file_signature(paths) -> str:
     """Cheap identity of the raw files (size and mtime) so that a changed case is preprocessed again."""
     items = []
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            raise BraTSInputError(f"{p}: cannot be read ({exc.strerror or exc}); re-run scripts/prepare_data.py "
+                                  f"if the data set moved") from None
         items.append([str(p), st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
@@ -363,7 +369,9 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
     from custom.planning import _map_cases
 
     jobs = [(entry, plans.to_dict(), str(pp_dir)) for entry in training]
-    _map_cases(_preprocess_entry, jobs, num_workers, "preprocess")
+    done = _map_cases(_preprocess_entry, jobs, num_workers, "preprocess")
+    logger.info("preprocessed %d cases into %s (%d already cached with plan hash %s)",
+                sum(new for _, new in done), pp_dir, sum(not new for _, new in done), plans.preprocessing_hash())
     # plans.json and the datalist's pp_* keys appear only once every case is cached, so that an interrupted or
     # failed run never leaves a plan that points at a half-built cache
     plans.save(work_dir / "plans.json")

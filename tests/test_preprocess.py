@@ -273,6 +273,13 @@ def test_plan_and_preprocess_errors(tmp_path):
     with pytest.raises(BraTSInputError, match="no valid training case"):
         plan_and_preprocess(tmp_path)
     assert not (tmp_path / "plans.json").exists()
+    missing = [str(tmp_path / f"gone-{m}.nii.gz") for m in ("t1c", "t1n", "t2f", "t2w")]
+    (tmp_path / "datalist.json").write_text(json.dumps(
+        {"modalities": ["t1c", "t1n", "t2f", "t2w"], "num_folds": 2, "inference": [],
+         "training": [{"case_id": "BraTS-GLI-00009-000", "image": missing, "label": missing[0], "fold": 0}]}))
+    with pytest.raises(BraTSInputError, match="gone-t1c.nii.gz: cannot be read"):
+        plan_and_preprocess(tmp_path)
+    assert not (tmp_path / "plans.json").exists()
 
 
 def test_load_preprocessed_transform(prepared):
