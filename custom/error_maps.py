@@ -426,8 +426,51 @@ class ErrorMapStore:
             ``(error, variance)``, float32 torch ``(1, X, Y, Z)``, 0 where invalid.
         """
         maps = self._open(case_id)
+        return self._gather_plan(maps, self._analyse(case_id, coords), tuple(coords.shape[1:]), device, out)
+
+    def scatter(self, case_id: str, coords, failure_smoothed, variance) -> int:
+        """EMA update of ``error`` with ``failure_smoothed`` and of ``variance`` with ``variance`` (var1shot).
+
+        Args:
+            case_id: case in the store.
+            coords: ``(3, X, Y, Z)`` case coordinates (index + 1, 0 invalid).
+            failure_smoothed: ``f_s``, ``(X, Y, Z)`` or ``(1, X, Y, Z)``.
+            variance: ``var1shot``, same shape.
+        Returns:
+            number of case voxels updated.
+        """
+        maps = self._open(case_id)
+        values = self._check_values(coords, failure_smoothed, variance)
+        return self._scatter_plan(case_id, maps, self._analyse(case_id, coords), values)
+
+    def update_and_gather(self, case_id: str, coords, failure_smoothed, variance, device=None, out=None):
+        """:meth:`scatter` then :meth:`gather` with one coordinate analysis (the training step's order:
+        the target of this iteration includes this iteration's observation).
+
+        Returns:
+            ``(error, variance)`` as :meth:`gather`.
+        """
+        maps = self._open(case_id)
+        values = self._check_values(coords, failure_smoothed, variance)
         plan = self._analyse(case_id, coords)
+        self._scatter_plan(case_id, maps, plan, values)
+        return self._gather_plan(maps, plan, tuple(coords.shape[1:]), device, out)
+
+    @staticmethod
+    def _check_values(coords, failure_smoothed, variance) -> list:
         spatial = tuple(int(s) for s in coords.shape[1:])
+        values = []
+        for name, v in (("failure_smoothed", failure_smoothed), ("variance", variance)):
+            v = _to_numpy(v)
+            if v.ndim == 4 and v.shape[0] == 1:
+                v = v[0]
+            if v.shape != spatial:
+                raise ValueError(f"scatter: {name} has shape {v.shape}, coords cover {spatial}")
+            values.append(v)
+        return values
+
+    def _gather_plan(self, maps, plan, spatial, device, out):
+        spatial = tuple(int(s) for s in spatial)
         results = []
         for k, kind in enumerate(("error", "variance")):
             if out is not None:
@@ -451,28 +494,7 @@ class ErrorMapStore:
             results.append(t.to(device) if device is not None else t)
         return results[0], results[1]
 
-    def scatter(self, case_id: str, coords, failure_smoothed, variance) -> int:
-        """EMA update of ``error`` with ``failure_smoothed`` and of ``variance`` with ``variance`` (var1shot).
-
-        Args:
-            case_id: case in the store.
-            coords: ``(3, X, Y, Z)`` case coordinates (index + 1, 0 invalid).
-            failure_smoothed: ``f_s``, ``(X, Y, Z)`` or ``(1, X, Y, Z)``.
-            variance: ``var1shot``, same shape.
-        Returns:
-            number of case voxels updated.
-        """
-        maps = self._open(case_id)
-        spatial = tuple(np.shape(coords)[1:])
-        values = []
-        for name, v in (("failure_smoothed", failure_smoothed), ("variance", variance)):
-            v = _to_numpy(v)
-            if v.ndim == 4 and v.shape[0] == 1:
-                v = v[0]
-            if v.shape != spatial:
-                raise ValueError(f"scatter: {name} has shape {v.shape}, coords cover {spatial}")
-            values.append(v)
-        plan = self._analyse(case_id, coords)
+    def _scatter_plan(self, case_id, maps, plan, values) -> int:
         fd = self._lock(case_id) if self.use_locks else None
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -538,9 +560,35 @@ class ErrorMapStore:
         """Batched :meth:`gather`: ``coords (B, 3, X, Y, Z)`` -> ``(error, variance)`` each ``(B, 1, X, Y, Z)``."""
         if len(case_ids) != len(coords):
             raise ValueError(f"gather_batch: {len(case_ids)} case ids for {len(coords)} coordinate patches")
-        pairs = [self.gather(str(cid), coords[b]) for b, cid in enumerate(case_ids)]
-        err = torch.stack([p[0] for p in pairs])
-        var = torch.stack([p[1] for p in pairs])
+        spatial = tuple(int(s) for s in coords.shape[2:])
+        err = torch.empty((len(case_ids), 1) + spatial)
+        var = torch.empty_like(err)
+        for b, cid in enumerate(case_ids):
+            self.gather(str(cid), coords[b], out=(err[b], var[b]))
+        if device is not None:
+            err, var = err.to(device), var.to(device)
+        return err, var
+
+    def update_and_gather_batch(self, case_ids: Sequence[str], coords, failure_smoothed, variance, device=None):
+        """:meth:`scatter_batch` then :meth:`gather_batch` (every sample scattered before any is gathered, so
+        two patches of one case in a batch both see both updates), analysing each coordinate patch once.
+
+        ``coords (B,3,…)``, ``failure_smoothed``/``variance`` ``(B,1,…)`` in; ``(error, variance)`` ``(B,1,…)`` out.
+        """
+        if not len(case_ids) == len(coords) == len(failure_smoothed) == len(variance):
+            raise ValueError("update_and_gather_batch: inputs differ in batch size")
+        spatial = tuple(int(s) for s in coords.shape[2:])
+        plans = []
+        for b, cid in enumerate(case_ids):
+            maps = self._open(str(cid))
+            values = self._check_values(coords[b], failure_smoothed[b], variance[b])
+            plan = self._analyse(str(cid), coords[b])
+            self._scatter_plan(str(cid), maps, plan, values)
+            plans.append((maps, plan))
+        err = torch.empty((len(case_ids), 1) + spatial)
+        var = torch.empty_like(err)
+        for b, (maps, plan) in enumerate(plans):
+            self._gather_plan(maps, plan, spatial, None, (err[b], var[b]))
         if device is not None:
             err, var = err.to(device), var.to(device)
         return err, var

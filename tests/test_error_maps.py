@@ -312,6 +312,14 @@ def test_batch_api_snapshot_restore_and_pickle(tmp_path, store):
     torch.testing.assert_close(got[0], err[1])
     with pytest.raises(FileNotFoundError, match="index.json"):
         store.restore(tmp_path / "missing")
+    # scatter-then-gather in one call equals the two calls
+    twin = ErrorMapStore(tmp_path / "twin").create({"case_a": CASE})
+    twin.restore(snap)
+    e1, v1 = store.update_and_gather_batch(["case_a", "case_a"], coords, f, v)
+    twin.scatter_batch(["case_a", "case_a"], coords, f, v)
+    e2, v2 = twin.gather_batch(["case_a", "case_a"], coords)
+    torch.testing.assert_close(e1, e2)
+    torch.testing.assert_close(v1, v2)
 
 
 def _worker(store, n):
