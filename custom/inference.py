@@ -260,6 +260,15 @@ class Prediction:
     info: dict = field(default_factory=dict)
 
 
+def predicted_tumour(probs: torch.Tensor) -> torch.Tensor:
+    """``(1, 1, …)`` probability that a voxel gets a tumour label: the max over the region channels.
+
+    ``regions_to_labels`` labels a voxel as tumour when ANY region is > 0.5, so this, thresholded at 0.5, is
+    exactly the predicted WT of the written labels (for a trained net with nested regions it is p_WT).
+    """
+    return probs[:NUM_REGIONS].amax(dim=0, keepdim=True)[None]
+
+
 def masked_uncertainty(probs_pp: torch.Tensor, mask_dilation: int = 3) -> tuple[torch.Tensor, str]:
     """Uncertainty ``(X',Y',Z')`` on the preprocessed grid, times the cancer mask of the predicted WT.
 
@@ -268,8 +277,7 @@ def masked_uncertainty(probs_pp: torch.Tensor, mask_dilation: int = 3) -> tuple[
     """
     from custom.networks import get_cancer_mask
 
-    p_wt = probs_pp[0:1][None]  # (1, 1, X', Y', Z')
-    mask = get_cancer_mask(p_wt, dilation=int(mask_dilation))
+    mask = get_cancer_mask(predicted_tumour(probs_pp), dilation=int(mask_dilation))
     mask = torch.as_tensor(mask).reshape(probs_pp.shape[1:]).to(probs_pp.device, torch.float32)
     if probs_pp.shape[0] > NUM_REGIONS:
         return probs_pp[NUM_REGIONS] * mask, "unc_output"
@@ -301,7 +309,7 @@ def postprocess_probabilities(probs_pp, properties: Mapping, mask_dilation: int 
     restored = np.asarray(restore_original_grid(stacked, properties, order=1, fill=0.0), dtype=np.float32)
     probs = np.clip(restored[:NUM_REGIONS], 0.0, 1.0)
     labels = np.asarray(regions_to_labels(probs), dtype=np.uint8)
-    mask = get_cancer_mask(torch.from_numpy(probs[0:1][None].copy()), dilation=int(mask_dilation))
+    mask = get_cancer_mask(predicted_tumour(torch.from_numpy(probs)), dilation=int(mask_dilation))
     mask = torch.as_tensor(mask).reshape(labels.shape).cpu().numpy().astype(bool)
     unc = np.where(mask, np.clip(restored[NUM_REGIONS], 0.0, 1.0), 0.0).astype(np.float32)
     return Prediction(labels=labels, unc=unc, probs=probs, unc_source=unc_source)
