@@ -259,12 +259,49 @@ def test_most_uncertain_strategy_on_local_datastore(studies, tmp_path):
     assert strategy({"strategy": "most_uncertain"}, ds2)["id"] == UNLABELED[1]
 
 
+def test_bundle_and_shared_infer_tasks_agree(studies, model_dir, tmp_path):
+    """BundleInferTask on inference.json and the direct UncertaintySegmenter task give the same maps."""
+    from custom.errors import BraTSInputError
+    from lib.infer import BraTSBundleInferTask, BraTSUncertaintyInfer
+    from lib.predictor import StudyPredictor
+
+    predictor = StudyPredictor(model_dir / "model.pt")
+    study = studies / f"{UNLABELED[2]}.nii.gz"
+    ref = nib.load(str(study))
+    for output in ("labels", "uncertainty"):
+        bundle_task = BraTSBundleInferTask(REPO_ROOT / "bundle", model_dir / "model.pt", output=output)
+        assert bundle_task.is_valid()
+        shared_task = BraTSUncertaintyInfer(predictor, output=output)
+        results = []
+        for task in (bundle_task, shared_task):
+            path, js = task({"image": str(study), "device": "cpu"})
+            img = nib.load(path)
+            np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
+            results.append((np.asarray(img.dataobj), js))
+            os.remove(path)
+        (a, ja), (b, jb) = results
+        assert a.shape == ref.shape[:3] and a.dtype == b.dtype == (np.uint8 if output == "labels" else np.float32)
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert ja["mean_uncertainty_in_tumour"] == pytest.approx(jb["mean_uncertainty_in_tumour"], abs=1e-6)
+
+    # a study that is not 4-channel is refused with its file named, by either task
+    bad = tmp_path / "BraTS-GLI-00099-000.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16, 3), np.float32), np.eye(4)), str(bad))
+    for task in (bundle_task, shared_task):
+        with pytest.raises(BraTSInputError, match="BraTS-GLI-00099-000.nii.gz"):
+            task({"image": str(bad), "device": "cpu"})
+
+
 # ------------------------------------------------------------------------------------------ real server
 def test_server_infer_scoring_strategy(server, studies, model_dir):
     import requests
 
     info = server.info
     assert set(info["models"]) >= {"segmentation", "uncertainty"}, info["models"]
+    # served by MONAI Label's BundleInferTask on the bundle (its info carries the bundle version)
+    version = json.loads((REPO_ROOT / "bundle" / "configs" / "metadata.json").read_text())["version"]
+    assert info["models"]["segmentation"].get("version") == version, info["models"]["segmentation"]
+    assert info["models"]["uncertainty"]["type"] == "others"
     assert info["models"]["segmentation"]["labels"] == {"NCR": 1, "ED": 2, "ET": 3}
     assert "uncertainty" in info["scoring"] and "most_uncertain" in info["strategies"]
     assert info["datastore"]["total"] == 6 and info["datastore"]["completed"] == 3

@@ -14,7 +14,9 @@ App conf (``--conf KEY VALUE``):
                     (default: ``<bundle_path>/models/model.pt``)
     plans_path      explicit plans.json (default: beside ``model_path``)
     device          torch device for inference (default: cuda if available, else cpu)
-    tta             mirroring test-time augmentation, true/false (default false)
+    tta             mirroring test-time augmentation, true/false (default false; shared engine and scoring)
+    infer_engine    "bundle" (default): infer tasks are MONAI Label BundleInferTasks on inference.json;
+                    "shared": they call custom.inference.UncertaintySegmenter directly (same computation)
     train_configs   extra bundle configs merged after train.json, comma separated (e.g. bundle/configs/tiny.json)
     prepare_args    JSON object of extra scripts/prepare_data.py arguments for training
                     (e.g. '{"patch_size": "[32,32,32]", "filters": "[8,16,32,64]"}')
@@ -46,7 +48,7 @@ for _p in (str(APP_DIR), str(REPO_ROOT)):
         sys.path.insert(0, _p)
 
 from custom.constants import LABEL_NAMES  # noqa: E402
-from lib.infer import BraTSUncertaintyInfer  # noqa: E402
+from lib.infer import BraTSBundleInferTask, BraTSUncertaintyInfer  # noqa: E402
 from lib.predictor import StudyPredictor  # noqa: E402
 from lib.scoring import UncertaintyScoring  # noqa: E402
 from lib.strategy import MostUncertain  # noqa: E402
@@ -113,16 +115,30 @@ class BraTSUncertaintyApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {
-            "segmentation": BraTSUncertaintyInfer(
-                self.predictor, output="labels", labels=self.label_map,
-                description="Label map: NCR=1, ED=2, ET=3 (uncertainty summary in the JSON result)",
-            ),
-            "uncertainty": BraTSUncertaintyInfer(
-                self.predictor, output="uncertainty",
-                description="Uncertainty map, float32 in [0, 1] in the study grid (0 away from the predicted tumour)",
-            ),
+        descriptions = {
+            "labels": "Label map: NCR=1, ED=2, ET=3 (uncertainty summary and volumes in the JSON result)",
+            "uncertainty": "Uncertainty map, float32 in [0, 1] in the study grid (0 away from the predicted tumour)",
         }
+        names = {"labels": "segmentation", "uncertainty": "uncertainty"}
+        infers: Dict[str, InferTask] = {}
+        engine = self.conf.get("infer_engine", "bundle")
+        if engine not in ("bundle", "shared"):
+            raise ValueError(f"--conf infer_engine must be 'bundle' or 'shared', got {engine!r}")
+        for output, name in names.items():
+            task = None
+            if engine == "bundle" and self.model_path.exists():
+                task = BraTSBundleInferTask(self.bundle_dir, self.model_path, output=output, labels=self.label_map,
+                                            conf=self.conf, description=descriptions[output])
+                if not task.is_valid():
+                    logger.warning(f"BundleInferTask on {self.bundle_dir} is not usable; serving '{name}' through "
+                                   f"the shared inference path instead")
+                    task = None
+            if task is None:
+                # also serves a model that only appears after start-up (e.g. trained from MONAI Label)
+                task = BraTSUncertaintyInfer(self.predictor, output=output, labels=self.label_map,
+                                             description=descriptions[output])
+            infers[name] = task
+        return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         if not (self.bundle_dir / "configs" / "train.json").exists():
