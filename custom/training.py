@@ -23,6 +23,7 @@ from custom.errors import BraTSInputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "check_work_dir",
     "load_fold_data",
     "preprocessed_shapes",
     "create_error_map_store",
@@ -75,6 +76,25 @@ def _to_item(entry: Mapping, datalist_path: Path) -> dict:
                 header="work directory not prepared for training",
             )
     return {"case_id": entry["case_id"], **{k: str(entry[k]) for k in _PP_KEYS}}
+
+
+def check_work_dir(work_dir, datalist_path=None, plans_path=None) -> str:
+    """Fail early, before any output is written, when the work directory was not prepared.
+
+    Raises:
+        BraTSInputError: naming the missing ``datalist.json`` / ``plans.json``.
+    """
+    work = Path(work_dir)
+    needed = [Path(datalist_path) if datalist_path else work / "datalist.json",
+              Path(plans_path) if plans_path else work / "plans.json"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise BraTSInputError(
+            [f"{p}: not found" for p in missing]
+            + [f"run: python scripts/prepare_data.py --dataset_dir <BraTS folder> --work_dir {work}"],
+            header=f"work directory {work} is not prepared for training",
+        )
+    return str(work)
 
 
 def load_fold_data(datalist_path, fold: int) -> tuple[list[dict], list[dict]]:

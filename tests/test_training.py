@@ -106,8 +106,10 @@ def test_fold_data_needs_preprocessing(prepared_work_dir, tmp_path):
 def test_training_on_unprepared_work_dir_fails_clearly(tmp_path):
     proc = run_cmd(bundle_cmd(TINY, tmp_path / "nowhere"), check=False, env=ENV, timeout=300)
     assert proc.returncode != 0
-    assert "plans.json" in proc.stdout + proc.stderr or "datalist" in proc.stdout + proc.stderr
-    assert not (tmp_path / "nowhere" / "runs").exists() or not any((tmp_path / "nowhere" / "runs").rglob("*.pt"))
+    text = proc.stdout + proc.stderr
+    assert "BraTSInputError" in text and "is not prepared for training" in text
+    assert f"{tmp_path / 'nowhere' / 'plans.json'}: not found" in text and "scripts/prepare_data.py" in text
+    assert not (tmp_path / "nowhere").exists(), "no partial output for a failed start"
 
 
 # ----------------------------------------------------------------------------------------- full run
@@ -120,7 +122,7 @@ def test_tiny_run_outputs(tiny_training_run, prepared_work_dir):
 
     ckpt = load_ckpt(out / "checkpoint_last.pt")
     assert {"network", "optimizer", "lr_scheduler", "trainer", "pseudo_dice"} <= set(ckpt)
-    assert ckpt["trainer"]["epoch"] == 2 and ckpt["trainer"]["iteration"] == 16
+    assert ckpt["epoch"] == 2 and ckpt["trainer"]["iteration"] == 16
     assert ckpt["lr_scheduler"]["last_epoch"] == 2
     best = load_ckpt(out / "model.pt")
     assert set(best) >= {"model"} and set(best["model"]) == set(ckpt["network"])
@@ -200,7 +202,7 @@ def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "FINISHED").exists()
     ckpt = load_ckpt(out / "checkpoint_last.pt")  # complete, loadable file
-    assert ckpt["trainer"]["epoch"] == 1
+    assert ckpt["epoch"] == 1 and ckpt["trainer"]["iteration"] == 8
     assert [int(r["epoch"]) for r in read_csv(out / "metrics.csv")] == [1]
     assert not list(out.glob(".*.tmp-*")), "temporary files left behind"
 
@@ -208,7 +210,7 @@ def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
                        "--progress_bar", "false"), env=ENV, timeout=600)
     assert (out / "FINISHED").exists()
     ckpt = load_ckpt(out / "checkpoint_last.pt")
-    assert ckpt["trainer"]["epoch"] == 3 and ckpt["trainer"]["iteration"] == 24
+    assert ckpt["epoch"] == 3 and ckpt["trainer"]["iteration"] == 24
     rows = read_csv(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     # the LR schedule continued from the checkpoint: lr of epoch k is 0.01 * (1 - (k-1)/3) ** 0.9
