@@ -337,3 +337,25 @@ def test_bundle_run_with_the_trained_tiny_checkpoint(tiny_training_run, prepared
     labels = np.asarray(nib.load(out / f"{entry['case_id']}.nii.gz").dataobj)
     gt = np.asarray(nib.load(entry["label"]).dataobj)
     assert labels.shape == gt.shape and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_benchmark_counts_forward_passes_side_by_side(tmp_path, capsys):
+    """scripts/benchmark_inference.py: one JSON with every method, pass counts and ratios (no timing asserted)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_inference", "scripts/benchmark_inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(out=str(out), num_cases=1, shape=(40, 40, 32), repeats=1, mc_samples=3)
+    res = json.loads(out.read_text())
+    m = res["tiny"]["methods"]
+    assert set(m) == {"seg_only", "unc_head", "tta", "mc_dropout"}
+    base = m["unc_head"]["patch_forwards_per_case"]
+    assert base > 0 and m["seg_only"]["patch_forwards_per_case"] == base
+    assert m["tta"]["patch_forwards_per_case"] == 8 * base
+    assert m["mc_dropout"]["patch_forwards_per_case"] == 3 * base
+    for key in ("b_over_a_ratio", "c_over_b_ratio", "d_over_b_ratio"):
+        assert res["tiny"][key] > 0
+    line = capsys.readouterr().out
+    assert "b/a=" in line and "GPU: python scripts/benchmark_inference.py --device cuda" in line
