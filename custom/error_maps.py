@@ -344,7 +344,7 @@ class ErrorMapStore:
     def _analyse(self, case_id: str, coords) -> tuple:
         """Classify ``coords (3, *S)``: ``("slices", case_slices, patch_slices, flips)`` when the valid
         voxels form an axis-aligned (possibly flipped) box surrounded by invalid voxels, else
-        ``("general", valid_mask, flat_case_index)``."""
+        ``("general", flat_patch_positions, flat_case_index)``."""
         c = _to_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
@@ -352,14 +352,26 @@ class ErrorMapStore:
         fast = self._fast_slices(c, shape, self._buffer) if self.allow_fast_path else None
         if fast is not None:
             return ("slices",) + fast
-        valid = (c[0] > 0) & (c[1] > 0) & (c[2] > 0)
-        idx = np.rint(c[:, valid]).astype(np.int64) - 1
-        if idx.size:
-            hi = idx.max(axis=1)
-            if np.any(idx.min(axis=1) < 0) or np.any(hi >= np.asarray(shape)):
-                raise ValueError(f"ErrorMapStore: coords reach {(hi + 1).tolist()} outside case {case_id} "
-                                 f"of shape {list(shape)} (wrong case id or coordinates?)")
-        return "general", valid, idx
+        return ("general",) + self._general_index(case_id, c, shape)
+
+    @staticmethod
+    def _general_index(case_id: str, c: np.ndarray, shape) -> tuple:
+        """``(pos, lin)``: flat patch positions of the valid voxels and their flat case indices (int64)."""
+        c2 = c.reshape(3, -1)
+        valid = c2.min(axis=0) > 0
+        hi = c2.max(axis=1)
+        if np.any(hi > np.asarray(shape)):
+            raise ValueError(f"ErrorMapStore: coords reach {hi.astype(int).tolist()} outside case {case_id} "
+                             f"of shape {list(shape)} (wrong case id or coordinates?)")
+        pos = np.flatnonzero(valid)
+        strides = np.array([shape[1] * shape[2], shape[2], 1])
+        size = int(np.prod(shape))
+        # float32 holds every product exactly while the case has < 2**24 voxels (BraTS: ~3.3 M)
+        dtype = np.float32 if size < 2**24 else np.float64
+        lin_all = strides.astype(dtype) @ c2.astype(dtype, copy=False)
+        lin = lin_all[pos].astype(np.int64)
+        lin -= int(strides.sum())
+        return pos, lin
 
     @staticmethod
     def _fast_slices(c: np.ndarray, shape, buffer) -> tuple | None:
@@ -488,9 +500,9 @@ class ErrorMapStore:
                     arr.fill(0.0)
                 np.copyto(self._oriented(arr[box], flips), maps[kind][case_sl])
             else:
-                _, valid, idx = plan
+                _, pos, lin = plan
                 arr.fill(0.0)
-                arr[valid] = maps[kind][idx[0], idx[1], idx[2]]
+                np.put(arr.reshape(-1), pos, maps[kind].reshape(-1)[lin])
             results.append(t.to(device) if device is not None else t)
         return results[0], results[1]
 
@@ -530,30 +542,43 @@ class ErrorMapStore:
         return int(a.size)
 
     def _scatter_general(self, maps, plan, values) -> int:
-        _, valid, idx = plan
-        if idx.shape[1] == 0:
+        _, pos, lin = plan
+        n_valid = lin.size
+        if n_valid == 0:
             return 0
-        lo = idx.min(axis=1)
-        hi = idx.max(axis=1) + 1
-        dims = hi - lo
-        local = idx - lo[:, None]
-        lin = (local[0] * dims[1] + local[1]) * dims[2] + local[2]
-        size = int(np.prod(dims))
-        hits = np.bincount(lin, minlength=size)
-        covered = np.flatnonzero(hits)
-        block = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
-        pos = np.unravel_index(covered, tuple(int(d) for d in dims))
-        case_pos = tuple(p + int(l) for p, l in zip(pos, lo))
-        n = maps["count"][block][pos].astype(np.int64)
-        n = np.minimum(n + 1, self.MAX_COUNT)
+        fv = values[0].reshape(-1)[pos]
+        vv = values[1].reshape(-1)[pos]
+        size = maps["count"].size
+        # duplicates (several patch voxels on one case voxel, e.g. zoom-in): the last writer of each case
+        # voxel in a case-sized scratch array represents it; the others are folded into its mean
+        owner = self._work.get("owner")
+        if owner is None or owner.size < size:
+            owner = self._work["owner"] = np.empty(size, dtype=np.int64)
+        order = np.arange(n_valid, dtype=np.int64)
+        owner[lin] = order
+        rep = owner[lin]
+        winners = rep == order
+        if not winners.all():
+            losers = np.flatnonzero(~winners)
+            groups, inverse = np.unique(rep[losers], return_inverse=True)
+            hits = np.bincount(inverse, minlength=groups.size) + 1.0
+            fv[groups] = (fv[groups] + np.bincount(inverse, weights=fv[losers], minlength=groups.size)) / hits
+            vv[groups] = (vv[groups] + np.bincount(inverse, weights=vv[losers], minlength=groups.size)) / hits
+            lin, fv, vv = lin[winners], fv[winners], vv[winners]
+        count = maps["count"].reshape(-1)
+        n = count[lin]
+        np.minimum(n, self.MAX_COUNT - 1, out=n)
+        n += 1
+        count[lin] = n
         a = ema_rates(n, self.ema_window)
-        maps["count"][case_pos] = n.astype(np.uint8)
-        inv_hits = 1.0 / hits[covered]
-        for kind, v in zip(("error", "variance"), values):
-            mean = np.bincount(lin, weights=v[valid], minlength=size)[covered] * inv_hits
-            cur = maps[kind][case_pos]
-            maps[kind][case_pos] = (cur + a * (mean.astype(np.float32) - cur)).astype(np.float32)
-        return int(covered.size)
+        for kind, v in (("error", fv), ("variance", vv)):
+            flat = maps[kind].reshape(-1)
+            cur = flat[lin]
+            v -= cur
+            v *= a
+            cur += v
+            flat[lin] = cur
+        return int(lin.size)
 
     # ------------------------------------------------------------------ batches
     def gather_batch(self, case_ids: Sequence[str], coords, device=None) -> tuple[torch.Tensor, torch.Tensor]:
