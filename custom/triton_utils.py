@@ -603,6 +603,7 @@ class VolumeClient:
         from tritonclient.utils import InferenceServerException
 
         tc = self._tc
+        what = f" {request_id}" if request_id else ""
         image = np.ascontiguousarray(image)
         spacing = np.ascontiguousarray(np.asarray(spacing, dtype=np.float32).reshape(-1))
         inputs = [tc.InferInput("IMAGE", list(image.shape), _triton_dtype(image.dtype)),
@@ -620,11 +621,11 @@ class VolumeClient:
             text = str(err)
             if "Deadline" in text or "timed out" in text.lower() or "timeout" in text.lower():
                 raise TritonClientError(
-                    f"request {request_id or ''} to {self.model!r} at {self.url} timed out after {self.timeout_s:.0f} s"
+                    f"request{what} to {self.model!r} at {self.url} timed out after {self.timeout_s:.0f} s"
                 ) from None
-            raise TritonClientError(f"request {request_id or ''} rejected by {self.model!r} at {self.url}: {text}") from None
+            raise TritonClientError(f"request{what} rejected by {self.model!r} at {self.url}: {text}") from None
         except (OSError, ConnectionError) as err:  # HTTP: socket errors/timeouts surface as OSError subclasses
-            raise TritonClientError(f"request {request_id or ''} to {self.url} failed: {type(err).__name__}: {err}") from None
+            raise TritonClientError(f"request{what} to {self.url} failed: {type(err).__name__}: {err}") from None
         return result.as_numpy("SEG"), result.as_numpy("UNC")
 
 
@@ -655,15 +656,17 @@ def infer_case_folders(input_dir, output_dir, url: str = "127.0.0.1:8001", proto
 
     from tqdm import tqdm
 
+    if int(concurrency) < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    # before the heavy imports below (torch, MONAI): a server that is down is reported at once
+    with VolumeClient(url, protocol, model, timeout_s) as probe:
+        probe.check_ready()
+    # the bundle's own case reading and writing: the same validation, the same output files
     from custom.inference import _load_case, _save_nifti, find_case_files, list_case_folders, output_paths, \
         remove_case_outputs
 
-    if int(concurrency) < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     case_dirs = list_case_folders(input_dir)
     output_dir = Path(output_dir)
-    with VolumeClient(url, protocol, model, timeout_s) as probe:
-        probe.check_ready()
     output_dir.mkdir(parents=True, exist_ok=True)
     local = threading.local()
     clients = []

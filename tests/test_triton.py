@@ -7,9 +7,10 @@ tests check plumbing and parity, not accuracy, so they do not depend on training
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,8 +35,8 @@ from custom.triton_utils import (  # noqa: E402
     PATCH_MODEL,
     VOLUME_MODEL,
     TritonClientError,
-    TritonServer,
     VolumeClient,
+    infer_case_folders,
     free_port,
     locate_tritonserver,
     prepare_backend_dir,
@@ -84,17 +85,67 @@ def model_repository(tiny_checkpoint, tmp_path_factory) -> Path:
                                     volume_instances=2)
 
 
+class ServedTriton:
+    """``scripts/serve_triton.py`` running in a subprocess, its log in a file."""
+
+    def __init__(self, repo: Path, log_path: Path):
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_url, self.grpc_url = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [PYTHON, "scripts/serve_triton.py", "--model_repository", str(repo), "--http_port", str(self.http_port),
+             "--grpc_port", str(self.grpc_port), "--metrics_port", str(self.metrics_port), "--threads", "1"],
+            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        self.server_pid = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = re.search(r"\[serve_triton\] ready: .*\(pid (\d+);", self.log())
+            if match:
+                self.server_pid = int(match.group(1))
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve_triton exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+            time.sleep(0.5)
+        raise AssertionError(f"serve_triton not ready after {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout_s: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                if self.server_pid and not _pid_gone(self.server_pid):
+                    os.kill(self.server_pid, signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+
 @pytest.fixture(scope="module")
-def server(model_repository):
-    srv = TritonServer(model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                       log_stream=None, threads=1, startup_timeout_s=240)
-    srv.start()
+def server(model_repository, tmp_path_factory):
+    """The real server, started the way users start it: scripts/serve_triton.py; stopped with SIGTERM."""
+    srv = ServedTriton(model_repository, tmp_path_factory.mktemp("triton_log") / "serve_triton.log")
     try:
+        srv.wait_ready(300)
         yield srv
     finally:
-        srv.stop()
-        assert srv.process.returncode is not None
-        assert _pid_gone(srv.process.pid), "tritonserver still running after stop()"
+        rc = srv.terminate()
+    log = srv.log()
+    assert rc == 0, log[-4000:]
+    assert "[serve_triton] stopped" in log and "Traceback" not in log, log[-4000:]
+    assert srv.server_pid and _pid_gone(srv.server_pid), "tritonserver still running after SIGTERM"
+    with socket.socket() as s:  # the ports are free again
+        assert s.connect_ex(("127.0.0.1", srv.http_port)) != 0
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +227,9 @@ def test_prepare_model_repository_rejects_missing_plan(tiny_checkpoint, tmp_path
 
 # ------------------------------------------------------------------------------------------ real server
 def test_ready_and_metadata(server):
+    log = server.log()
+    assert f"Started HTTPService at 127.0.0.1:{server.http_port}" in log  # bound to loopback only
+    assert f"Started GRPCInferenceService at 127.0.0.1:{server.grpc_port}" in log
     http = thttp.InferenceServerClient(server.http_url)
     grpc = tgrpc.InferenceServerClient(server.grpc_url)
     try:
@@ -279,6 +333,7 @@ def test_malformed_requests_rejected_server_stays_up(server, cases, reference):
     finally:
         http.close()
     assert server.is_alive()
+    assert "Traceback" not in server.log()
 
 
 def test_triton_infer_cli_writes_bundle_outputs(server, synthetic_dataset, cases, reference, tmp_path):
@@ -290,9 +345,13 @@ def test_triton_infer_cli_writes_bundle_outputs(server, synthetic_dataset, cases
         (inputs / case_id).symlink_to(synthetic_dataset / case_id, target_is_directory=True)
     for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
         out = tmp_path / f"out_{protocol}"
-        proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", url, "--protocol", protocol,
-                        "--input_dir", inputs, "--output_dir", out, "--concurrency", 2, "--timeout", 300])
-        assert f"{len(cases)} cases" in proc.stdout
+        if protocol == "grpc":  # the command line once; the same function in-process for HTTP
+            proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", url, "--protocol", protocol,
+                            "--input_dir", inputs, "--output_dir", out, "--concurrency", 2, "--timeout", 300])
+            assert f"{len(cases)} cases" in proc.stdout
+        else:
+            summary = infer_case_folders(inputs, out, url=url, protocol=protocol, concurrency=2, progress=False)
+            assert sorted(summary["cases"]) == sorted(c[0] for c in cases) and not summary["failures"]
         for case_id, image, _, affine in cases:
             seg_img = nib.load(str(out / f"{case_id}.nii.gz"))
             unc_img = nib.load(str(out / f"{case_id}-unc.nii.gz"))
@@ -337,54 +396,16 @@ def test_triton_infer_cli_server_down_and_model_missing(server, synthetic_datase
     proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", f"127.0.0.1:{free_port()}", "--protocol", "grpc",
                     "--input_dir", synthetic_dataset, "--output_dir", tmp_path / "a", "--timeout", 5], check=False)
     assert proc.returncode != 0 and "not reachable" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", server.http_url, "--protocol", "http",
-                    "--model", "no_such_model", "--input_dir", synthetic_dataset, "--output_dir", tmp_path / "b"],
-                   check=False)
-    assert proc.returncode != 0 and "not ready" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(TritonClientError, match="not ready"):
+        infer_case_folders(synthetic_dataset, tmp_path / "b", url=server.http_url, protocol="http",
+                           model="no_such_model", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_client_reports_rejected_request(server):
     with VolumeClient(server.grpc_url, "grpc", timeout_s=60) as client:
-        with pytest.raises(TritonClientError, match="rejected.*empty"):
+        with pytest.raises(TritonClientError, match="(?s)rejected.*empty"):
             client.infer(np.zeros((4, 8, 8, 8), np.float32), [1, 1, 1])
-
-
-def test_serve_triton_cli_ready_and_clean_sigterm(tiny_checkpoint, tmp_path):
-    repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "repo", volume_instances=1)
-    assert "count: 1" in (repo / VOLUME_MODEL / "config.pbtxt").read_text()
-    http_port = free_port()
-    cmd = [PYTHON, "scripts/serve_triton.py", "--model_repository", str(repo),
-           "--http_port", str(http_port), "--grpc_port", str(free_port()), "--metrics_port", str(free_port()),
-           "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "[serve_triton] ready" in line:
-                break
-        assert any("[serve_triton] ready" in ln for ln in lines), "".join(lines[-40:])
-        assert f"127.0.0.1:{http_port}" in "".join(lines)
-        client = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
-        assert client.is_model_ready(VOLUME_MODEL)
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest[-3000:]
-    assert "[serve_triton] stopped" in rest
-    import socket
-
-    with socket.socket() as s:  # the port is free again: the server is gone
-        assert s.connect_ex(("127.0.0.1", http_port)) != 0
 
 
 def test_serve_triton_cli_refuses_empty_repository(tmp_path):
