@@ -453,7 +453,7 @@ class ErrorMapStore:
         """
         maps = self._open(case_id)
         values = self._check_values(coords, failure_smoothed, variance)
-        return self._scatter_plan(case_id, maps, self._analyse(case_id, coords), values)
+        return self._scatter_plan(case_id, maps, self._analyse(case_id, coords), values)[0]
 
     def update_and_gather(self, case_id: str, coords, failure_smoothed, variance, device=None, out=None):
         """:meth:`scatter` then :meth:`gather` with one coordinate analysis (the training step's order:
@@ -465,8 +465,8 @@ class ErrorMapStore:
         maps = self._open(case_id)
         values = self._check_values(coords, failure_smoothed, variance)
         plan = self._analyse(case_id, coords)
-        self._scatter_plan(case_id, maps, plan, values)
-        return self._gather_plan(maps, plan, tuple(coords.shape[1:]), device, out)
+        _, fresh = self._scatter_plan(case_id, maps, plan, values, keep_values=True)
+        return self._gather_plan(maps, plan, tuple(coords.shape[1:]), device, out, fresh)
 
     @staticmethod
     def _check_values(coords, failure_smoothed, variance) -> list:
@@ -481,7 +481,9 @@ class ErrorMapStore:
             values.append(v)
         return values
 
-    def _gather_plan(self, maps, plan, spatial, device, out):
+    def _gather_plan(self, maps, plan, spatial, device, out, fresh=None):
+        """Fill the patch from the store; ``fresh`` = per-valid-voxel values just written by the general
+        scatter (saves re-reading the case at random positions)."""
         spatial = tuple(int(s) for s in spatial)
         results = []
         for k, kind in enumerate(("error", "variance")):
@@ -502,18 +504,19 @@ class ErrorMapStore:
             else:
                 _, pos, lin = plan
                 arr.fill(0.0)
-                np.put(arr.reshape(-1), pos, maps[kind].reshape(-1)[lin])
+                np.put(arr.reshape(-1), pos, fresh[k] if fresh is not None else maps[kind].reshape(-1)[lin])
             results.append(t.to(device) if device is not None else t)
         return results[0], results[1]
 
-    def _scatter_plan(self, case_id, maps, plan, values) -> int:
+    def _scatter_plan(self, case_id, maps, plan, values, keep_values: bool = False) -> tuple:
+        """Apply the EMA update; returns ``(voxels updated, fresh values or None)``."""
         fd = self._lock(case_id) if self.use_locks else None
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if plan[0] == "slices":
-                return self._scatter_slices(maps, plan, values)
-            return self._scatter_general(maps, plan, values)
+                return self._scatter_slices(maps, plan, values), None
+            return self._scatter_general(maps, plan, values, keep_values)
         finally:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -541,11 +544,11 @@ class ErrorMapStore:
             target += tmp
         return int(a.size)
 
-    def _scatter_general(self, maps, plan, values) -> int:
+    def _scatter_general(self, maps, plan, values, keep_values: bool = False) -> tuple:
         _, pos, lin = plan
         n_valid = lin.size
         if n_valid == 0:
-            return 0
+            return 0, ((np.zeros(0, np.float32),) * 2 if keep_values else None)
         fv = values[0].reshape(-1)[pos]
         vv = values[1].reshape(-1)[pos]
         size = maps["count"].size
@@ -553,12 +556,13 @@ class ErrorMapStore:
         # voxel in a case-sized scratch array represents it; the others are folded into its mean
         owner = self._work.get("owner")
         if owner is None or owner.size < size:
-            owner = self._work["owner"] = np.empty(size, dtype=np.int64)
-        order = np.arange(n_valid, dtype=np.int64)
+            owner = self._work["owner"] = np.empty(size, dtype=np.int32)
+        order = np.arange(n_valid, dtype=np.int32)
         owner[lin] = order
         rep = owner[lin]
         winners = rep == order
-        if not winners.all():
+        all_unique = bool(winners.all())
+        if not all_unique:
             losers = np.flatnonzero(~winners)
             groups, inverse = np.unique(rep[losers], return_inverse=True)
             hits = np.bincount(inverse, minlength=groups.size) + 1.0
@@ -571,6 +575,7 @@ class ErrorMapStore:
         n += 1
         count[lin] = n
         a = ema_rates(n, self.ema_window)
+        fresh = []
         for kind, v in (("error", fv), ("variance", vv)):
             flat = maps[kind].reshape(-1)
             cur = flat[lin]
@@ -578,7 +583,14 @@ class ErrorMapStore:
             v *= a
             cur += v
             flat[lin] = cur
-        return int(lin.size)
+            if keep_values:
+                if all_unique:
+                    fresh.append(cur)
+                else:  # every valid patch voxel reads its representative's new value
+                    per_valid = np.empty(n_valid, np.float32)
+                    per_valid[winners] = cur
+                    fresh.append(per_valid[rep])
+        return int(lin.size), (tuple(fresh) if keep_values else None)
 
     # ------------------------------------------------------------------ batches
     def gather_batch(self, case_ids: Sequence[str], coords, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,17 +615,19 @@ class ErrorMapStore:
         if not len(case_ids) == len(coords) == len(failure_smoothed) == len(variance):
             raise ValueError("update_and_gather_batch: inputs differ in batch size")
         spatial = tuple(int(s) for s in coords.shape[2:])
+        # values written by a sample stay current only if no later sample of the batch hits the same case
+        distinct = len(set(map(str, case_ids))) == len(case_ids)
         plans = []
         for b, cid in enumerate(case_ids):
             maps = self._open(str(cid))
             values = self._check_values(coords[b], failure_smoothed[b], variance[b])
             plan = self._analyse(str(cid), coords[b])
-            self._scatter_plan(str(cid), maps, plan, values)
-            plans.append((maps, plan))
+            _, fresh = self._scatter_plan(str(cid), maps, plan, values, keep_values=distinct)
+            plans.append((maps, plan, fresh))
         err = torch.empty((len(case_ids), 1) + spatial)
         var = torch.empty_like(err)
-        for b, (maps, plan) in enumerate(plans):
-            self._gather_plan(maps, plan, spatial, None, (err[b], var[b]))
+        for b, (maps, plan, fresh) in enumerate(plans):
+            self._gather_plan(maps, plan, spatial, None, (err[b], var[b]), fresh)
         if device is not None:
             err, var = err.to(device), var.to(device)
         return err, var

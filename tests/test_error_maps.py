@@ -212,6 +212,31 @@ def test_fast_path_equals_general_path(tmp_path):
         np.testing.assert_allclose(fast.full("c")[kind], slow.full("c")[kind], rtol=1e-6, atol=1e-6)
 
 
+def test_update_and_gather_general_path_with_duplicates(tmp_path):
+    """The fused call reuses the values it wrote; with zoom-in duplicates it must equal scatter + gather."""
+    rng = np.random.default_rng(5)
+    cc = make_case_coordinates(CASE)
+    # zoom-in by 2 on x (every case row twice) plus a random invalid sprinkle: the general path
+    c = np.repeat(cc[:, 3:15, 2:26, 4:28], 2, axis=1)
+    c[:, rng.random(c.shape[1:]) < 0.1] = 0
+    fused = ErrorMapStore(tmp_path / "fused").create({"c": CASE})
+    split = ErrorMapStore(tmp_path / "split").create({"c": CASE})
+    assert fused._analyse("c", c)[0] == "general"
+    for step in range(3):
+        f = torch.rand(1, *c.shape[1:])
+        v = torch.rand(1, *c.shape[1:])
+        e1, v1 = fused.update_and_gather("c", torch.from_numpy(c), f, v)
+        split.scatter("c", c, f, v)
+        e2, v2 = split.gather("c", c)
+        torch.testing.assert_close(e1, e2)
+        torch.testing.assert_close(v1, v2)
+    b1 = fused.update_and_gather_batch(["c"], torch.from_numpy(c)[None], f[None], v[None])
+    split.scatter_batch(["c"], c[None], f[None], v[None])
+    torch.testing.assert_close(b1[0], split.gather_batch(["c"], c[None])[0])
+    np.testing.assert_array_equal(fused.full("c")["count"], split.full("c")["count"])
+    assert fused.full("c")["count"].max() == 4
+
+
 def _augment_pipeline(seed):
     t = Compose([
         AddCaseCoordinatesd(ref_key="image", coords_key="coords"),
