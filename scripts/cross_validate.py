@@ -35,6 +35,18 @@ CONFIG_DIR = BUNDLE_ROOT / "configs"
 VARIANT_CONFIGS = {"unc": None, "baseline": "baseline.json", "mcdropout": "mcdropout.json"}
 
 
+
+def _as_bool(value) -> bool:
+    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "yes", "1", "on"):
+            return True
+        if v in ("false", "no", "0", "off", "none", ""):
+            return False
+        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
+    return bool(value)
+
 def _as_list(value):
     if value is None:
         return None
@@ -156,6 +168,7 @@ def main(work_dir: str, folds=None, variants="unc,baseline", config: str | None 
             overrides = json.loads(overrides)
         if overrides is not None and not isinstance(overrides, dict):
             raise BraTSInputError(f"--overrides must be a JSON object of bundle settings, got {overrides!r}")
+        dry_run = _as_bool(dry_run)
         jobs = plan_jobs(work_dir, folds=_as_list(folds), variants=_as_list(variants), config=config,
                          overrides=overrides)
     except (BraTSInputError, json.JSONDecodeError) as exc:

@@ -53,6 +53,18 @@ from custom.io_utils import atomic_save_nifti, atomic_write_bytes, atomic_write_
 MARK_START, MARK_END = "<!-- heldout:start -->", "<!-- heldout:end -->"
 
 
+
+def _as_bool(value) -> bool:
+    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "yes", "1", "on"):
+            return True
+        if v in ("false", "no", "0", "off", "none", ""):
+            return False
+        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
+    return bool(value)
+
 def _as_list(value):
     if value is None:
         return None
@@ -279,7 +291,7 @@ def main(work_dir: str, out_dir: str, folds=None, variant: str = "unc", mc_varia
     try:
         res = evaluate_heldout(work_dir, out_dir, folds=[int(f) for f in _as_list(folds)] if folds is not None else None,
                                variant=variant, mc_variant=mc_variant or None, mc_samples=int(mc_samples),
-                               tta=bool(tta), ensemble=bool(ensemble), crosscheck=bool(crosscheck),
+                               tta=_as_bool(tta), ensemble=_as_bool(ensemble), crosscheck=_as_bool(crosscheck),
                                max_cases_per_fold=max_cases_per_fold, device=device)
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

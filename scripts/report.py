@@ -50,6 +50,18 @@ MAP_NAMES = {"unc": "unc_output", "variance_stable": "variance_stable", "var1sho
 FIG2_NAME = "Comparison_models_6_views.png"
 
 
+
+def _as_bool(value) -> bool:
+    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "yes", "1", "on"):
+            return True
+        if v in ("false", "no", "0", "off", "none", ""):
+            return False
+        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
+    return bool(value)
+
 def _as_list(value):
     if value is None:
         return None
@@ -365,7 +377,7 @@ def main(work_dir: str, out_dir: str, last_k: int = 30, folds=None, variants="un
     folds = [int(f) for f in _as_list(folds)] if folds is not None else None
     try:
         res = make_report(work_dir, out_dir, last_k=last_k, folds=folds, variants=_as_list(variants),
-                          num_cases=num_cases, figures=figures)
+                          num_cases=num_cases, figures=_as_bool(figures))
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -234,8 +234,8 @@ def test_evaluate_cli_writes_per_case_and_summary(crafted, tmp_path):
     g_dir, p_dir, u_dir = crafted
     out = tmp_path / "R"
     proc = run_cmd([sys.executable, "scripts/evaluate.py", "--pred_dir", p_dir, "--gt_dir", g_dir,
-                    "--out_dir", out, "--unc_dir", u_dir], timeout=300)
-    assert "2 cases" in proc.stdout
+                    "--out_dir", out, "--unc_dir", u_dir, "--crosscheck", "true"], timeout=300)
+    assert "2 cases" in proc.stdout and "official evaluator agrees on legacy Dice 6/6" in proc.stdout
     rows = _read_csv(out / "per_case.csv")
     header = list(rows[0].keys())
     assert header[:9] == ["case_id", "region", "legacy_dice", "legacy_hd95", "lesionwise_dice", "lesionwise_hd95",
@@ -255,6 +255,9 @@ def test_evaluate_cli_writes_per_case_and_summary(crafted, tmp_path):
     assert summary["num_cases"] == 2
     assert summary["regions"]["WT"]["legacy_dice"] == pytest.approx(
         (1.0 + float(shifted["legacy_dice"])) / 2)
+    assert summary["crosscheck"]["legacy_dice"] == {"compared": 6, "agree": 6, "max_abs_diff": 0.0}
+    with open(out / "crosscheck.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
 
 
 def test_evaluate_cli_names_missing_and_mismatched_files(crafted, tmp_path):

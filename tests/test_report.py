@@ -186,3 +186,105 @@ def test_cross_validate_spreads_runs_one_per_device(tmp_path):
     for dev in ("0", "1"):
         mine = sorted((float(a), float(b)) for d, a, b in spans if d == dev)
         assert all(prev[1] <= nxt[0] for prev, nxt in zip(mine, mine[1:])), f"overlapping runs on device {dev}"
+
+
+# ----------------------------------------------------------------------------- runs with real checkpoints
+# Real (untrained, seeded) network checkpoints and a real error-map store stand in for training, which this
+# file must not run: the figure and the held-out path only need the files a finished run leaves.
+
+@pytest.fixture(scope="module")
+def finished_runs(prepared_work_dir, tmp_path_factory):
+    import shutil
+
+    import torch
+
+    from custom.data import fold_split, load_datalist
+    from custom.error_maps import ErrorMapStore
+    from custom.networks import build_network
+    from custom.planning import load_plans
+
+    work = tmp_path_factory.mktemp("cvwork")
+    for name in ("datalist.json", "plans.json"):
+        shutil.copy(prepared_work_dir / name, work / name)
+    plans = load_plans(work / "plans.json")
+    datalist = load_datalist(work)
+    for variant, dropout in (("unc", None), ("mcdropout", 0.1)):
+        for fold in (0, 1):
+            d = work / "runs" / variant / f"fold{fold}"
+            d.mkdir(parents=True)
+            torch.manual_seed(fold)
+            net = build_network(plans, with_uncertainty=True, dropout=dropout)
+            torch.save({"model": net.state_dict()}, d / "model_final.pt")
+            shutil.copy(work / "plans.json", d / "plans.json")
+            (d / "train_config.json").write_text(json.dumps({"dropout": dropout}))
+            write_run(work, variant, fold, [0.3, 0.5, 0.6])
+    # fold-0 store: error_stable = the GT tumour of each val case, variance_stable = 0.25 (one EMA visit = value)
+    _, val = fold_split(datalist, 0)
+    store = ErrorMapStore(work / "runs" / "unc" / "fold0" / "store")
+    shapes = {e["case_id"]: np.load(e["pp_image"], mmap_mode="r").shape[1:] for e in val}
+    store.create(shapes)
+    for e in val:
+        shape = shapes[e["case_id"]]
+        coords = np.stack(np.meshgrid(*[np.arange(1, s + 1, dtype=np.float32) for s in shape], indexing="ij"))
+        tumour = (np.load(e["pp_label"]) > 0).astype(np.float32)
+        store.scatter(e["case_id"], coords, tumour, np.full(shape, 0.25, np.float32))
+    store.flush()
+    return work
+
+
+def _load_script(name):
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_figure2_shows_store_maps_and_model_maps_on_tumour_slice(finished_runs, tmp_path):
+    from custom.data import fold_split, load_datalist
+
+    report = _load_script("report")
+    run0 = finished_runs / "runs" / "unc" / "fold0"
+    cases = report.fold0_maps(finished_runs, run0, num_cases=6)
+    _, val = fold_split(load_datalist(finished_runs), 0)
+    assert [c["case_id"] for c in cases] == [e["case_id"] for e in val][:6]
+    for c, e in zip(cases, val):
+        label = np.load(e["pp_label"]) > 0
+        assert c["z"] == int(np.argmax(label.sum(axis=(0, 1))))        # the slice through the most tumour
+        np.testing.assert_allclose(c["maps"]["error_stable"], label[:, :, c["z"]].astype(np.float32))
+        np.testing.assert_allclose(c["maps"]["variance_stable"], 0.25)
+        for name in ("unc_output", "var1shot"):
+            m = c["maps"][name]
+            assert m.shape == label.shape[:2] and m.min() >= 0 and m.max() <= 1
+    out = report.figure_comparison(cases, tmp_path)
+    assert out.name == "Comparison_models_6_views.png" and out.stat().st_size > 20_000
+
+
+def test_evaluate_heldout_quality_vs_cost(finished_runs, tmp_path):
+    out = tmp_path / "R"
+    _load_script("report").make_report(finished_runs, out, variants=("unc",), figures=False)
+    # the official cross-check inside evaluate_folder is covered in test_evaluation.py; skipped here for time
+    proc = run_cmd([sys.executable, "scripts/evaluate_heldout.py", "--work_dir", finished_runs, "--out_dir", out,
+                    "--max_cases_per_fold", 1, "--mc_samples", 2, "--crosscheck", "false"], timeout=600)
+    assert "2 held-out cases" in proc.stdout
+    res = json.loads((out / "heldout.json").read_text())
+    assert res["folds"] == [0, 1] and res["num_cases"] == 2
+    methods = {m["method"].split(" ")[0]: m for m in res["methods"]}
+    assert set(methods) == {"unc_output", "var1shot", "tta_variance", "mc_dropout", "ensemble"}
+    passes = {k: m["forward_passes"] for k, m in methods.items()}
+    assert passes == {"unc_output": 1, "var1shot": 1, "tta_variance": 8, "mc_dropout": 2, "ensemble": 2}
+    for m in methods.values():
+        assert m["num_cases"] == 2 and m["seconds_per_case"] > 0
+        assert m["ece_wt_error"] is None or 0 <= m["ece_wt_error"] <= 1
+    assert res["segmentation"]["regions"]["WT"]["legacy_dice"] is not None
+    # the product's files were written and evaluated like any tool's output
+    for f in (0, 1):
+        fold_dir = out / "heldout" / f"fold{f}"
+        assert len(list((fold_dir / "pred").glob("*-unc.nii.gz"))) == 1
+        with open(fold_dir / "per_case.csv") as fh:
+            assert len(list(csv.DictReader(fh))) == 3
+    md = (out / "report.md").read_text()
+    assert "### Quality vs cost" in md and "| tta_variance | 8 |" in md and "Not run yet" not in md
