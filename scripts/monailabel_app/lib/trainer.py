@@ -109,16 +109,6 @@ class BraTSBundleTrainTask(BundleTrainTask):
                 return key
         return None
 
-    def resolve(self, work_dir, fold: int = 0, section: str = "trainer"):
-        """Parse the merged train config for ``work_dir``/``fold`` and instantiate ``section`` (a check)."""
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(self.config_files())
-        parser.read_meta(self.bundle_metadata_path)
-        parser.update({"bundle_root": self.bundle_path, "work_dir": str(work_dir), "fold": fold})
-        return parser.get_parsed_content(section, instantiate=True)
-
     def write_cases(self, datalist, raw_dir: Path) -> Dict[str, str]:
         """Write each labeled study as a BraTS case folder; returns ``{case_id: study path}``."""
         if raw_dir.exists():
