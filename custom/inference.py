@@ -527,7 +527,14 @@ def list_case_folders(input_dir) -> list[Path]:
         raise BraTSInputError(f"{input_dir}: input folder not found", header="cannot run inference")
     if any(input_dir.glob(f"*-{MODALITIES[0]}.nii*")):
         return [input_dir]
-    cases = sorted(p for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    cases = []
+    for p in sorted(input_dir.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if not any(p.glob("*.nii*")):  # not a case (e.g. an output or notes folder): a case has NIfTI files
+            logger.warning("skipping %s: no NIfTI files inside", p)
+            continue
+        cases.append(p)
     if not cases:
         raise BraTSInputError(f"{input_dir}: no case folders inside (expected <case_id>/<case_id>-t1c.nii.gz ...)",
                               header="cannot run inference")

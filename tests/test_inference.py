@@ -359,3 +359,20 @@ def test_benchmark_counts_forward_passes_side_by_side(tmp_path, capsys):
         assert res["tiny"][key] > 0
     line = capsys.readouterr().out
     assert "b/a=" in line and "GPU: python scripts/benchmark_inference.py --device cuda" in line
+
+
+def test_case_folder_discovery(tmp_path, synthetic_dataset):
+    from custom.inference import case_datalist, list_case_folders
+
+    case = sorted(p for p in synthetic_dataset.iterdir() if p.is_dir())[0]
+    shutil.copytree(case, tmp_path / "in" / case.name)
+    (tmp_path / "in" / "notes").mkdir()  # not a case: no NIfTI inside
+    (tmp_path / "in" / "README.txt").write_text("x")
+    assert list_case_folders(tmp_path / "in") == [tmp_path / "in" / case.name]
+    # a single case folder is accepted as the input folder too
+    assert list_case_folders(tmp_path / "in" / case.name) == [tmp_path / "in" / case.name]
+    entry = case_datalist(tmp_path / "in")[0]
+    assert entry["case_id"] == case.name and [Path(p).name for p in entry["image"]] == \
+        [f"{case.name}-{m}.nii.gz" for m in MODALITIES]
+    with pytest.raises(BraTSInputError, match="no case folders"):
+        list_case_folders(tmp_path / "in" / "notes")
