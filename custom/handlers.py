@@ -114,6 +114,14 @@ def _check_target_transform(target_transform: str) -> str:
     return target_transform
 
 
+def _update_and_gather(store, ids, coords, failure_smoothed, var1shot, device):
+    """EMA step at the patch's case voxels, then read back: the target includes this iteration's observation."""
+    if hasattr(store, "update_and_gather_batch"):  # one coordinate analysis per patch instead of two
+        return store.update_and_gather_batch(ids, coords, failure_smoothed, var1shot, device=device)
+    store.scatter_batch(ids, coords, failure_smoothed, var1shot)
+    return store.gather_batch(ids, coords, device=device)
+
+
 class ErrorMapHandler:
     """Training: the uncertainty target ``error_stable`` of each patch, from the case-space EMA store.
 
@@ -158,8 +166,8 @@ class ErrorMapHandler:
         failure_smoothed = smooth_failure(compute_prediction_failure(p_wt, gt_wt))
         var1shot = compute_prediction_variance(p_wt)
         ids, coords = _case_ids(targets), targets["coords"]
-        self.store.scatter_batch(ids, coords, failure_smoothed, var1shot)
-        error_stable, variance_stable = self.store.gather_batch(ids, coords, device=pred.device)
+        error_stable, variance_stable = _update_and_gather(self.store, ids, coords, failure_smoothed, var1shot,
+                                                           pred.device)
         if self.target_transform == "paper":
             error_stable = paper_target_transform(error_stable, gt_wt.to(error_stable.device))
         targets["error_stable"] = error_stable
@@ -223,8 +231,10 @@ class ValidationErrorMapHandler:
         else:
             ids, coords = _case_ids(targets), targets["coords"]
             if self.update_store:
-                self.store.scatter_batch(ids, coords, failure_smoothed, var1shot)
-            error_stable, variance_stable = self.store.gather_batch(ids, coords, device=probs.device)
+                error_stable, variance_stable = _update_and_gather(self.store, ids, coords, failure_smoothed,
+                                                                   var1shot, probs.device)
+            else:
+                error_stable, variance_stable = self.store.gather_batch(ids, coords, device=probs.device)
         if self.target_transform == "paper":
             error_stable = paper_target_transform(error_stable, gt_wt)
         output["error_stable"] = error_stable

@@ -1,0 +1,136 @@
+"""Training throughput of the tiny and the real-size (nnU-Net BraTS plan) configs, side by side in one run.
+
+Measures, for each config, iterations per second, the DataLoader wait per batch against the compute time per
+batch (forward + error-map store + loss + backward + step), the synchronous data-pipeline cost per batch (what
+the loader workers must sustain), and peak memory. Each measurement runs in its own process so peak memory is
+its own. Writes ONE JSON object to --out and prints a one-line summary and the one-command GPU check.
+
+    python scripts/benchmark_training.py --out benchmark_training.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+GPU_CHECK = ("python scripts/benchmark_training.py --out benchmark_training_gpu.json --device cuda "
+             "--real_iterations 20 --tiny_iterations 50 --num_workers 8")
+
+
+def _prepare(work: Path, num_cases: int, shape, patch_size, filters, seed: int = 0) -> Path:
+    from custom.data import prepare_data
+    from custom.synthetic import write_dataset
+
+    if not (work / "plans.json").is_file():
+        write_dataset(work / "raw", int(num_cases), shape, (1.0, 1.0, 1.0), int(seed), 0.5)
+        prepare_data(work / "raw", work, num_folds=2, seed=int(seed), patch_size=patch_size, filters=filters)
+    return work
+
+
+def measure(work_dir: str, json_out: str, iterations: int = 4, warmup: int = 1, num_workers: int = 0,
+            device: str | None = None, batch_size: int | None = None, tiny: bool = True):
+    """(internal) one measurement in this process; writes its JSON to JSON_OUT."""
+    import torch
+
+    from custom.io_utils import atomic_write_json
+    from custom.training import measure_training
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    files = [CONFIGS / "train.json"] + ([CONFIGS / "tiny.json"] if tiny else [])
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_run_"))
+    overrides = {"work_dir": str(work_dir), "output_dir": str(out_dir), "num_workers": int(num_workers)}
+    if device:
+        overrides["device"] = f"$torch.device('{device}')"
+        overrides["amp"] = device.startswith("cuda")
+    if batch_size:
+        overrides["batch_size"] = int(batch_size)
+    atomic_write_json(json_out, measure_training(files, overrides, iterations=int(iterations), warmup=int(warmup)))
+
+
+def _run_measure(work: Path, **kw) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "measure", "--work_dir", str(work), "--json_out", str(out)]
+        for k, v in kw.items():
+            if v is not None:
+                cmd += [f"--{k}", str(v)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"measurement failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def main(out: str = "benchmark_training.json", work_dir: str | None = None, real_work_dir: str | None = None,
+         tiny_iterations: int = 8, real_iterations: int = 1, num_workers: int = 2, device: str | None = None,
+         real_batch_size: int | None = None, skip_real: bool = False):
+    """Benchmark the tiny and the real-size training configs; write ONE JSON object to OUT.
+
+    Args:
+        out: JSON output path.
+        work_dir: prepared tiny work dir (default: 6 synthetic 64^2x48 cases, patch 32, filters [8,16,32,64]).
+        real_work_dir: prepared real-size work dir (default: 2 synthetic 240x240x155 cases, nnU-Net plan with
+            patch 128^3, filters 32..320, 6 stages).
+        tiny_iterations, real_iterations: timed iterations (after one warm-up).
+        num_workers: DataLoader workers of the tiny run with workers (the other tiny run uses 0).
+        device: "cpu" or "cuda" (default: the configs' choice).
+        real_batch_size: override the plan's batch size for the real-size config (memory-limited CPUs).
+        skip_real: only the tiny config.
+    """
+    start = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="bench_training_"))
+    tiny_work = Path(work_dir) if work_dir else _prepare(root / "tiny", 6, (64, 64, 48), [32, 32, 32], [8, 16, 32, 64])
+    result: dict = {"device": device or "config default", "gpu_check_command": GPU_CHECK}
+    tiny0 = _run_measure(tiny_work, iterations=tiny_iterations, num_workers=0, device=device)
+    tinyw = _run_measure(tiny_work, iterations=tiny_iterations, num_workers=num_workers, device=device)
+    result.update({
+        "tiny_iterations_per_s": tiny0["iterations_per_s"],
+        "tiny_iterations_per_s_workers": tinyw["iterations_per_s"],
+        "tiny_num_workers": tinyw["num_workers"],
+        "tiny_data_ms_per_batch": tiny0["data_ms_per_batch_sync"],
+        "tiny_data_wait_ms_per_batch_workers": tinyw["data_wait_ms_per_batch"],
+        "tiny_compute_ms_per_batch": tiny0["compute_ms_per_batch"],
+        "tiny_peak_rss_mb": max(tiny0["peak_rss_mb"], tinyw["peak_rss_mb"]),
+        "tiny_loader_to_compute_ratio": tiny0["data_ms_per_batch_sync"] / tiny0["compute_ms_per_batch"],
+        "tiny": {"workers_0": tiny0, f"workers_{num_workers}": tinyw},
+    })
+    if not skip_real:
+        real_work = Path(real_work_dir) if real_work_dir else _prepare(root / "real", 2, (240, 240, 155),
+                                                                       [128, 128, 128], None)
+        real = _run_measure(real_work, iterations=real_iterations, num_workers=0, device=device,
+                            batch_size=real_batch_size, tiny=False)
+        result.update({
+            "real_iterations_per_s": real["iterations_per_s"],
+            "real_data_ms_per_batch": real["data_ms_per_batch_sync"],
+            "real_compute_ms_per_batch": real["compute_ms_per_batch"],
+            "real_peak_rss_mb": real["peak_rss_mb"],
+            "real_cuda_peak_mb": real["cuda_peak_mb"],
+            "real_loader_to_compute_ratio": real["data_ms_per_batch_sync"] / real["compute_ms_per_batch"],
+            # workers needed so that loading one batch never takes longer than computing one
+            "real_min_workers_for_compute_bound": int(-(-real["data_ms_per_batch_sync"] // real["compute_ms_per_batch"])),
+            "real": real,
+        })
+    result["total_s"] = time.perf_counter() - start
+    from custom.io_utils import atomic_write_json
+
+    atomic_write_json(out, result)
+    line = (f"benchmark_training: tiny {result['tiny_iterations_per_s']:.2f} it/s (data {result['tiny_data_ms_per_batch']:.0f} ms"
+            f" vs compute {result['tiny_compute_ms_per_batch']:.0f} ms per batch)")
+    if not skip_real:
+        line += (f"; real-size {result['real_iterations_per_s']:.3f} it/s (data {result['real_data_ms_per_batch']:.0f} ms"
+                 f" vs compute {result['real_compute_ms_per_batch']:.0f} ms per batch, peak {result['real_peak_rss_mb']:.0f} MB)")
+    print(line + f" -> {out}")
+    print(f"GPU check (when a GPU machine is lent): {GPU_CHECK}")
+
+
+if __name__ == "__main__":
+    fire.Fire({"main": main, "measure": measure}) if len(sys.argv) > 1 and sys.argv[1] in ("main", "measure") \
+        else fire.Fire(main)
