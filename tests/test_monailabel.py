@@ -110,12 +110,20 @@ class Server:
         self._log.close()
 
 
+BAD_STUDY = "BraTS-GLI-00099-000"
+
+
 @pytest.fixture(scope="module")
 def server(studies, model_dir, tmp_path_factory):
+    """The server on a copy of the studies plus one broken (3-channel) unlabeled study."""
+    root = tmp_path_factory.mktemp("ml_server") / "studies"
+    shutil.copytree(studies, root, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 48, 3), np.float32), np.eye(4)), str(root / f"{BAD_STUDY}.nii.gz"))
     conf = {"model_path": model_dir / "model.pt", "train_dir": tmp_path_factory.mktemp("ml_train"),
             "train_configs": "bundle/configs/tiny.json",
             "prepare_args": json.dumps({"patch_size": TINY_PATCH, "filters": TINY_FILTERS})}
-    srv = Server(studies, conf, tmp_path_factory.mktemp("ml_log") / "server.log")
+    srv = Server(root, conf, tmp_path_factory.mktemp("ml_log") / "server.log")
+    srv.studies = root
     try:
         srv.info = srv.wait_ready()
         yield srv
@@ -293,9 +301,10 @@ def test_bundle_and_shared_infer_tasks_agree(studies, model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ real server
-def test_server_infer_scoring_strategy(server, studies, model_dir):
+def test_server_infer_scoring_strategy(server, model_dir):
     import requests
 
+    studies = server.studies
     info = server.info
     assert set(info["models"]) >= {"segmentation", "uncertainty"}, info["models"]
     # served by MONAI Label's BundleInferTask on the bundle (its info carries the bundle version)
@@ -304,7 +313,12 @@ def test_server_infer_scoring_strategy(server, studies, model_dir):
     assert info["models"]["uncertainty"]["type"] == "others"
     assert info["models"]["segmentation"]["labels"] == {"NCR": 1, "ED": 2, "ET": 3}
     assert "uncertainty" in info["scoring"] and "most_uncertain" in info["strategies"]
-    assert info["datastore"]["total"] == 6 and info["datastore"]["completed"] == 3
+    assert info["datastore"]["total"] == 7 and info["datastore"]["completed"] == 3
+
+    # a broken study: a clear error naming it, not a bare 500
+    r = requests.post(f"{server.url}/infer/segmentation", params={"image": BAD_STUDY}, timeout=120)
+    assert r.status_code == 422, (r.status_code, r.text[:500])
+    assert f"{BAD_STUDY}.nii.gz" in r.json()["detail"] and "4-modality" in r.json()["detail"]
 
     image_id = UNLABELED[0]
     study = nib.load(str(studies / f"{image_id}.nii.gz"))
@@ -335,11 +349,13 @@ def test_server_infer_scoring_strategy(server, studies, model_dir):
     if not (labels > 0).any():
         assert unc.max() == 0.0
 
-    # scoring: every unlabeled study gets a stored score; labeled ones are untouched
+    # scoring: every valid unlabeled study gets a stored score; labeled ones are untouched;
+    # the broken one is reported by name and does not stop the others
     r = requests.post(f"{server.url}/scoring/uncertainty", params={"run_sync": "true"}, timeout=600)
     assert r.status_code == 200, r.text
     result = r.json()
-    assert result["executed"] + result["skipped"] == 3 and not result["failed"], result
+    assert result["total"] == 4 and result["executed"] + result["skipped"] == 3, result
+    assert list(result["failed"]) == [BAD_STUDY] and f"{BAD_STUDY}.nii.gz" in result["failed"][BAD_STUDY]
     stored = {}
     ds = json.loads((studies / "datastore_v2.json").read_text())
     objects = ds["objects"]
@@ -348,6 +364,8 @@ def test_server_infer_scoring_strategy(server, studies, model_dir):
         if image in UNLABELED:
             assert score is not None, image
             stored[image] = score
+        elif image == BAD_STUDY:
+            assert score is None
         else:
             assert score is None, f"labeled study {image} was scored"
     assert stored[image_id] == pytest.approx(unc_json["mean_uncertainty_in_tumour"], abs=1e-6)
@@ -356,15 +374,17 @@ def test_server_infer_scoring_strategy(server, studies, model_dir):
     again = requests.post(f"{server.url}/scoring/uncertainty", params={"run_sync": "true"}, timeout=600).json()
     assert again["skipped"] == 3 and again["executed"] == 0
 
-    # strategy: the unlabeled study with the highest stored uncertainty
+    # strategy: the unlabeled study with the highest stored uncertainty (the unscored broken one ranks last)
+
     r = requests.post(f"{server.url}/activelearning/most_uncertain", json={}, timeout=60)
     assert r.status_code == 200, r.text
     best = max(sorted(stored), key=lambda k: stored[k])
     assert r.json()["id"] == best, (r.json(), stored)
     assert r.json()["unc_mean_in_tumour"] == pytest.approx(stored[best])
+    assert r.json()["ranking"][-1] == BAD_STUDY
 
 
-def test_server_train_task_publishes_new_model(server, studies, model_dir):
+def test_server_train_task_publishes_new_model(server, model_dir):
     """Training from MONAI Label through the bundle's train.json (+ tiny.json), then inference uses the new model."""
     import requests
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Dict
@@ -48,6 +47,7 @@ for _p in (str(APP_DIR), str(REPO_ROOT)):
         sys.path.insert(0, _p)
 
 from custom.constants import LABEL_NAMES  # noqa: E402
+from custom.errors import BraTSInputError  # noqa: E402
 from lib.infer import BraTSBundleInferTask, BraTSUncertaintyInfer  # noqa: E402
 from lib.predictor import StudyPredictor  # noqa: E402
 from lib.scoring import UncertaintyScoring  # noqa: E402
@@ -155,6 +155,15 @@ class BraTSUncertaintyApp(MONAILabelApp):
                 extra_configs=extra, prepare_args=prepare_args, repo_root=str(REPO_ROOT),
             )
         }
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, with a bad study answered as HTTP 422 naming the file (not a bare 500)."""
+        try:
+            return super().infer(request, datastore)
+        except BraTSInputError as exc:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=422, detail=str(exc)) from None
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {"uncertainty": UncertaintyScoring(self.predictor)}
