@@ -47,6 +47,7 @@ __all__ = [
     "uncertainty_quality",
     "wt_error_roi",
     "nanmean",
+    "to_json_safe",
     "find_ground_truth",
     "match_prediction_files",
     "evaluate_case_files",
@@ -610,11 +611,12 @@ def write_rows_csv(path, rows: list, columns=None) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _json_safe(obj):
+def to_json_safe(obj):
+    """Recursively convert numpy scalars to Python and non-finite floats to None (valid JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): to_json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [to_json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return float(obj) if np.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -649,7 +651,7 @@ def evaluate_folder(pred_dir, gt_dir, out_dir, unc_dir=None, case_ids=None, unc_
             write_rows_csv(out_dir / "crosscheck.csv", cc["rows"])
         summary["crosscheck"] = cc["agreement"]
     write_rows_csv(out_dir / "per_case.csv", rows, columns)
-    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    atomic_write_json(out_dir / "summary.json", to_json_safe(summary))
     return summary
 
 

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from custom.errors import BraTSInputError  # noqa: E402
 from custom.evaluation import (  # noqa: E402
     QUALITY_COLUMNS,
-    _json_safe,
+    to_json_safe,
     dice,
     evaluate_folder,
     nanmean,
@@ -254,8 +254,8 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
                          "* ensemble members other than the case's own fold model were trained on that case"]}
     write_rows_csv(out_dir / "heldout_per_case.csv", seg_rows)
     write_rows_csv(out_dir / "heldout_methods_per_case.csv", method_rows)
-    atomic_write_json(out_dir / "heldout.json", _json_safe(heldout))
-    md = render_quality_vs_cost(_json_safe(heldout))
+    atomic_write_json(out_dir / "heldout.json", to_json_safe(heldout))
+    md = render_quality_vs_cost(to_json_safe(heldout))
     if any(m["method"].startswith("ensemble") for m in methods_summary):
         md += "\n\\* In cross-validation the other folds' models were trained on these cases: the ensemble row is " \
               "an optimistic bound, not a held-out measurement.\n"

@@ -31,7 +31,7 @@ from custom.evaluation import (  # noqa: E402
     DICE_COLUMNS,
     RUN_FINISHED,
     UNC_METRIC_COLUMNS,
-    _json_safe,
+    to_json_safe,
     collect_runs,
     fold_average,
     read_metrics_csv,
@@ -84,13 +84,14 @@ def build_tables(runs: dict) -> dict:
         avg = fold_average(folds)
         averages[variant] = avg
         for fold, e in sorted(folds.items()):
-            row = {"variant": variant, "fold": fold, "status": e["status"], "epochs": e["num_epochs"]}
+            row = {"variant": variant, "fold": fold, "status": e["status"], "epochs": e["num_epochs"],
+                   "final_val_epoch": e["summary"]["val_dice_mean"]["final_epoch"] if e["summary"] else None}
             for stat in ("final", "last_k_mean"):
                 for c in DICE_COLUMNS:
                     row[f"{c}_{stat}"] = e["summary"][c][stat] if e["summary"] else float("nan")
             t1.append(row)
         row = {"variant": variant, "fold": "mean", "status": f"{len(avg['folds_used'])} finished folds",
-               "epochs": ""}
+               "epochs": "", "final_val_epoch": ""}
         for stat in ("final", "last_k_mean"):
             for c in DICE_COLUMNS:
                 row[f"{c}_{stat}"] = avg[c][stat]
@@ -280,11 +281,12 @@ def render_report(runs, tables, k, figures: dict, problems: list, heldout=None) 
         p = PAPER_TABLE1[v]
         lines.append(f"| {VARIANT_NAMES[v]} (paper) | 5 | " + " | ".join(f"{p[c]:.3f}" for c in DICE_COLUMNS) + " |")
     lines += ["", "Per fold:", "",
-              "| variant | fold | state | WT | TC | ET | mean | WT last-K | TC last-K | ET last-K | mean last-K |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | fold | state | final val. epoch | WT | TC | ET | mean | WT last-K | TC last-K | ET last-K "
+              "| mean last-K |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in tables["table1"]:
         vals = [_fmt(r[f"{c}_final"]) for c in DICE_COLUMNS] + [_fmt(r[f"{c}_last_k_mean"]) for c in DICE_COLUMNS]
-        lines.append(f"| {r['variant']} | {r['fold']} | {r['status']} | " + " | ".join(vals) + " |")
+        ep = "" if r["final_val_epoch"] is None else r["final_val_epoch"]
+        lines.append(f"| {r['variant']} | {r['fold']} | {r['status']} | {ep} | " + " | ".join(vals) + " |")
 
     lines += ["", "## Table 2: uncertainty maps against error_stable (variant 'unc', GT WT voxels)", ""]
     if "unc" in avg:
@@ -359,7 +361,7 @@ def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc"
     heldout = json.loads(heldout_path.read_text()) if heldout_path.is_file() else None
     write_rows_csv(out_dir / "table1.csv", tables["table1"])
     write_rows_csv(out_dir / "table2.csv", tables["table2"])
-    atomic_write_json(out_dir / "tables.json", _json_safe({
+    atomic_write_json(out_dir / "tables.json", to_json_safe({
         "last_k": int(last_k), "table1": tables["table1"], "table2": tables["table2"],
         "averages": tables["averages"], "problems": problems,
         "runs": {v: {str(f): {k2: e[k2] for k2 in ("status", "reason", "dir", "num_epochs")} for f, e in fs.items()}
