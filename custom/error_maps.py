@@ -521,28 +521,33 @@ class ErrorMapStore:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _rates_inplace(self, count_view: np.ndarray) -> np.ndarray:
-        """Increment the (saturating) counts in place and return ``a = max(1/n, 1/W)`` as float32."""
-        np.minimum(count_view, self.MAX_COUNT - 1, out=count_view)
-        count_view += 1
-        a = self._buffer("rate", count_view.shape, np.float32)
-        np.copyto(a, count_view)
-        np.reciprocal(a, out=a)
-        np.maximum(a, np.float32(1.0 / self.ema_window), out=a)
-        return a
+    def _rates_inplace(self, count_view: np.ndarray) -> torch.Tensor:
+        """Increment the (saturating) counts in place and return ``a = max(1/n, 1/W)`` as float32.
+
+        torch's fused in-place kernels do this in a few passes over the (strided) memory-mapped view,
+        where numpy needs a temporary per operation."""
+        n = torch.from_numpy(count_view)
+        n.clamp_(max=self.MAX_COUNT - 1).add_(1)
+        a = torch.from_numpy(self._buffer("rate", count_view.shape, np.float32))
+        a.copy_(n)
+        return a.reciprocal_().clamp_(min=1.0 / self.ema_window)
 
     def _scatter_slices(self, maps, plan, values) -> int:
         _, case_sl, box, flips = plan
         a = self._rates_inplace(maps["count"][case_sl])
-        tmp = self._buffer("delta", a.shape, np.float32)
         for kind, v in zip(("error", "variance"), values):
-            target = maps[kind][case_sl]
-            # a contiguous copy first: numpy ufuncs are several times slower on reversed strides
-            np.copyto(tmp, self._oriented(v[box], flips))
-            tmp -= target
-            tmp *= a
-            target += tmp
-        return int(a.size)
+            target = torch.from_numpy(maps[kind][case_sl])
+            patch = v[box]
+            if any(flips):
+                # torch.from_numpy refuses negative strides: undo the flips into a contiguous buffer
+                tmp = self._buffer("oriented", a.shape, np.float32)
+                np.copyto(tmp, self._oriented(patch, flips))
+                patch = tmp
+            # e <- e + a (f - e), one fused pass over the memory-mapped case block
+            if min(patch.strides) < 0:
+                patch = np.ascontiguousarray(patch)
+            target.lerp_(torch.from_numpy(patch), a)
+        return int(a.numel())
 
     def _scatter_general(self, maps, plan, values, keep_values: bool = False) -> tuple:
         _, pos, lin = plan
@@ -574,14 +579,12 @@ class ErrorMapStore:
         np.minimum(n, self.MAX_COUNT - 1, out=n)
         n += 1
         count[lin] = n
-        a = ema_rates(n, self.ema_window)
+        a = torch.from_numpy(ema_rates(n, self.ema_window))
         fresh = []
         for kind, v in (("error", fv), ("variance", vv)):
             flat = maps[kind].reshape(-1)
             cur = flat[lin]
-            v -= cur
-            v *= a
-            cur += v
+            torch.from_numpy(cur).lerp_(torch.from_numpy(v), a)
             flat[lin] = cur
             if keep_values:
                 if all_unique:
