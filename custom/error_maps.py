@@ -344,7 +344,7 @@ class ErrorMapStore:
     def _analyse(self, case_id: str, coords) -> tuple:
         """Classify ``coords (3, *S)``: ``("slices", case_slices, patch_slices, flips)`` when the valid
         voxels form an axis-aligned (possibly flipped) box surrounded by invalid voxels, else
-        ``("general", flat_patch_positions, flat_case_index)``."""
+        ``("general", flat_valid_mask, flat_case_index)``."""
         c = _to_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
@@ -356,22 +356,21 @@ class ErrorMapStore:
 
     @staticmethod
     def _general_index(case_id: str, c: np.ndarray, shape) -> tuple:
-        """``(pos, lin)``: flat patch positions of the valid voxels and their flat case indices (int64)."""
+        """``(valid, lin)``: flat bool mask of the valid patch voxels and their flat case indices."""
         c2 = c.reshape(3, -1)
         valid = c2.min(axis=0) > 0
         hi = c2.max(axis=1)
         if np.any(hi > np.asarray(shape)):
             raise ValueError(f"ErrorMapStore: coords reach {hi.astype(int).tolist()} outside case {case_id} "
                              f"of shape {list(shape)} (wrong case id or coordinates?)")
-        pos = np.flatnonzero(valid)
         strides = np.array([shape[1] * shape[2], shape[2], 1])
         size = int(np.prod(shape))
         # float32 holds every product exactly while the case has < 2**24 voxels (BraTS: ~3.3 M)
         dtype = np.float32 if size < 2**24 else np.float64
-        lin_all = strides.astype(dtype) @ c2.astype(dtype, copy=False)
-        lin = lin_all[pos].astype(np.int64)
+        lin_all = (strides.astype(dtype) @ c2.astype(dtype, copy=False)).astype(np.int64 if size >= 2**31 else np.int32)
+        lin = lin_all[valid]
         lin -= int(strides.sum())
-        return pos, lin
+        return valid, lin
 
     @staticmethod
     def _fast_slices(c: np.ndarray, shape, buffer) -> tuple | None:
@@ -502,9 +501,9 @@ class ErrorMapStore:
                     arr.fill(0.0)
                 np.copyto(self._oriented(arr[box], flips), maps[kind][case_sl])
             else:
-                _, pos, lin = plan
+                _, valid, lin = plan
                 arr.fill(0.0)
-                np.put(arr.reshape(-1), pos, fresh[k] if fresh is not None else maps[kind].reshape(-1)[lin])
+                arr.reshape(-1)[valid] = fresh[k] if fresh is not None else maps[kind].reshape(-1)[lin]
             results.append(t.to(device) if device is not None else t)
         return results[0], results[1]
 
@@ -550,15 +549,17 @@ class ErrorMapStore:
         return int(a.numel())
 
     def _scatter_general(self, maps, plan, values, keep_values: bool = False) -> tuple:
-        _, pos, lin = plan
+        _, valid, lin = plan
         n_valid = lin.size
         if n_valid == 0:
             return 0, ((np.zeros(0, np.float32),) * 2 if keep_values else None)
-        fv = values[0].reshape(-1)[pos]
-        vv = values[1].reshape(-1)[pos]
+        fv = values[0].reshape(-1)[valid]
+        vv = values[1].reshape(-1)[valid]
         size = maps["count"].size
         # duplicates (several patch voxels on one case voxel, e.g. zoom-in): the last writer of each case
-        # voxel in a case-sized scratch array represents it; the others are folded into its mean
+        # voxel in a case-sized scratch array represents it; every duplicate then carries the mean of its
+        # group, so the fancy-indexed read-modify-write below computes and writes identical values for
+        # all of them and each case voxel is updated exactly once
         owner = self._work.get("owner")
         if owner is None or owner.size < size:
             owner = self._work["owner"] = np.empty(size, dtype=np.int32)
@@ -566,14 +567,20 @@ class ErrorMapStore:
         owner[lin] = order
         rep = owner[lin]
         winners = rep == order
-        all_unique = bool(winners.all())
-        if not all_unique:
-            losers = np.flatnonzero(~winners)
-            groups, inverse = np.unique(rep[losers], return_inverse=True)
-            hits = np.bincount(inverse, minlength=groups.size) + 1.0
-            fv[groups] = (fv[groups] + np.bincount(inverse, weights=fv[losers], minlength=groups.size)) / hits
-            vv[groups] = (vv[groups] + np.bincount(inverse, weights=vv[losers], minlength=groups.size)) / hits
-            lin, fv, vv = lin[winners], fv[winners], vv[winners]
+        n_unique = int(np.count_nonzero(winners))
+        if n_unique < n_valid:
+            if n_valid - n_unique < n_valid // 8:  # a few duplicates (rotation): group only those
+                losers = np.flatnonzero(~winners)
+                groups, inverse = np.unique(rep[losers], return_inverse=True)
+                hits = np.bincount(inverse, minlength=groups.size) + 1.0
+                fv[groups] = (fv[groups] + np.bincount(inverse, weights=fv[losers], minlength=groups.size)) / hits
+                vv[groups] = (vv[groups] + np.bincount(inverse, weights=vv[losers], minlength=groups.size)) / hits
+            else:  # many (zoom-in): dense sums over representatives, no sort
+                hits = np.bincount(rep, minlength=n_valid)
+                hits[hits == 0] = 1
+                fv = (np.bincount(rep, weights=fv, minlength=n_valid) / hits).astype(np.float32)
+                vv = (np.bincount(rep, weights=vv, minlength=n_valid) / hits).astype(np.float32)
+            fv, vv = fv[rep], vv[rep]
         count = maps["count"].reshape(-1)
         n = count[lin]
         np.minimum(n, self.MAX_COUNT - 1, out=n)
@@ -586,14 +593,8 @@ class ErrorMapStore:
             cur = flat[lin]
             torch.from_numpy(cur).lerp_(torch.from_numpy(v), a)
             flat[lin] = cur
-            if keep_values:
-                if all_unique:
-                    fresh.append(cur)
-                else:  # every valid patch voxel reads its representative's new value
-                    per_valid = np.empty(n_valid, np.float32)
-                    per_valid[winners] = cur
-                    fresh.append(per_valid[rep])
-        return int(lin.size), (tuple(fresh) if keep_values else None)
+            fresh.append(cur)
+        return n_unique, (tuple(fresh) if keep_values else None)
 
     # ------------------------------------------------------------------ batches
     def gather_batch(self, case_ids: Sequence[str], coords, device=None) -> tuple[torch.Tensor, torch.Tensor]:
