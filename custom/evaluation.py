@@ -934,7 +934,9 @@ def render_quality_vs_cost(heldout: dict) -> str:
         lines += ["### Quality vs cost", "",
                   "Each map is scored against the WT errors of the segmentation that comes with it, inside the "
                   "dilated union of predicted and true WT (AUROC, Spearman; ECE reads the map as P(error), 10 bins); "
-                  "QU-BraTS per region with the map scaled to [0, 100].", "",
+                  "QU-BraTS per region with the map scaled to [0, 100]. Every map is bounded by the same cancer mask "
+                  "(predicted WT dilated by 3 voxels). Seconds per case = preprocessing + forward passes + "
+                  "postprocessing, measured side by side in one run on this machine.", "",
                   "| method | forward passes | s / case | Dice WT | AUROC | Spearman | ECE | QU-BraTS WT | TC | ET |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:

@@ -38,6 +38,8 @@ def _as_bool(value) -> bool:
 def main(pred_dir: str, gt_dir: str, out_dir: str, unc_dir: str | None = None, unc_max: float = 1.0,
          crosscheck: bool = False, cases=None):
     """Write per_case.csv and summary.json into ``out_dir``; print a one-line summary."""
+    if isinstance(cases, str):
+        cases = [c.strip().strip("'\"") for c in cases.strip("[]").split(",") if c.strip()]
     try:
         summary = evaluate_folder(pred_dir, gt_dir, out_dir, unc_dir=unc_dir, case_ids=cases,
                                   unc_max=float(unc_max), crosscheck=_as_bool(crosscheck))
