@@ -374,3 +374,27 @@ def test_concurrent_processes_lose_no_update(tmp_path):
         p.join(120)
         assert p.exitcode == 0
     assert (store2.full("c")["count"] == 120).all()
+
+
+def test_benchmark_store_script_writes_json(tmp_path):
+    """The benchmark entry point runs end to end at a tiny size and writes one JSON object with units."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/benchmark_store.py", "--out", str(out), "--case_shape",
+                           "[40,44,36]", "--patch", "24", "--iterations", "3", "--rotated_iterations", "2"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["case_shape"] == [40, 44, 36]
+    # 40*44*36 voxels x (4 + 4 + 1) bytes plus three .npy headers
+    assert result["disk_mb_per_case"] == pytest.approx(40 * 44 * 36 * 9 / 1e6, rel=0.01)
+    for key in ("fast_scatter_gather_mean_ms", "augmented_scatter_gather_p95_ms", "rotated_scatter_gather_mean_ms",
+                "projected_disk_gb_1248_cases", "rss_mb"):
+        assert result[key] > 0
+    assert len(proc.stdout.strip().splitlines()) == 1 and "MB/case" in proc.stdout
+    assert not any(p.name.startswith("store_bench_") for p in tmp_path.iterdir())  # temporary store removed
