@@ -98,12 +98,23 @@ def test_evaluate_config_writes_per_case_metrics(tiny_training_run, prepared_wor
         np.testing.assert_array_equal(store.full(cid)["count"], count)
 
 
-def test_evaluate_missing_checkpoint_is_named(prepared_work_dir, tmp_path):
-    proc = run_cmd([PYTHON, "-m", "monai.bundle", "run", "evaluating", "--bundle_root", "bundle", "--config_file",
-                    "['bundle/configs/train.json','bundle/configs/evaluate.json']", "--work_dir", prepared_work_dir,
-                    "--fold", 0, "--output_dir", tmp_path / "none"], env=ENV, timeout=600, check=False)
-    assert proc.returncode != 0
-    assert f"{tmp_path / 'none' / 'model.pt'}: checkpoint not found" in proc.stdout + proc.stderr
+def test_checkpoint_loading_errors_name_the_file(prepared_work_dir, tmp_path):
+    from custom.errors import BraTSInputError
+    from custom.networks import build_network
+    from custom.training import load_model_weights
+
+    net = build_network(prepared_work_dir / "plans.json")
+    with pytest.raises(BraTSInputError, match=r"model\.pt: checkpoint not found"):
+        load_model_weights(net, tmp_path / "model.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BraTSInputError, match=r"junk\.pt: unreadable checkpoint"):
+        load_model_weights(net, tmp_path / "junk.pt")
+    baseline = build_network(prepared_work_dir / "plans.json", with_uncertainty=False)
+    torch.save({"model": baseline.state_dict()}, tmp_path / "baseline.pt")
+    with pytest.raises(BraTSInputError, match=r"baseline\.pt: weights do not fit"):
+        load_model_weights(net, tmp_path / "baseline.pt")
+    torch.save({"model": net.state_dict()}, tmp_path / "ok.pt")
+    assert load_model_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "ok.pt") is not None
 
 
 def test_multi_gpu_config_with_torchrun_gloo_on_cpu(prepared_work_dir, tmp_path):
