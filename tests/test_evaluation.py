@@ -300,3 +300,41 @@ def test_crosscheck_agrees_with_official_evaluator_where_definitions_coincide(cr
     assert a["legacy_dice"]["compared"] == 6 and a["legacy_dice"]["agree"] == 6
     assert a["hd95"]["agree"] == a["hd95"]["compared"] == 6
     assert a["lesions"]["compared"] >= 3 and a["lesions"]["agree"] == a["lesions"]["compared"]
+
+
+def test_qubrats_matches_direct_threshold_loop():
+    # the cumulative-histogram implementation against the definition, threshold by threshold
+    rng = np.random.default_rng(1)
+    unc = rng.integers(0, 101, size=(20, 20, 10)).astype(float)
+    unc[0, 0, 0], unc[1, 0, 0] = 2.5, 97.5                      # exactly on thresholds: kept (unc <= t)
+    pred, gt = rng.random(unc.shape) > 0.5, rng.random(unc.shape) > 0.4
+    brain = rng.random(unc.shape) > 0.1
+    thresholds = np.linspace(100, 0, 41)
+    tp0, tn0 = (pred & gt).sum(), (~pred & ~gt & brain).sum()
+    d, ftp, ftn = [], [], []
+    for t in thresholds:
+        keep = unc <= t
+        tp = (pred & gt & keep).sum()
+        den = (pred & keep).sum() + (gt & keep).sum()
+        d.append(2 * tp / den if den else 1.0)
+        ftp.append((tp0 - tp) / tp0)
+        ftn.append((tn0 - (~pred & ~gt & brain & keep).sum()) / tn0)
+    x = thresholds[::-1] / 100
+
+    def auc(y):
+        return float(np.trapz(np.asarray(y)[::-1], x))
+
+    q = qubrats_score(unc, pred, gt, brain_mask=brain)
+    assert q["auc_dice"] == pytest.approx(auc(d))
+    assert q["auc_ftp"] == pytest.approx(auc(ftp)) and q["auc_ftn"] == pytest.approx(auc(ftn))
+    assert q["score"] == pytest.approx((auc(d) + 1 - auc(ftp) + 1 - auc(ftn)) / 3)
+
+
+def test_threshold_index_equals_searchsorted_at_boundaries():
+    from custom.evaluation import _count_below
+
+    asc = np.linspace(100, 0, 41)[::-1]
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.random(10000) * 100, asc, np.nextafter(asc, 200), np.nextafter(asc, -200).clip(0),
+                        np.arange(0, 100.01, 0.1), np.array([0.0, 100.0])])
+    np.testing.assert_array_equal(_count_below(v, asc), np.searchsorted(asc, v, side="left"))
