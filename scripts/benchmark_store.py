@@ -144,6 +144,9 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
         disk_bytes = sum(p.stat().st_size for p in case_files)
         rss_after = _rss_mb()
         maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        # what the store itself keeps in memory: its scratch buffers; the case maps are file-backed pages
+        # (page cache, shared between processes, reclaimable), at most the case files' size
+        buffers_mb = sum(b.nbytes for b in store._work.values()) / 1e6
         store.close()
     finally:
         if tmp is not None:
@@ -183,6 +186,8 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
         "projected_disk_gb_1248_cases": disk_bytes * NUM_CASES_REAL / 1e9,
         "rss_mb": rss_after,
         "rss_increase_mb": rss_after - rss_before,
+        "store_scratch_buffers_mb": buffers_mb,
+        "store_mapped_mb_per_open_case": disk_bytes / 1e6,
         "max_rss_mb": maxrss_mb,
         "iterations": int(iterations),
         "rotated_iterations": int(rotated_iterations),
