@@ -1,7 +1,7 @@
 """Throughput and latency through Triton at several concurrencies against in-process inference, one run.
 
     python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench.json \
-        [--concurrency "[1,2,4,8]"] [--requests_per_level 8] [--protocol grpc] [--threads 1]
+        [--concurrency "[1,2,4,8]"] [--requests_per_level 12] [--rounds 3] [--protocol grpc] [--threads 1]
 
 Same cases, same checkpoint, same machine, side by side:
 
@@ -9,7 +9,10 @@ Same cases, same checkpoint, same machine, side by side:
   (the bundle's inference path), ``torch.set_num_threads(threads)``.
 - ``triton``: a real ``tritonserver`` on a temporary copy of the model repository (same checkpoint),
   ``OMP_NUM_THREADS=threads`` per model instance; for each concurrency c, c client threads each send
-  volumes back to back until ``max(requests_per_level, c)`` requests are done.
+  volumes back to back until the level's requests are done.
+
+The measurements alternate in rounds (in-process, then each level, ``--rounds`` times) so that a load change
+on a shared machine does not favour one side; throughput = requests / wall time summed over rounds.
 
 Writes one JSON object to ``--out`` (throughput in cases per second, latencies in ms) and prints a one-line
 summary. perf_analyzer's wheels need glibc 2.38, so this is the project's own load generator.
@@ -17,11 +20,10 @@ summary. perf_analyzer's wheels need glibc 2.38, so this is the project's own lo
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+import re
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -54,11 +56,8 @@ def _load_cases(input_dir, num_cases: int):
     return cases
 
 
-def bench_in_process(checkpoint, cases, requests: int, device: str = "cpu") -> dict:
-    from custom.inference import UncertaintySegmenter
-
-    segmenter = UncertaintySegmenter.from_checkpoint(checkpoint, device=device)
-    segmenter.predict(cases[0][1], cases[0][2])  # warm-up: allocator, MONAI imports
+def bench_in_process(segmenter, cases, requests: int) -> dict:
+    """Cases one after another through ``segmenter.predict``: ``{"wall_s", "latencies_s", "errors"}``."""
     latencies = []
     t0 = time.perf_counter()
     for i in range(requests):
@@ -66,9 +65,21 @@ def bench_in_process(checkpoint, cases, requests: int, device: str = "cpu") -> d
         t = time.perf_counter()
         segmenter.predict(image, spacing)
         latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    return {"requests": requests, "wall_s": round(wall, 3), "throughput_cases_per_s": round(requests / wall, 4),
-            **_latency_stats(latencies)}
+    return {"wall_s": time.perf_counter() - t0, "latencies_s": latencies, "errors": []}
+
+
+def _summarise(runs: list[dict], **extra) -> dict:
+    """Totals over rounds: throughput = requests done / wall time spent on them."""
+    latencies = [x for r in runs for x in r["latencies_s"]]
+    errors = [e for r in runs for e in r["errors"]]
+    wall = sum(r["wall_s"] for r in runs)
+    out = {**extra, "requests": len(latencies) + len(errors), "errors": len(errors), "wall_s": round(wall, 3),
+           "throughput_cases_per_s": round(len(latencies) / wall, 4) if wall > 0 else 0.0}
+    if latencies:
+        out.update(_latency_stats(latencies))
+    if errors:
+        out["first_error"] = errors[0]
+    return out
 
 
 def bench_triton_level(url, protocol, cases, concurrency: int, requests: int, timeout_s: float) -> dict:
@@ -102,18 +113,11 @@ def bench_triton_level(url, protocol, cases, concurrency: int, requests: int, ti
         th.start()
     for th in threads:
         th.join()
-    wall = time.perf_counter() - t0
-    out = {"concurrency": concurrency, "requests": requests, "errors": len(errors), "wall_s": round(wall, 3),
-           "throughput_cases_per_s": round(len(latencies) / wall, 4)}
-    if latencies:
-        out.update(_latency_stats(latencies))
-    if errors:
-        out["first_error"] = errors[0]
-    return out
+    return {"wall_s": time.perf_counter() - t0, "latencies_s": latencies, "errors": errors}
 
 
 def _patch_batching(url) -> dict:
-    """Patches per patch-model execution (> sw_batch_size means patches of different requests were merged)."""
+    """Patch-model counters: BLS requests, patches and executions (fewer executions than requests = merged)."""
     import tritonclient.http as th
 
     from custom.triton_utils import PATCH_MODEL
@@ -123,12 +127,14 @@ def _patch_batching(url) -> dict:
         stats = client.get_inference_statistics(PATCH_MODEL)["model_stats"][0]
     finally:
         client.close()
-    return {"inference_count": int(stats.get("inference_count", 0)),
+    return {"requests": int(stats["inference_stats"]["success"]["count"]),
+            "inference_count": int(stats.get("inference_count", 0)),
             "execution_count": int(stats.get("execution_count", 0))}
 
 
-def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), requests_per_level: int = 8,
-         num_cases: int = 4, protocol: str = "grpc", threads: int = 1, timeout_s: float = 600.0) -> dict:
+def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), requests_per_level: int = 12,
+         num_cases: int = 4, protocol: str = "grpc", threads: int = 1, timeout_s: float = 600.0,
+         rounds: int = 3) -> None:
     """Run the benchmark; see the module docstring.
 
     Args:
@@ -136,11 +142,13 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
         input_dir: BraTS case folders to send.
         out: JSON output path.
         concurrency: concurrency levels (clients in flight).
-        requests_per_level: requests per level (at least the concurrency) and in-process cases timed.
+        requests_per_level: requests per level over all rounds (per round at least the concurrency), and
+            in-process cases timed.
         num_cases: distinct cases used (cycled).
         protocol: grpc or http.
         threads: torch/OpenMP threads for the in-process run and per Triton model instance.
         timeout_s: per-request timeout.
+        rounds: the measurements are split into this many rounds, each running in-process then every level.
     """
     import torch
 
@@ -158,24 +166,40 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
     shape = list(cases[0][1].shape)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    in_process = bench_in_process(checkpoint, cases, requests_per_level, device)
-    triton = []
+    from custom.inference import UncertaintySegmenter
+
+    segmenter = UncertaintySegmenter.from_checkpoint(checkpoint, device=device)
+    segmenter.predict(cases[0][1], cases[0][2])  # warm-up: allocator, lazy imports
+    per_round = max(1, -(-int(requests_per_level) // int(rounds)))
+    in_process_runs, triton_runs = [], {c: [] for c in levels}
+    counters = {c: {"requests": 0, "inference_count": 0, "execution_count": 0} for c in levels}
     with tempfile.TemporaryDirectory(prefix="brats-triton-bench-") as tmp:
         repo = prepare_model_repository(checkpoint, repo_dir=Path(tmp) / "models")
+        volume_config = (repo / "brats_unc_volume" / "config.pbtxt").read_text()
         with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_stream=None, threads=threads) as server:
             url = server.grpc_url if protocol == "grpc" else server.http_url
             bench_triton_level(url, protocol, cases, 1, 1, timeout_s)  # warm-up
-            for c in levels:
-                before = _patch_batching(server.http_url)
-                level = bench_triton_level(url, protocol, cases, c, max(requests_per_level, c), timeout_s)
-                after = _patch_batching(server.http_url)
-                patches = after["inference_count"] - before["inference_count"]
-                executions = after["execution_count"] - before["execution_count"]
-                level["patches_per_execution"] = round(patches / max(executions, 1), 3)
-                level["throughput_ratio_vs_in_process"] = round(
-                    level["throughput_cases_per_s"] / in_process["throughput_cases_per_s"], 3)
-                triton.append(level)
+            # rounds alternate in-process and every Triton level, so that a change of load on a shared
+            # machine during the run spreads over all of them instead of favouring one
+            for _ in range(int(rounds)):
+                in_process_runs.append(bench_in_process(segmenter, cases, per_round))
+                for c in levels:
+                    before = _patch_batching(server.http_url)
+                    triton_runs[c].append(bench_triton_level(url, protocol, cases, c, max(per_round, c), timeout_s))
+                    after = _patch_batching(server.http_url)
+                    for k in counters[c]:
+                        counters[c][k] += after[k] - before[k]
+    in_process = _summarise(in_process_runs, sw_batch_size=segmenter.inferer.sw_batch_size)
+    reference = in_process["throughput_cases_per_s"]
+    triton = []
+    for c in levels:
+        n = counters[c]
+        level = _summarise(triton_runs[c], concurrency=c)
+        level["patches_per_execution"] = round(n["inference_count"] / max(n["execution_count"], 1), 3)
+        level["bls_requests_per_execution"] = round(n["requests"] / max(n["execution_count"], 1), 3)
+        level["throughput_ratio_vs_in_process"] = round(level["throughput_cases_per_s"] / reference, 3)
+        triton.append(level)
     ratio_c1 = next((t["throughput_ratio_vs_in_process"] for t in triton if t["concurrency"] == 1), None)
     throughputs = [t["throughput_cases_per_s"] for t in triton]
     # "must not fall": allow 5 % measurement noise between neighbouring levels
@@ -191,6 +215,9 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "in_process": in_process,
+        "triton_volume_config": {k: v for k, v in re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)"', volume_config)},
+        "triton_volume_instances": int(re.search(r"count:\s*(\d+)", volume_config).group(1)),
+        "rounds": int(rounds),
         "triton": triton,
         "throughput_ratio_c1_ratio": ratio_c1,
         "target_c1_ratio": 0.9,
@@ -200,10 +227,9 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
     }
     atomic_write_json(out, result)
     levels_txt = " ".join(f"c{t['concurrency']}={t['throughput_cases_per_s']:.3g}/s" for t in triton)
-    print(f"[benchmark_triton] in-process {in_process['throughput_cases_per_s']:.3g} cases/s; triton {protocol} "
+    print(f"[benchmark_triton] in-process {reference:.3g} cases/s; triton {protocol} "
           f"{levels_txt}; c1 ratio {ratio_c1}; non-decreasing {non_decreasing} -> {out}")
     print(f"[benchmark_triton] on a GPU machine: {gpu_command()}")
-    return result
 
 
 def gpu_command() -> str:

@@ -268,7 +268,7 @@ def test_concurrent_requests_batched_and_correct(server, cases, reference):
 
     def patch_counts():
         stats = stats_client.get_inference_statistics(PATCH_MODEL)["model_stats"][0]
-        return int(stats["inference_count"]), int(stats["execution_count"])
+        return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
 
     n = 8
     before = patch_counts()
@@ -294,9 +294,9 @@ def test_concurrent_requests_batched_and_correct(server, cases, reference):
     assert not errors, errors
     for case_id, protocol, seg, unc in results:
         assert_matches(seg, unc, reference[case_id], f"concurrent {protocol} {case_id}")
-    patches, executions = after[0] - before[0], after[1] - before[1]
-    # each volume sends sw_batch_size (2) patches per BLS call: more per execution = cross-request batching
-    assert executions > 0 and patches / executions > 2.0, (patches, executions)
+    bls_requests, executions = after[0] - before[0], after[1] - before[1]
+    # fewer executions than BLS requests: patches of different volumes ran in one batch
+    assert 0 < executions < bls_requests, (bls_requests, executions)
 
 
 def _expect_rejected(call, needle):
