@@ -115,7 +115,12 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
         p = single(image_pp)
         return _stack(p, 4.0 * p[0] * (1.0 - p[0]))
 
-    methods = [MethodRunner("unc_output", 1, single), MethodRunner("var1shot", 1, var1shot)]
+    methods = [MethodRunner("var1shot", 1, var1shot)]
+    if seg.with_uncertainty:
+        methods.insert(0, MethodRunner("unc_output", 1, single))
+    else:
+        unavailable.setdefault("unc_output", f"fold {fold}'s model has no uncertainty channel "
+                                             "(a variant trained without it)")
 
     def variance_method(samples):
         stack = torch.stack(samples)             # (N, C, X', Y', Z')
@@ -137,6 +142,14 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
 
         methods.append(MethodRunner("tta_variance", len(axes_list), tta_fn))
 
+    if ensemble:
+        if len(fold_models) < 2:
+            unavailable.setdefault("ensemble", f"only {len(fold_models)} finished fold model(s); an ensemble needs 2+")
+        else:
+            def ens_fn(image_pp):
+                return variance_method([torch.as_tensor(m.predict_preprocessed(image_pp)) for m in fold_models.values()])
+
+            methods.append(MethodRunner(f"ensemble ({len(fold_models)} folds)*", len(fold_models), ens_fn))
     if mc_variant:
         ckpt = work_dir / "runs" / mc_variant / f"fold{fold}" / "model_final.pt"
         if not ckpt.is_file() or not (ckpt.parent / "FINISHED").exists():
@@ -144,8 +157,12 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
                                                  f"(train it with cross_validate.py --variants \"[{mc_variant}]\")")
         else:
             p_drop = _run_dropout(ckpt.parent)
-            net, _ = load_network(ckpt, seg.plans, device=device, dropout=p_drop)
-            enable_mc_dropout(net)
+            try:
+                net, _ = load_network(ckpt, seg.plans, device=device, dropout=p_drop)
+                enable_mc_dropout(net)
+            except (BraTSInputError, ValueError) as exc:
+                unavailable.setdefault("mc_dropout", f"{ckpt}: cannot run with dropout p={p_drop}: {exc}")
+                return methods
             patch_fn = probability_patch_fn(net)
 
             def mc_fn(image_pp):
@@ -155,14 +172,6 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
 
             methods.append(MethodRunner(f"mc_dropout (N={int(mc_samples)}, p={p_drop})", int(mc_samples), mc_fn))
 
-    if ensemble:
-        if len(fold_models) < 2:
-            unavailable.setdefault("ensemble", f"only {len(fold_models)} finished fold model(s); an ensemble needs 2+")
-        else:
-            def ens_fn(image_pp):
-                return variance_method([torch.as_tensor(m.predict_preprocessed(image_pp)) for m in fold_models.values()])
-
-            methods.append(MethodRunner(f"ensemble ({len(fold_models)} folds)*", len(fold_models), ens_fn))
     return methods
 
 
@@ -217,7 +226,7 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
                 probs_pp = m.fn(image_pp)
                 pred = postprocess_probabilities(probs_pp, props, seg.mask_dilation)
                 secs = time.perf_counter() - t0
-                if m.name == "unc_output":
+                if m is methods[0]:
                     # the product's files: evaluated (and cross-checked) below like any other tool's output
                     for arr, name in ((pred.labels, f"{cid}.nii.gz"), (pred.unc, f"{cid}-unc.nii.gz")):
                         atomic_save_nifti(nib.Nifti1Image(arr, affine), pred_dir / name)
@@ -238,8 +247,9 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
         if "crosscheck" in summ:
             agreements.append(summ["crosscheck"])
 
+    order = ("unc_output", "var1shot", "tta_variance", "mc_dropout", "ensemble")
     methods_summary = []
-    for name in cost:
+    for name in sorted(cost, key=lambda n: order.index(n.split(" ")[0]) if n.split(" ")[0] in order else len(order)):
         rows = [r for r in method_rows if r["method"] == name]
         methods_summary.append({"method": name, "forward_passes": cost[name], "num_cases": len(rows),
                                 "seconds_per_case": nanmean([r["seconds"] for r in rows]),

@@ -273,7 +273,8 @@ def test_evaluate_heldout_quality_vs_cost(finished_runs, tmp_path):
     res = json.loads((out / "heldout.json").read_text())
     assert res["folds"] == [0, 1] and res["num_cases"] == 2
     methods = {m["method"].split(" ")[0]: m for m in res["methods"]}
-    assert set(methods) == {"unc_output", "var1shot", "tta_variance", "mc_dropout", "ensemble"}
+    assert [m["method"].split(" ")[0] for m in res["methods"]] == ["unc_output", "var1shot", "tta_variance",
+                                                                   "mc_dropout", "ensemble"]
     passes = {k: m["forward_passes"] for k, m in methods.items()}
     assert passes == {"unc_output": 1, "var1shot": 1, "tta_variance": 8, "mc_dropout": 2, "ensemble": 2}
     for m in methods.values():
