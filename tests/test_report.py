@@ -289,3 +289,15 @@ def test_evaluate_heldout_quality_vs_cost(finished_runs, tmp_path):
             assert len(list(csv.DictReader(fh))) == 3
     md = (out / "report.md").read_text()
     assert "### Quality vs cost" in md and "| tta_variance | 8 |" in md and "Not run yet" not in md
+
+
+def test_evaluate_heldout_without_finished_models_names_the_runs(tmp_path):
+    work = tmp_path / "W"
+    work.mkdir()
+    (work / "datalist.json").write_text(json.dumps({"num_folds": 2, "training": [], "modalities": ["t1c", "t1n", "t2f", "t2w"]}))
+    write_run(work, "unc", 0, [0.5], finished=False)
+    proc = run_cmd([sys.executable, "scripts/evaluate_heldout.py", "--work_dir", work, "--out_dir", tmp_path / "R"],
+                   check=False, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no fold has a finished final model" in proc.stderr and "unc/fold0: no finished run" in proc.stderr
+    assert not (tmp_path / "R" / "heldout.json").exists()
