@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -283,3 +282,60 @@ def test_mcdropout_variant_builds_dropout_network(prepared_work_dir):
     drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
     assert drops and all(m.p == pytest.approx(0.1) for m in drops)
     assert parser.get_parsed_content("loss").__class__.__name__ == "CompositeUncertaintyLoss"
+
+
+# ----------------------------------------------------------------------------------------- handlers in isolation
+def _engine(output=None, epoch=1, metrics=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(state=SimpleNamespace(output=output, epoch=epoch, metrics=metrics or {}, iteration=1))
+
+
+def test_error_map_handler_sets_ema_target_in_place(tmp_path):
+    from monai.utils import CommonKeys as Keys
+
+    from custom.error_maps import ErrorMapStore, smooth_failure
+    from custom.handlers import ErrorMapHandler
+    from custom.transforms import make_case_coordinates
+
+    store = ErrorMapStore(tmp_path / "store", ema_window=30).create({"c": (8, 8, 8)})
+    coords = torch.from_numpy(make_case_coordinates((8, 8, 8)))[None]
+    label = torch.zeros(1, 3, 8, 8, 8)
+    label[:, 0, 2:6, 2:6, 2:6] = 1
+    wrong = torch.full((1, 4, 8, 8, 8), 5.0)  # p_WT ~ 1 everywhere: false positives outside the tumour
+    targets = {"label": label, "coords": coords, "case_id": ["c"], "error_stable": None}
+    handler = ErrorMapHandler(store)
+    handler(_engine({Keys.LABEL: targets, Keys.PRED: wrong}))
+    f_s = smooth_failure((label[:, 0:1] < 0.5).float())
+    assert targets["error_stable"].shape == (1, 1, 8, 8, 8)
+    torch.testing.assert_close(targets["error_stable"], f_s)  # first visit: e = f_s
+    right = torch.where(label[:, 0:1] > 0, 5.0, -5.0).repeat(1, 4, 1, 1, 1)
+    targets = {"label": label, "coords": coords, "case_id": ["c"], "error_stable": None}
+    handler(_engine({Keys.LABEL: targets, Keys.PRED: right}))
+    torch.testing.assert_close(targets["error_stable"], f_s / 2)  # running mean of f_s and 0
+    assert float(targets["variance_stable"].max()) > 0
+    paper = ErrorMapHandler(store, target_transform="paper")
+    targets = {"label": label, "coords": coords, "case_id": ["c"], "error_stable": None}
+    paper(_engine({Keys.LABEL: targets, Keys.PRED: right}))
+    assert float(targets["error_stable"].min()) > 0.4, "the paper's transform is a sigmoid around the WT mean"
+    with pytest.raises(ValueError, match="target_transform"):
+        ErrorMapHandler(store, target_transform="log")
+
+
+def test_metrics_csv_rewrites_rows_after_resume(tmp_path):
+    from custom.handlers import MetricsCSVHandler
+
+    path = tmp_path / "metrics.csv"
+    handler = MetricsCSVHandler(path)
+    for epoch in (1, 2, 3):
+        engine = _engine({"loss": torch.tensor(float(epoch))}, epoch=epoch)
+        handler.epoch_started(engine)
+        handler.iteration_completed(engine)
+        handler.epoch_completed(engine)
+    engine = _engine({"loss": torch.tensor(9.0)}, epoch=2)  # a resumed run repeats epoch 2
+    handler.epoch_started(engine)
+    handler.iteration_completed(engine)
+    handler.epoch_completed(engine)
+    rows = read_csv(path)
+    assert [(r["epoch"], float(r["train_loss"])) for r in rows] == [("1", 1.0), ("2", 9.0)]
+    assert list(rows[0]) == list(METRICS_CSV_COLUMNS) and rows[0]["val_dice_wt"] == ""
