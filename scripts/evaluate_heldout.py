@@ -178,33 +178,37 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
 def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_variant: str | None = "mcdropout",
                      mc_samples: int = 10, tta: bool = True, ensemble: bool = True, crosscheck: bool = True,
                      max_cases_per_fold: int | None = None, device: str = "cpu") -> dict:
-    import nibabel as nib
-    import torch
-
     from custom.data import fold_split, load_case_arrays, load_datalist
-    from custom.inference import UncertaintySegmenter, postprocess_probabilities
-    from custom.preprocess import preprocess_case
 
     work_dir, out_dir = Path(work_dir).resolve(), Path(out_dir)
     datalist = load_datalist(work_dir)
     num_folds = int(datalist["num_folds"])
     folds = list(range(num_folds)) if folds is None else [int(f) for f in folds]
-    torch.manual_seed(0)
 
-    # final models of every finished fold (the ensemble uses all of them)
-    fold_models, skipped = {}, {}
+    # final models of every finished fold (the ensemble uses all of them); checked before the heavy imports
+    finished, skipped = {}, {}
     for f in range(num_folds):
         run = work_dir / "runs" / variant / f"fold{f}"
         if not (run / "FINISHED").exists() or not (run / "model_final.pt").is_file():
             skipped[f] = f"{run}: no finished run with model_final.pt"
-            continue
-        fold_models[f] = UncertaintySegmenter.from_checkpoint(run / "model_final.pt", work_dir=work_dir, device=device)
-    use = [f for f in folds if f in fold_models]
+        else:
+            finished[f] = run / "model_final.pt"
+    use = [f for f in folds if f in finished]
     for f in folds:
-        if f not in fold_models:
+        if f not in finished:
             print(f"WARNING: fold {f} skipped: {skipped[f]}", file=sys.stderr)
     if not use:
         raise BraTSInputError([skipped[f] for f in folds], header="no fold has a finished final model to evaluate")
+
+    import nibabel as nib
+    import torch
+
+    from custom.inference import UncertaintySegmenter, postprocess_probabilities
+    from custom.preprocess import preprocess_case
+
+    torch.manual_seed(0)
+    fold_models = {f: UncertaintySegmenter.from_checkpoint(ckpt, work_dir=work_dir, device=device)
+                   for f, ckpt in finished.items()}
 
     unavailable = {}
     seg_rows, method_rows, agreements = [], [], []
