@@ -348,6 +348,10 @@ class ErrorMapStore:
         c = _to_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
+        sample = c.reshape(3, -1)[:, ::97]
+        if not np.array_equal(sample, np.rint(sample)) or sample.min() < 0:
+            raise ValueError("ErrorMapStore: coords are not non-negative integers; the coordinate channels must "
+                             "be resampled with mode='nearest' and padded with zeros (see AddCaseCoordinatesd)")
         shape = self.shapes.get(case_id) or tuple(self._open(case_id)["error"].shape)
         fast = self._fast_slices(c, shape, self._buffer) if self.allow_fast_path else None
         if fast is not None:

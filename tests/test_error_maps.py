@@ -141,6 +141,8 @@ def test_create_is_idempotent_and_validates(tmp_path):
         s.gather("c2", coords)
     with pytest.raises(ValueError, match="ema_window"):
         ErrorMapStore(tmp_path / "x", ema_window=256)
+    with pytest.raises(ValueError, match="nearest"):  # bilinear-resampled coordinates
+        s.gather("c1", coords + 0.5)
 
 
 def test_scatter_mean_of_duplicates_counts_once(store):
