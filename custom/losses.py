@@ -51,7 +51,9 @@ class RegionDiceBCELoss(nn.Module):
         self.weight_ce = float(weight_ce)
         self.last_terms: dict = {}
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
+        if isinstance(target, Mapping):  # the targets dict of the uncertainty pipeline
+            target = target["label"]
         if logits.shape != target.shape:
             raise ValueError(f"RegionDiceBCELoss: logits {tuple(logits.shape)} vs target {tuple(target.shape)}")
         target = target.to(logits.dtype)
