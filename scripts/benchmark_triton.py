@@ -235,9 +235,9 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
 def gpu_command() -> str:
     """The one command that repeats this benchmark on a GPU machine (NVIDIA's Triton container)."""
     return ("docker run --rm --gpus all --shm-size=8g -v $PWD:/workspace -w /workspace "
-            "nvcr.io/nvidia/tritonserver:24.08-py3 bash -c \"pip install -e . && "
-            "python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench_gpu.json "
-            "--threads 4\"")
+            "nvcr.io/nvidia/tritonserver:24.08-py3 bash -c \"pip install torch monai==1.6.1 nibabel scipy fire tqdm "
+            "'tritonclient[all]' && pip install --no-deps -e . && python3 scripts/benchmark_triton.py "
+            "--checkpoint CKPT --input_dir CASES --out triton_bench_gpu.json --threads 4\"")
 
 
 if __name__ == "__main__":

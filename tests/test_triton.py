@@ -80,9 +80,9 @@ def tiny_checkpoint(prepared_work_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_repository(tiny_checkpoint, tmp_path_factory) -> Path:
-    # 2 volume instances (2 volumes in flight) keep the start-up of Python stubs short on a 2-core machine
-    return prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path_factory.mktemp("triton_repo"),
-                                    volume_instances=2)
+    # the shipped configuration (4 volume instances = 4 volumes in flight, so that their patches meet in
+    # the patch model's queue), only the weights are test ones
+    return prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path_factory.mktemp("triton_repo"))
 
 
 class ServedTriton:
