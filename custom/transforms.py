@@ -230,14 +230,19 @@ class ForegroundOversampledCropd(Randomizable, MapTransform):
             classes = [c for c in range(lab.shape[0]) if lab[c].any()]
             if not classes:
                 return None
-            voxels = np.argwhere(lab[classes[self.R.randint(len(classes))]] > 0)
+            hit = lab[classes[self.R.randint(len(classes))]] > 0
         else:
             lab = lab.reshape(lab.shape[-3:])
-            classes = [v for v in np.unique(lab) if v > 0]
+            if np.issubdtype(lab.dtype, np.integer) and lab.size and lab.min() >= 0:
+                present = np.flatnonzero(np.bincount(lab.ravel()))  # cheaper than np.unique on a whole case
+            else:
+                present = np.unique(lab)
+            classes = [v for v in present if v > 0]
             if not classes:
                 return None
-            voxels = np.argwhere(lab == classes[self.R.randint(len(classes))])
-        return voxels[self.R.randint(len(voxels))]
+            hit = lab == classes[self.R.randint(len(classes))]
+        flat = np.flatnonzero(hit)
+        return np.unravel_index(flat[self.R.randint(len(flat))], hit.shape)
 
     def randomize(self, shape: Sequence[int], label=None, force_fg: bool = False) -> None:
         pad_before = [max(p - n, 0) // 2 for p, n in zip(self.patch_size, shape)]
