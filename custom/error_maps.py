@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections import OrderedDict
 import os
 import re
 import shutil
@@ -184,19 +185,25 @@ class ErrorMapStore:
         store_dir: folder of the store (created by :meth:`create`).
         ema_window: ``W`` of ``a = max(1/n, 1/W)``, 1..255.
         use_locks: lock scatter per case (disable only for single-process benchmarks).
+        max_open_cases: cases kept memory-mapped at once (least recently used ones are closed).
     """
 
     MAX_COUNT = 255
     KINDS = ("error", "variance", "count")
 
-    def __init__(self, store_dir, ema_window: int = 30, use_locks: bool = True):
+    def __init__(self, store_dir, ema_window: int = 30, use_locks: bool = True, max_open_cases: int = 64):
         if not 1 <= int(ema_window) <= self.MAX_COUNT:
             raise ValueError(f"ema_window must be in [1, {self.MAX_COUNT}] (counts are uint8), got {ema_window}")
         self.store_dir = Path(store_dir)
         self.ema_window = int(ema_window)
         self.use_locks = bool(use_locks)
-        self._maps: dict = {}
-        self._lock_fds: dict = {}
+        if int(max_open_cases) < 1:
+            raise ValueError(f"max_open_cases must be >= 1, got {max_open_cases}")
+        #: each open case holds 3 memory maps (one file descriptor each) and a lock descriptor; the least
+        #: recently used cases are closed beyond this, so 1248 cases stay far below the usual fd limit
+        self.max_open_cases = int(max_open_cases)
+        self._maps: OrderedDict = OrderedDict()
+        self._lock_fds: OrderedDict = OrderedDict()
         self._shapes: dict | None = None
         self._work: dict = {}
         self._lock_pid = os.getpid()
@@ -206,8 +213,8 @@ class ErrorMapStore:
     # pickling: never ship open memmaps or file descriptors into workers
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"] = {}
-        state["_lock_fds"] = {}
+        state["_maps"] = OrderedDict()
+        state["_lock_fds"] = OrderedDict()
         state["_shapes"] = None
         state["_work"] = {}
         return state
@@ -227,11 +234,11 @@ class ErrorMapStore:
             for mm in maps.values():
                 if isinstance(mm, np.memmap):
                     mm.flush()
-        self._maps = {}
+        self._maps = OrderedDict()
         if self._lock_pid == os.getpid():
             for fd in self._lock_fds.values():
                 os.close(fd)
-        self._lock_fds = {}
+        self._lock_fds = OrderedDict()
         self._shapes = None
         self._work = {}
 
@@ -319,25 +326,35 @@ class ErrorMapStore:
 
     def _open(self, case_id: str) -> dict:
         maps = self._maps.get(case_id)
-        if maps is None:
+        if maps is not None:
+            self._maps.move_to_end(case_id)
+        else:
             if case_id not in self.shapes:
                 self._shapes = None  # another process may have added it
                 if case_id not in self.shapes:
                     raise KeyError(f"ErrorMapStore {self.store_dir}: unknown case {case_id!r}")
             maps = {kind: np.load(self._path(case_id, kind), mmap_mode="r+") for kind in self.KINDS}
             self._maps[case_id] = maps
+            while len(self._maps) > self.max_open_cases:
+                _, old = self._maps.popitem(last=False)
+                for mm in old.values():
+                    mm.flush()
         return maps
 
     def _lock(self, case_id: str):
         if self._lock_pid != os.getpid():
             # flock is per open file description: descriptors inherited through fork would not exclude
             # the parent, so a forked process opens its own
-            self._lock_fds = {}
+            self._lock_fds = OrderedDict()
             self._lock_pid = os.getpid()
         fd = self._lock_fds.get(case_id)
         if fd is None:
             fd = os.open(self.store_dir / f"{case_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             self._lock_fds[case_id] = fd
+            while len(self._lock_fds) > self.max_open_cases:
+                os.close(self._lock_fds.popitem(last=False)[1])
+        else:
+            self._lock_fds.move_to_end(case_id)
         return fd
 
     # ------------------------------------------------------------------ coordinate analysis

@@ -400,3 +400,24 @@ def test_benchmark_store_script_writes_json(tmp_path):
         assert result[key] > 0
     assert len(proc.stdout.strip().splitlines()) == 1 and "MB/case" in proc.stdout
     assert not any(p.name.startswith("store_bench_") for p in tmp_path.iterdir())  # temporary store removed
+
+
+def test_open_cases_are_bounded(tmp_path):
+    """1248 cases x (3 maps + 1 lock) would exhaust file descriptors: only the most recent cases stay open."""
+    import os
+
+    cases = {f"c{i}": (4, 4, 4) for i in range(6)}
+    s = ErrorMapStore(tmp_path / "st", max_open_cases=2).create(cases)
+    coords = make_case_coordinates((4, 4, 4))
+    ones = np.ones((4, 4, 4), np.float32)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for round_ in range(2):
+        for case_id in cases:
+            s.scatter(case_id, coords, ones * (round_ + 1), ones)
+    assert len(s._maps) == 2 and len(s._lock_fds) == 2
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= 2 * 4
+    for case_id in cases:  # evicted cases were flushed and reopen with their state
+        full = s.full(case_id)
+        assert (full["count"] == 2).all() and full["error"] == pytest.approx(np.full((4, 4, 4), 1.5))
+    with pytest.raises(ValueError, match="max_open_cases"):
+        ErrorMapStore(tmp_path / "x", max_open_cases=0)
