@@ -237,7 +237,9 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the server
-def _set_pdeathsig():  # runs in the child: the server dies with its parent, never left orphaned
+def _set_pdeathsig():
+    # runs in the child: the server gets SIGTERM when its parent dies, never left orphaned. Linux ties this
+    # to the forking THREAD, so start servers from a thread that outlives them (the main thread).
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
