@@ -239,7 +239,7 @@ def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
         trainer = parser.get_parsed_content("trainer")
         from ignite.engine import Events
 
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].detach().item()))
         trainer.run()
         parser.get_parsed_content("finalize")
     finally:
