@@ -17,7 +17,6 @@ passes per case counted by a forward hook. Ratios b/a (target <= 1.02), c/b, d/b
 (minutes on CPU). The summary line prints the command to repeat everything on a GPU.
 """
 
-import json
 import os
 import sys
 import tempfile

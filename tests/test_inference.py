@@ -6,7 +6,6 @@ masks, label/probability consistency and failure isolation); one slow test runs 
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,6 @@ from custom.constants import MODALITIES
 from custom.errors import BraTSInputError
 from custom.io_utils import atomic_torch_save
 from custom.networks import build_network, get_cancer_mask
-from custom.planning import load_plans
 from custom.transforms import regions_to_labels
 
 ANISO_ZOOMS = (1.25, 1.0, 0.8)
