@@ -374,3 +374,31 @@ def test_case_folder_discovery(tmp_path, synthetic_dataset):
         [f"{case.name}-{m}.nii.gz" for m in MODALITIES]
     with pytest.raises(BraTSInputError, match="no case folders"):
         list_case_folders(tmp_path / "in" / "notes")
+
+
+def test_monailabel_bundle_infer_task_runs_inference_json(tmp_path, synthetic_dataset, fresh_ckpt, segmenter):
+    """MONAI Label's own BundleInferTask on this bundle (network_def, preprocessing, inferer, postprocessing):
+    a 4-channel study (channels last, as MONAI Label stores it) gives the labels of the shared path."""
+    from custom.data import load_case_arrays
+
+    pytest.importorskip("monailabel")
+    from monailabel.tasks.infer.bundle import BundleInferTask
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree("bundle/configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    shutil.copyfile(fresh_ckpt, bundle / "models" / "model.pt")
+    shutil.copyfile(fresh_ckpt.parent / "plans.json", bundle / "models" / "plans.json")
+    case = sorted(p for p in synthetic_dataset.iterdir() if p.is_dir())[0]
+    files = [str(p) for p in _case_files(case)]
+    image, _, affine, spacing = load_case_arrays(files)
+    study = tmp_path / "study.nii.gz"
+    nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), affine), study)
+
+    task = BundleInferTask(str(bundle), {})
+    assert task.is_valid()
+    result_file, _ = task({"image": str(study), "device": "cpu", "result_extension": ".nii.gz"})
+    labels = np.asarray(nib.load(result_file).dataobj).squeeze()
+    Path(result_file).unlink()  # MONAI Label writes results to a temporary file
+    assert labels.shape == image.shape[1:]
+    assert (labels == segmenter.predict(image, spacing).labels).mean() >= 0.999
