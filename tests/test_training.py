@@ -268,6 +268,13 @@ def test_baseline_variant(prepared_work_dir):
     (row,) = read_csv(out / "metrics.csv")
     assert row["val_dice_wt"] != "" and row["ema_pseudo_dice"] != ""
     assert all(row[c] == "" for c in METRICS_CSV_COLUMNS if "rmsd" in c or "corr" in c)
+    # evaluate.json layered on the baseline: Dice only, per case
+    run_cmd(bundle_cmd(f"['{CONFIGS}/train.json','{CONFIGS}/baseline.json','{CONFIGS}/evaluate.json']",
+                       prepared_work_dir, run_id="evaluating"), env=ENV, timeout=600)
+    per_case = read_csv(out / "eval" / "per_case_metrics.csv")
+    _, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
+    assert sorted(r["case_id"] for r in per_case) == sorted(x["case_id"] for x in val)
+    assert list(per_case[0]) == ["case_id", "dice_wt", "dice_tc", "dice_et", "dice_mean"]
 
 
 def test_mcdropout_variant_builds_dropout_network(prepared_work_dir):
