@@ -264,12 +264,13 @@ class TritonServer:
         threads: ``OMP_NUM_THREADS`` for the Python backend stubs.
         binary: explicit ``tritonserver`` path (else see :func:`locate_tritonserver`).
         extra_args: more ``tritonserver`` flags.
+        exit_timeout_s: how long a SIGTERM waits for in-flight requests and model unloading.
     """
 
     def __init__(self, model_repository=DEFAULT_MODEL_REPOSITORY, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, address: str = "127.0.0.1", models=MODEL_NAMES, log_stream="stderr",
                  startup_timeout_s: float = 180.0, threads: int | None = None, binary=None, extra_args=(),
-                 log_verbose: int = 0, exit_timeout_s: int = 10):
+                 log_verbose: int = 0, exit_timeout_s: int = 30):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"{self.model_repository}: model repository folder not found")
@@ -317,8 +318,8 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
-            # in-flight requests get this long to finish on SIGTERM; idle keep-alive connections would
-            # otherwise hold the shutdown for Triton's default 30 s
+            # on SIGTERM, in-flight requests and model unloading get this long (unloading 4 volume-model
+            # stubs on a busy 2-core machine took over 10 s); then tritonserver exits with code 1
             f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]

@@ -61,8 +61,9 @@ def main(model_repository=str(DEFAULT_MODEL_REPOSITORY), http_port: int = 8000, 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         code = server.stop()
     print(f"[serve_triton] stopped (exit code {code})", file=sys.stderr, flush=True)
-    if rc:
-        sys.exit(rc)
+    # non-zero when tritonserver stopped on its own or could not stop cleanly (e.g. exit timeout expired)
+    if rc or code:
+        sys.exit(rc or code)
 
 
 if __name__ == "__main__":
