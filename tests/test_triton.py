@@ -263,6 +263,25 @@ def test_parity_with_in_process_inference(server, cases, reference, protocol):
             assert int((seg > 0).sum()) > 0 or int((reference[case_id][0] > 0).sum()) == 0
 
 
+def test_spacing_is_used_anisotropic_case(server, tiny_checkpoint, cases):
+    """A non-1 mm spacing goes through resampling on the server exactly as in-process."""
+    from custom.inference import UncertaintySegmenter
+
+    case_id, image, _, _ = cases[0]
+    spacing = np.array([1.0, 1.0, 1.5], np.float32)
+    pred = UncertaintySegmenter.from_checkpoint(tiny_checkpoint).predict(image, spacing)
+    with VolumeClient(server.grpc_url, "grpc", timeout_s=300) as client:
+        seg, unc = client.infer(image, spacing, request_id=f"{case_id}-aniso")
+    assert_matches(seg, unc, (pred.labels, pred.unc), "anisotropic spacing")
+
+
+def test_client_timeout_is_reported(server, cases):
+    _, image, spacing, _ = cases[0]
+    with VolumeClient(server.grpc_url, "grpc", timeout_s=0.001) as client:
+        with pytest.raises(TritonClientError, match="timed out"):
+            client.infer(image, spacing, request_id="too-slow")
+
+
 def test_concurrent_requests_batched_and_correct(server, cases, reference):
     stats_client = thttp.InferenceServerClient(server.http_url)
 
@@ -396,10 +415,13 @@ def test_triton_infer_cli_server_down_and_model_missing(server, synthetic_datase
     proc = run_cmd([PYTHON, "scripts/triton_infer.py", "--url", f"127.0.0.1:{free_port()}", "--protocol", "grpc",
                     "--input_dir", synthetic_dataset, "--output_dir", tmp_path / "a", "--timeout", 5], check=False)
     assert proc.returncode != 0 and "not reachable" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(TritonClientError, match="not reachable"):
+        infer_case_folders(synthetic_dataset, tmp_path / "c", url=f"127.0.0.1:{free_port()}", protocol="http",
+                           timeout_s=5, progress=False)
     with pytest.raises(TritonClientError, match="not ready"):
         infer_case_folders(synthetic_dataset, tmp_path / "b", url=server.http_url, protocol="http",
                            model="no_such_model", progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
 
 
 def test_client_reports_rejected_request(server):
