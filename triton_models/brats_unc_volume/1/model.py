@@ -71,7 +71,7 @@ class TritonPythonModel:
         tensor = pb_utils.get_output_tensor_by_name(response, "PROBS")
         if tensor.is_cpu():
             return np.array(tensor.as_numpy(), copy=True)
-        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+        return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()  # a GPU output: copy to host
 
     def _patch_fn(self, loop):
         def patch_fn(batch):
