@@ -463,6 +463,8 @@ def prepare_model_repository(checkpoint, plans_path=None, repo_dir=DEFAULT_MODEL
     _read_plans(plans_path)
     if volume_instances is not None and int(volume_instances) < 1:
         raise ValueError(f"volume_instances must be >= 1, got {volume_instances}")
+    if volume_instances is not None and repo_dir == template_dir:
+        raise ValueError(f"volume_instances would edit the shipped template {template_dir}; pass another repo_dir")
     for name in MODEL_NAMES:
         src, dst = template_dir / name, repo_dir / name
         if not (src / "config.pbtxt").exists():
