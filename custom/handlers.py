@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
@@ -544,8 +545,6 @@ class ResumeHandler:
                     epoch_file = snap / "epoch.json"
                     snap_epoch = None
                     if epoch_file.exists():
-                        import json
-
                         snap_epoch = json.loads(epoch_file.read_text()).get("epoch")
                     if snap_epoch != state.get("epoch"):
                         logger.warning("store snapshot is from epoch %s, checkpoint from epoch %s",
