@@ -222,6 +222,13 @@ def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
     _, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
     store = ErrorMapStore(out / "store")
     assert all(int(store.full(x["case_id"])["count"].max()) == 3 for x in val)
+    # and it continued exactly: the same losses as a run that was never interrupted
+    ref = tmp_path / "reference"
+    run_cmd(bundle_cmd(TINY, prepared_work_dir, "--output_dir", ref, "--num_epochs", 3, "--progress_bar", "false"),
+            env=ENV, timeout=600)
+    ref_rows = read_csv(ref / "metrics.csv")
+    for col in ("train_loss", "val_dice_mean", "val_corr_unc"):
+        assert [float(r[col]) for r in rows] == pytest.approx([float(r[col]) for r in ref_rows], rel=1e-4, abs=1e-6)
 
 
 def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
