@@ -221,8 +221,19 @@ def check_parity(module, ts_path, onnx_path, inputs: list[torch.Tensor], toleran
     return report
 
 
+def _verify_multiplier(meta_file, plans) -> int:
+    """``n`` for metadata spatial shapes like ``"32*n"``: the smallest input whose bottleneck keeps >= 2 voxels
+    per axis (instance norm needs more than one spatial element; a 6-stage plan divides by 32)."""
+    shape = json.loads(Path(meta_file).read_text())["network_data_format"]["inputs"]["image"].get("spatial_shape", [])
+    total_stride = int(np.prod(np.asarray(plans.strides), axis=0).max())
+    base = None
+    if shape and isinstance(shape[0], str) and shape[0].replace(" ", "").endswith("*n"):
+        base = int(shape[0].replace(" ", "")[:-2])
+    return max(1, int(np.ceil(2 * total_stride / base))) if base else 1
+
+
 def verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_dir, out_channels: int,
-                        spatial: int) -> None:
+                        plans) -> None:
     """``monai.bundle.verify_net_in_out`` on ``network_export`` (channels and dtype against metadata.json)."""
     from monai.bundle import verify_net_in_out
 
@@ -230,8 +241,8 @@ def verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_di
         raise BraTSInputError(f"{meta_file}: metadata.json not found (needed by verify_net_in_out)",
                               header="cannot verify the exported network")
     verify_net_in_out(net_id=EXPORT_NET_ID, meta_file=str(meta_file), config_file=str(config_file), device="cpu",
-                      any=int(spatial), bundle_root=str(bundle_root), checkpoint=str(checkpoint),
-                      work_dir=None if work_dir is None else str(work_dir),
+                      n=_verify_multiplier(meta_file, plans), bundle_root=str(bundle_root),
+                      checkpoint=str(checkpoint), work_dir=None if work_dir is None else str(work_dir),
                       **{"_meta_#network_data_format#outputs#pred#num_channels": int(out_channels)})
 
 
@@ -264,8 +275,7 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
     parity = check_parity(module, ts_path, onnx_path, inputs, tolerance)
 
     if verify:
-        verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_dir, out_channels,
-                            spatial=int(min(plans.patch_size)))
+        verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_dir, out_channels, plans)
     copied = []
     for src, name in ((checkpoint, "model.pt"), (plans_path, "plans.json")):
         dst = out_dir / name
