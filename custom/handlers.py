@@ -467,6 +467,9 @@ class TrainingCheckpointHandler:
                 snap = self.store.snapshot(self.output_dir / "store_snapshot")
                 atomic_write_json(snap / "epoch.json", {"epoch": epoch})
             state = {k: _state_of(v) for k, v in self.save_dict.items()}
+            scaler = getattr(engine, "scaler", None)
+            if scaler is not None:  # AMP loss scale, so a resumed CUDA run does not restart its calibration
+                state["grad_scaler"] = scaler.state_dict()
             state["epoch"] = epoch
             atomic_torch_save(state, self.output_dir / "checkpoint_last.pt")
         _barrier()
@@ -536,6 +539,9 @@ class ResumeHandler:
         for key, obj in self.load_dict.items():
             _load_into(obj, state[key])
         engine.state.max_epochs = max_epochs
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         if self.store is not None:
             snap = self.output_dir / "store_snapshot"
             if is_main_process():
