@@ -50,7 +50,7 @@ def test_configs_are_json_and_layer_on_train():
 def test_metadata_complete():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-                "optional_packages_version", "name", "task", "description", "authors", "copyright",
+                "required_packages_version", "name", "task", "description", "authors", "copyright",
                 "data_source", "data_type", "image_classes", "label_classes", "pred_classes", "eval_metrics",
                 "intended_use", "references", "network_data_format"):
         assert meta.get(key), f"metadata.json: '{key}' missing or empty"
