@@ -10,7 +10,6 @@ and serving time, and a file that fails names itself there too (``custom.errors.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ __all__ = [
     "fold_split",
     "load_case_arrays",
     "load_datalist",
-    "parse_bool_arg",
-    "parse_list_arg",
     "prepare_data",
     "scan_dataset",
     "validate_case",
@@ -459,45 +456,6 @@ def fold_split(datalist, fold: int) -> tuple[list, list]:
 
 
 # ------------------------------------------------------------------------------------ command logic
-
-
-def parse_list_arg(value, name: str, length: int | None = None, cast=int):
-    """A list argument from fire: a list/tuple, a scalar (repeated ``length`` times) or a string "[32,32,32]".
-
-    Returns a list of ``cast`` values, or None when ``value`` is None / "None".
-    """
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-        return None
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise ValueError(f"--{name}: cannot parse {value!r} as a list like [1,2,3]") from None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if length is None:
-            value = [value]
-        else:
-            value = [value] * length
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"--{name}: expected a list, got {value!r}")
-    try:
-        out = [cast(v) for v in value]
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name}: expected {cast.__name__} values, got {value!r}") from None
-    if length is not None and len(out) != length:
-        raise ValueError(f"--{name}: expected {length} values, got {len(out)} ({value!r})")
-    return out
-
-
-def parse_bool_arg(value, name: str) -> bool:
-    """A boolean argument from fire (bool, or a string true/false/yes/no/1/0)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
-        return value.strip().lower() in ("true", "yes", "1")
-    raise ValueError(f"--{name}: expected true or false, got {value!r}")
 
 
 def prepare_data(

@@ -501,7 +501,7 @@ class ResumeHandler:
                  map_location: Any = "cpu") -> None:
         self.output_dir = Path(output_dir)
         self.load_dict = dict(load_dict)
-        from custom.training import as_bool
+        from custom.cli import as_bool
 
         self.store = store
         self.enabled = as_bool(enabled, "resume")

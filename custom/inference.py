@@ -31,6 +31,7 @@ from monai.config import KeysCollection
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import MapTransform
 
+from custom.cli import as_bool
 from custom.constants import MODALITIES, REGIONS, SEG_SUFFIX
 from custom.errors import BraTSInputError
 from custom.io_utils import atomic_save_nifti, atomic_write_json
@@ -41,17 +42,6 @@ PatchFn = Callable[[torch.Tensor], torch.Tensor]
 #: spatial axes of a (B, C, X, Y, Z) batch that mirroring TTA flips
 SPATIAL_AXES = (2, 3, 4)
 NUM_REGIONS = len(REGIONS)
-
-
-def as_bool(value, name: str = "value") -> bool:
-    """A flag from Python or the command line (``--tta true`` reaches the config as the string "true")."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------- checkpoint + plan

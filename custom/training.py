@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from custom.cli import as_bool
 from custom.errors import BraTSInputError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ __all__ = [
     "load_model_weights",
     "attach_progress_bar",
     "is_main_process",
-    "as_bool",
     "measure_training",
     "learning_summary",
 ]
@@ -49,17 +49,6 @@ def is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
-
-
-def as_bool(value, name: str = "flag") -> bool:
-    """Command-line flags arrive as strings (``--resume true``): map true/false/yes/no/1/0 to a bool."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-        return value.strip().lower() in ("true", "yes", "1", "on")
-    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _to_item(entry: Mapping, datalist_path: Path) -> dict:

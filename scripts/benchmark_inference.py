@@ -162,7 +162,7 @@ def main(out: str, cases: str = None, num_cases: int = 3, shape=(64, 64, 48), pa
     """Benchmark; writes ONE JSON object to OUT and prints a one-line summary."""
     import torch
 
-    from custom.inference import as_bool
+    from custom.cli import as_bool
     from custom.io_utils import atomic_write_json
     from custom.synthetic import write_dataset
 

@@ -50,7 +50,8 @@ def main(
         last_k: validation rounds averaged for the reported numbers.
         min_dice_wt: the Dice WT target.
     """
-    from custom.data import parse_list_arg, prepare_data
+    from custom.cli import as_list
+    from custom.data import prepare_data
     from custom.io_utils import atomic_write_json
     from custom.synthetic import write_dataset
     from custom.training import learning_summary
@@ -58,11 +59,11 @@ def main(
     start = time.perf_counter()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="check_learning_"))
     if not (work / "plans.json").is_file():
-        write_dataset(work / "raw", int(num_cases), parse_list_arg(shape, "shape", length=3, cast=int), (1.0, 1.0, 1.0),
+        write_dataset(work / "raw", int(num_cases), as_list(shape, "shape", length=3, cast=int), (1.0, 1.0, 1.0),
                       int(seed), float(label_noise))
         prepare_data(work / "raw", work, num_folds=2, seed=int(seed),
-                     patch_size=parse_list_arg(patch_size, "patch_size", length=3, cast=int),
-                     filters=parse_list_arg(filters, "filters", cast=int))
+                     patch_size=as_list(patch_size, "patch_size", length=3, cast=int),
+                     filters=as_list(filters, "filters", cast=int))
     prep_s = time.perf_counter() - start
     run_dir = work / "runs" / "check" / "fold0"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", "bundle", "--config_file",

@@ -27,34 +27,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import fire  # noqa: E402
 
+from custom.cli import as_bool, as_list  # noqa: E402
 from custom.errors import BraTSInputError  # noqa: E402
 
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 CONFIG_DIR = BUNDLE_ROOT / "configs"
 #: variants and the config file each adds on top of train.json (None: train.json alone)
 VARIANT_CONFIGS = {"unc": None, "baseline": "baseline.json", "mcdropout": "mcdropout.json"}
-
-
-
-def _as_bool(value) -> bool:
-    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("true", "yes", "1", "on"):
-            return True
-        if v in ("false", "no", "0", "off", "none", ""):
-            return False
-        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
-    return bool(value)
-
-def _as_list(value):
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [v.strip().strip("'\"") for v in value.strip("[]()").split(",") if v.strip()]
-    if isinstance(value, (int, float)):
-        return [value]
-    return list(value)
 
 
 def config_files(variant: str, config: str | None = None) -> list:
@@ -168,8 +147,10 @@ def main(work_dir: str, folds=None, variants="unc,baseline", config: str | None 
             overrides = json.loads(overrides)
         if overrides is not None and not isinstance(overrides, dict):
             raise BraTSInputError(f"--overrides must be a JSON object of bundle settings, got {overrides!r}")
-        dry_run = _as_bool(dry_run)
-        jobs = plan_jobs(work_dir, folds=_as_list(folds), variants=_as_list(variants), config=config,
+        dry_run = as_bool(dry_run, "dry_run")
+        devices = as_list(devices, "devices")
+        jobs = plan_jobs(work_dir, folds=as_list(folds, "folds"),
+                         variants=as_list(variants, "variants") or ("unc", "baseline"), config=config,
                          overrides=overrides)
     except (BraTSInputError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -180,8 +161,7 @@ def main(work_dir: str, folds=None, variants="unc,baseline", config: str | None 
     if dry_run:
         print(json.dumps([{k: j[k] for k in ("variant", "fold", "state", "run_dir", "cmd")} for j in jobs]))
         return
-    devs = _as_list(devices)
-    ran = run_jobs(jobs, devices=devs)
+    ran = run_jobs(jobs, devices=devices)
     failed = [j for j in ran if j.get("returncode")]
     print(f"[cv] {len(jobs)} runs: {len(jobs) - len(ran)} skipped (finished), {len(ran) - len(failed)} trained, "
           f"{len(failed)} failed" + (": " + ", ".join(f"{j['variant']} fold {j['fold']} ({j['log']})"

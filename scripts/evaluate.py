@@ -19,30 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
+from custom.cli import as_bool, as_list  # noqa: E402
 from custom.errors import BraTSInputError  # noqa: E402
 from custom.evaluation import evaluate_folder  # noqa: E402
 
 
-
-def _as_bool(value) -> bool:
-    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("true", "yes", "1", "on"):
-            return True
-        if v in ("false", "no", "0", "off", "none", ""):
-            return False
-        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
-    return bool(value)
-
 def main(pred_dir: str, gt_dir: str, out_dir: str, unc_dir: str | None = None, unc_max: float = 1.0,
          crosscheck: bool = False, cases=None):
     """Write per_case.csv and summary.json into ``out_dir``; print a one-line summary."""
-    if isinstance(cases, str):
-        cases = [c.strip().strip("'\"") for c in cases.strip("[]").split(",") if c.strip()]
     try:
-        summary = evaluate_folder(pred_dir, gt_dir, out_dir, unc_dir=unc_dir, case_ids=cases,
-                                  unc_max=float(unc_max), crosscheck=_as_bool(crosscheck))
+        crosscheck = as_bool(crosscheck, "crosscheck")
+        summary = evaluate_folder(pred_dir, gt_dir, out_dir, unc_dir=unc_dir,
+                                  case_ids=as_list(cases, "cases", cast=str),
+                                  unc_max=float(unc_max), crosscheck=crosscheck)
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -52,7 +41,7 @@ def main(pred_dir: str, gt_dir: str, out_dir: str, unc_dir: str | None = None, u
             + " | lesion-wise Dice " + "/".join(f"{m[r]['lesionwise_dice']:.3f}" for r in ("WT", "TC", "ET")))
     if unc_dir is not None:
         line += f" | AUROC(WT error) {m['WT']['auroc_wt_error']:.3f}"
-    if _as_bool(crosscheck) and summary.get("crosscheck", {}).get("available"):
+    if crosscheck and summary.get("crosscheck", {}).get("available"):
         a = summary["crosscheck"]["legacy_dice"]
         line += f" | official evaluator agrees on legacy Dice {a['agree']}/{a['compared']}"
     print(line + f" -> {Path(out_dir) / 'per_case.csv'}")

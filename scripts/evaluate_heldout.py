@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
+from custom.cli import as_bool, as_list  # noqa: E402
 from custom.errors import BraTSInputError  # noqa: E402
 from custom.evaluation import (  # noqa: E402
     QUALITY_COLUMNS,
@@ -51,28 +52,6 @@ from custom.evaluation import (  # noqa: E402
 from custom.io_utils import atomic_save_nifti, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 MARK_START, MARK_END = "<!-- heldout:start -->", "<!-- heldout:end -->"
-
-
-
-def _as_bool(value) -> bool:
-    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("true", "yes", "1", "on"):
-            return True
-        if v in ("false", "no", "0", "off", "none", ""):
-            return False
-        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
-    return bool(value)
-
-def _as_list(value):
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    if isinstance(value, (int, float)):
-        return [value]
-    return list(value)
 
 
 def _run_dropout(run_dir: Path, default: float = 0.1) -> float:
@@ -303,9 +282,10 @@ def main(work_dir: str, out_dir: str, folds=None, variant: str = "unc", mc_varia
          max_cases_per_fold: int | None = None, device: str = "cpu"):
     """Run the held-out evaluation; print a one-line summary."""
     try:
-        res = evaluate_heldout(work_dir, out_dir, folds=[int(f) for f in _as_list(folds)] if folds is not None else None,
+        res = evaluate_heldout(work_dir, out_dir, folds=as_list(folds, "folds", cast=int),
                                variant=variant, mc_variant=mc_variant or None, mc_samples=int(mc_samples),
-                               tta=_as_bool(tta), ensemble=_as_bool(ensemble), crosscheck=_as_bool(crosscheck),
+                               tta=as_bool(tta, "tta"), ensemble=as_bool(ensemble, "ensemble"),
+                               crosscheck=as_bool(crosscheck, "crosscheck"),
                                max_cases_per_fold=max_cases_per_fold, device=device)
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

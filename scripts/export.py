@@ -27,7 +27,7 @@ def main(checkpoint: str, work_dir: str = None, out_dir: str = "bundle/models", 
 
     from custom.errors import BraTSInputError
     from custom.export import ExportParityError, export_model
-    from custom.inference import as_bool
+    from custom.cli import as_bool
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -12,8 +12,8 @@ import time
 
 import fire
 
+from custom.cli import as_list
 from custom.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, write_dataset
-from custom.data import parse_list_arg
 
 
 def main(
@@ -37,8 +37,8 @@ def main(
         first_index: index of the first case id.
     """
     try:
-        shape = parse_list_arg(shape, "shape", length=3, cast=int)
-        spacing = parse_list_arg(spacing, "spacing", length=3, cast=float)
+        shape = as_list(shape, "shape", length=3, cast=int)
+        spacing = as_list(spacing, "spacing", length=3, cast=float)
         start = time.perf_counter()
         ids = write_dataset(out_dir, int(num_cases), shape, spacing, int(seed), float(label_noise),
                             first_index=int(first_index), progress=True)

@@ -14,7 +14,8 @@ import time
 
 import fire
 
-from custom.data import parse_bool_arg, parse_list_arg, prepare_data
+from custom.cli import as_bool, as_list
+from custom.data import prepare_data
 from custom.errors import BraTSInputError
 
 
@@ -51,11 +52,11 @@ def main(
             work_dir,
             num_folds=int(num_folds),
             seed=int(seed),
-            skip_invalid=parse_bool_arg(skip_invalid, "skip_invalid"),
-            plan=parse_bool_arg(plan, "plan"),
+            skip_invalid=as_bool(skip_invalid, "skip_invalid"),
+            plan=as_bool(plan, "plan"),
             gpu_memory_gb=float(gpu_memory_gb),
-            patch_size=parse_list_arg(patch_size, "patch_size", length=3, cast=int),
-            filters=parse_list_arg(filters, "filters", cast=int),
+            patch_size=as_list(patch_size, "patch_size", length=3, cast=int),
+            filters=as_list(filters, "filters", cast=int),
             num_workers=int(num_workers),
         )
     except (BraTSInputError, ValueError) as exc:

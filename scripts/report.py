@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
+from custom.cli import as_bool, as_list  # noqa: E402
 from custom.errors import BraTSInputError  # noqa: E402
 from custom.evaluation import (  # noqa: E402
     DICE_COLUMNS,
@@ -48,28 +49,6 @@ VARIANT_NAMES = {"unc": "with uncertainty", "baseline": "without uncertainty", "
 MAPS = ("unc", "variance_stable", "var1shot")
 MAP_NAMES = {"unc": "unc_output", "variance_stable": "variance_stable", "var1shot": "var1shot"}
 FIG2_NAME = "Comparison_models_6_views.png"
-
-
-
-def _as_bool(value) -> bool:
-    """Command-line booleans: fire passes ``false``/``no``/``0`` through as strings."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("true", "yes", "1", "on"):
-            return True
-        if v in ("false", "no", "0", "off", "none", ""):
-            return False
-        raise BraTSInputError(f"expected true or false, got {value!r}", header="invalid command-line option")
-    return bool(value)
-
-def _as_list(value):
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    if isinstance(value, (int, float)):
-        return [value]
-    return list(value)
 
 
 def _fmt(v, nd=3):
@@ -376,10 +355,10 @@ def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc"
 def main(work_dir: str, out_dir: str, last_k: int = 30, folds=None, variants="unc,baseline",
          num_cases: int = 6, figures: bool = True):
     """Write Table 1/2 (CSV, JSON), Figures 1/2 and report.md into ``out_dir``; print a one-line summary."""
-    folds = [int(f) for f in _as_list(folds)] if folds is not None else None
     try:
-        res = make_report(work_dir, out_dir, last_k=last_k, folds=folds, variants=_as_list(variants),
-                          num_cases=num_cases, figures=_as_bool(figures))
+        res = make_report(work_dir, out_dir, last_k=last_k, folds=as_list(folds, "folds", cast=int),
+                          variants=as_list(variants, "variants") or ("unc", "baseline"),
+                          num_cases=num_cases, figures=as_bool(figures, "figures"))
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -21,8 +21,6 @@ from custom.data import (
     fold_split,
     load_case_arrays,
     load_datalist,
-    parse_bool_arg,
-    parse_list_arg,
     scan_dataset,
     validate_case,
 )
@@ -375,21 +373,6 @@ def test_load_datalist_errors(tmp_path):
                                "training": [{"case_id": "x", "image": ["a"] * 4, "label": "l", "fold": 2}]}))
     with pytest.raises(BraTSInputError, match="outside"):
         load_datalist(bad)
-
-
-def test_argument_parsing():
-    assert parse_list_arg("[32,32,32]", "patch_size", 3) == [32, 32, 32]
-    assert parse_list_arg([8, 16, 32, 64], "filters") == [8, 16, 32, 64]
-    assert parse_list_arg((1, 1.5, 2), "spacing", 3, cast=float) == [1.0, 1.5, 2.0]
-    assert parse_list_arg(32, "patch_size", 3) == [32, 32, 32]
-    assert parse_list_arg(None, "patch_size", 3) is None and parse_list_arg("None", "x") is None
-    with pytest.raises(ValueError, match="--patch_size: expected 3 values"):
-        parse_list_arg("[32,32]", "patch_size", 3)
-    with pytest.raises(ValueError, match="--filters: cannot parse"):
-        parse_list_arg("[8,16", "filters")
-    assert parse_bool_arg("false", "plan") is False and parse_bool_arg(True, "plan") is True
-    with pytest.raises(ValueError, match="--plan"):
-        parse_bool_arg("maybe", "plan")
 
 
 def test_datalist_folds_do_not_depend_on_folder_creation_order(base_dataset, tmp_path):

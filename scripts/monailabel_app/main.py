@@ -46,6 +46,7 @@ for _p in (str(APP_DIR), str(REPO_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from custom.cli import as_bool  # noqa: E402
 from custom.constants import LABEL_NAMES  # noqa: E402
 from custom.errors import BraTSInputError  # noqa: E402
 from lib.infer import BraTSBundleInferTask, BraTSUncertaintyInfer  # noqa: E402
@@ -54,10 +55,6 @@ from lib.scoring import UncertaintyScoring  # noqa: E402
 from lib.strategy import MostUncertain  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-def _truthy(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _resolve(path: str) -> Path:
@@ -99,7 +96,7 @@ class BraTSUncertaintyApp(MONAILabelApp):
         device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.predictor = StudyPredictor(
             self.model_path, plans_path=_resolve(plans) if plans else None, device=device,
-            tta=_truthy(conf.get("tta", "false")),
+            tta=as_bool(conf.get("tta", "false"), "conf tta"),
         )
         self.label_map = bundle_labels(self.bundle_dir)
         if not self.model_path.exists():
