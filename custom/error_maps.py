@@ -38,6 +38,8 @@ __all__ = [
     "ErrorMapStore",
 ]
 
+#: ``fresh`` marker: the compiled general scatter already gathered the updated values into the outputs
+_GATHERED = "gathered"
 _SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 STORE_FORMAT_VERSION = 1
 
@@ -164,6 +166,154 @@ def _axis_slice(profile: np.ndarray):
     return int(profile[0]) - 1, int(profile[-1]) - 1, int(step)
 
 
+# ------------------------------------------------------------------------ compiled general path
+# The general path (rotated / zoomed patches) is bound by random access into the case arrays. One
+# compiled kernel does the whole scatter in three passes, instead of a dozen indexed numpy/torch passes
+# with temporaries: (1) patch voxels in order -> case index from the coordinates, a slot per touched
+# case voxel (through a case-sized int32 slot map that is left all zero), float32 sums and hits per
+# slot; (2) slots -> count, rate, EMA of error and variance, the new values kept in the slot;
+# (3) optionally patch voxels -> the new values from their slot (the fused update_and_gather, without a
+# second random pass over the case). The arithmetic is the torch fallback's (`_scatter_general`) float32
+# arithmetic, operation for operation and with duplicates summed in patch order, so both give
+# bit-identical stores and gathers (tests/test_error_maps.py checks it). Numba is optional: without it
+# the torch fallback runs. Compiled lazily on the first general-path call (about 1-3 s; benchmarks warm
+# up first) and cached in __pycache__ next to this module, so later processes load it in well under 1 s.
+try:  # pragma: no branch
+    import numba as _numba
+except Exception:  # noqa: BLE001 - any import failure (missing, broken llvmlite) means: use torch
+    _numba = None
+
+#: whether the compiled general path is available (``ErrorMapStore.use_numba`` defaults to it)
+HAVE_NUMBA = _numba is not None
+
+if HAVE_NUMBA:
+    _njit = _numba.njit(cache=True, nogil=True)
+
+    @_numba.njit(cache=True, nogil=True, inline="always")
+    def _nb_lerp(e, target, a):
+        # e + a (target - e), written like torch.lerp's two branches (exact at a == 1) but without fma,
+        # so that the torch fallback (separate float32 ops) matches bit for bit
+        d = target - e
+        if a < np.float32(0.5):
+            return e + a * d
+        return target - d * (np.float32(1.0) - a)
+
+    @_njit
+    def _nb_gather(c, s0, s1, s2, err, var, out_e, out_v, check):
+        """Store values at each patch voxel (0 where invalid). Returns 0, or -1 if ``check`` and a
+        coordinate lies beyond the case, or -2 for a valid coordinate below 1 (not an integer)."""
+        s12 = s1 * s2
+        for i in range(c.shape[1]):
+            x = c[0, i]
+            y = c[1, i]
+            z = c[2, i]
+            if check and (x > s0 or y > s1 or z > s2):
+                return -1
+            if x > 0 and y > 0 and z > 0:
+                ix = np.int64(x) - 1
+                iy = np.int64(y) - 1
+                iz = np.int64(z) - 1
+                if check and (ix < 0 or iy < 0 or iz < 0):
+                    return -2
+                j = ix * s12 + iy * s2 + iz
+                out_e[i] = err[j]
+                out_v[i] = var[j]
+            else:
+                out_e[i] = 0.0
+                out_v[i] = 0.0
+        return 0
+
+    @_njit
+    def _nb_scatter(c, f, v, s0, s1, s2, err, var, cnt, slotmap, touched, pslot, sum_f, sum_v, hits, rate_min,
+                    max_count, out_e, out_v, gather):
+        """EMA update of ``err``/``var``/``cnt`` (flat case arrays) from the patch values ``f``/``v`` at
+        the coordinates ``c (3, N)``; optionally gather the updated values into ``out_e``/``out_v``.
+
+        ``slotmap`` (int32 per case voxel) must be zero and is left zero; ``touched``, ``pslot`` (int32)
+        and ``sum_f``, ``sum_v``, ``hits`` (float32) are work arrays of at least N entries. Returns the
+        number of case voxels updated, or -1 / -2 (see :func:`_nb_gather`) before anything in the case
+        was changed."""
+        s12 = s1 * s2
+        nt = 0
+        status = 0
+        # pass 1, patch order: each touched case voxel gets a slot (first-touch order, so the slots of
+        # nearby patch voxels are nearby); float32 sums per slot in patch order, like torch's index_add_
+        for i in range(c.shape[1]):
+            x = c[0, i]
+            y = c[1, i]
+            z = c[2, i]
+            if x > s0 or y > s1 or z > s2:
+                status = -1
+                break
+            if x > 0 and y > 0 and z > 0:
+                ix = np.int64(x) - 1
+                iy = np.int64(y) - 1
+                iz = np.int64(z) - 1
+                if ix < 0 or iy < 0 or iz < 0:
+                    status = -2
+                    break
+                j = ix * s12 + iy * s2 + iz
+                slot = slotmap[j]
+                if slot == 0:
+                    touched[nt] = j
+                    sum_f[nt] = np.float32(0.0) + f[i]
+                    sum_v[nt] = np.float32(0.0) + v[i]
+                    hits[nt] = 1.0
+                    nt += 1
+                    slotmap[j] = nt
+                    pslot[i] = nt
+                else:
+                    sum_f[slot - 1] += f[i]
+                    sum_v[slot - 1] += v[i]
+                    hits[slot - 1] += np.float32(1.0)
+                    pslot[i] = slot
+            else:
+                pslot[i] = 0
+        if status != 0:
+            for t in range(nt):
+                slotmap[touched[t]] = 0
+            return status
+        # pass 2, slots: one visit of each touched case voxel with the mean of its patch values; the
+        # slot keeps the updated values
+        # a = max(1/n, 1/W) by visit count after the visit (one division per possible count, not per voxel)
+        rates = np.empty(max_count + 1, dtype=np.float32)
+        rates[0] = 1.0
+        for n in range(1, max_count + 1):
+            rates[n] = max(np.float32(1.0) / np.float32(n), rate_min)
+        for t in range(nt):
+            j = touched[t]
+            slotmap[j] = 0
+            fm = sum_f[t]
+            vm = sum_v[t]
+            h = hits[t]
+            if h != np.float32(1.0):  # x / 1 == x: divide only where patch voxels share a case voxel
+                fm = fm / h
+                vm = vm / h
+            n = np.int64(cnt[j])
+            if n > max_count - 1:
+                n = max_count - 1
+            n += 1
+            cnt[j] = n
+            a = rates[n]
+            e_new = _nb_lerp(err[j], fm, a)
+            v_new = _nb_lerp(var[j], vm, a)
+            err[j] = e_new
+            var[j] = v_new
+            sum_f[t] = e_new
+            sum_v[t] = v_new
+        # pass 3, patch order: the updated values from the slots (the fused update_and_gather)
+        if gather:
+            for i in range(c.shape[1]):
+                slot = pslot[i]
+                if slot == 0:
+                    out_e[i] = 0.0
+                    out_v[i] = 0.0
+                else:
+                    out_e[i] = sum_f[slot - 1]
+                    out_v[i] = sum_v[slot - 1]
+        return nt
+
+
 class ErrorMapStore:
     """Case-space EMA store of ``error_stable``, ``variance_stable`` and visit counts, on disk.
 
@@ -180,6 +330,10 @@ class ErrorMapStore:
     and the update value is the mean of the patch values mapping to it (a zoom-in maps several patch
     voxels to one case voxel). Gather returns, for every patch voxel, the store value at its case voxel
     (0 where invalid).
+
+    Rotated or zoomed patches take the general path: a compiled numba kernel when numba imports
+    (``use_numba``), else torch indexing; both give identical results. Axis-aligned (mirrored) crops
+    are detected exactly and use slicing.
 
     Args:
         store_dir: folder of the store (created by :meth:`create`).
@@ -209,6 +363,8 @@ class ErrorMapStore:
         self._lock_pid = os.getpid()
         #: use the slicing fast path for axis-aligned crops (False forces the general path, for tests)
         self.allow_fast_path = True
+        #: general path through the compiled kernel (default when numba imports; False: torch fallback)
+        self.use_numba = HAVE_NUMBA
 
     # pickling: never ship open memmaps or file descriptors into workers
     def __getstate__(self):
@@ -220,6 +376,7 @@ class ErrorMapStore:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("use_numba", HAVE_NUMBA)
         self.__dict__.update(state)
 
     def __del__(self):
@@ -361,7 +518,9 @@ class ErrorMapStore:
     def _analyse(self, case_id: str, coords) -> tuple:
         """Classify ``coords (3, *S)``: ``("slices", case_slices, patch_slices, flips)`` when the valid
         voxels form an axis-aligned (possibly flipped) box surrounded by invalid voxels, else
-        ``("general", flat_patch_positions, flat_case_index)``."""
+        ``("general", flat_patch_positions, flat_case_index, None, shape, case_id)`` (torch fallback) or
+        ``("general", None, None, coords (3, N), shape, case_id)`` (compiled kernel: it computes the case
+        index itself and checks the bounds before it changes anything)."""
         c = _to_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
@@ -373,7 +532,19 @@ class ErrorMapStore:
         fast = self._fast_slices(c, shape, self._buffer) if self.allow_fast_path else None
         if fast is not None:
             return ("slices",) + fast
-        return ("general",) + self._general_index(case_id, c, shape)
+        if self.use_numba and HAVE_NUMBA and int(np.prod(shape)) < 2**31:  # int32 slots
+            return ("general", None, None, c.reshape(3, -1), tuple(int(s) for s in shape), case_id)
+        return ("general",) + self._general_index(case_id, c, shape) + (None, tuple(shape), case_id)
+
+    @staticmethod
+    def _coords_error(case_id: str, c3: np.ndarray, shape, status: int) -> ValueError:
+        """The error for a kernel status (-1: beyond the case, -2: a valid coordinate below 1)."""
+        if status == -1:
+            hi = c3.max(axis=1)
+            return ValueError(f"ErrorMapStore: coords reach {hi.astype(int).tolist()} outside case {case_id} "
+                              f"of shape {list(shape)} (wrong case id or coordinates?)")
+        return ValueError("ErrorMapStore: coords are not non-negative integers; the coordinate channels must "
+                          "be resampled with mode='nearest' and padded with zeros (see AddCaseCoordinatesd)")
 
     @staticmethod
     def _general_index(case_id: str, c: np.ndarray, shape) -> tuple:
@@ -486,8 +657,10 @@ class ErrorMapStore:
         maps = self._open(case_id)
         values = self._check_values(coords, failure_smoothed, variance)
         plan = self._analyse(case_id, coords)
-        _, fresh = self._scatter_plan(case_id, maps, plan, values, keep_values=True)
-        return self._gather_plan(maps, plan, tuple(coords.shape[1:]), device, out, fresh)
+        spatial = tuple(int(s) for s in coords.shape[1:])
+        out = self._outputs(spatial, out)
+        _, fresh = self._scatter_plan(case_id, maps, plan, values, keep_values=True, out=out)
+        return self._gather_plan(maps, plan, spatial, device, out, fresh)
 
     @staticmethod
     def _check_values(coords, failure_smoothed, variance) -> list:
@@ -502,28 +675,50 @@ class ErrorMapStore:
             values.append(v)
         return values
 
+    @staticmethod
+    def _outputs(spatial, out) -> tuple:
+        """The pair of CPU float32 ``(1, *spatial)`` result tensors: ``out`` checked, or fresh ones."""
+        if out is None:
+            return tuple(torch.from_numpy(np.empty(spatial, dtype=np.float32))[None] for _ in range(2))
+        for k in range(2):
+            if tuple(out[k].shape) != (1,) + spatial or out[k].dtype != torch.float32:
+                raise ValueError(f"gather: out[{k}] must be float32 {(1,) + spatial}, got "
+                                 f"{out[k].dtype} {tuple(out[k].shape)}")
+        return tuple(out)
+
+    def _gather_numba(self, maps, plan, arrs) -> None:
+        """Compiled gather of a general plan into the numpy views ``arrs`` (error, variance)."""
+        _, _, _, c3, shape, case_id = plan
+        flats = [a.reshape(-1) if a.flags.c_contiguous else np.empty(a.size, np.float32) for a in arrs]
+        status = _nb_gather(c3, shape[0], shape[1], shape[2], np.asarray(maps["error"]).reshape(-1),
+                            np.asarray(maps["variance"]).reshape(-1), flats[0], flats[1], True)
+        if status < 0:
+            raise self._coords_error(case_id, c3, shape, status)
+        for a, flat in zip(arrs, flats):
+            if not a.flags.c_contiguous:
+                np.copyto(a, flat.reshape(a.shape))
+
     def _gather_plan(self, maps, plan, spatial, device, out, fresh=None):
         """Fill the patch from the store; ``fresh`` = per-valid-voxel values just written by the general
-        scatter (saves re-reading the case at random positions)."""
+        scatter (saves re-reading the case at random positions), or ``_GATHERED`` when the compiled
+        scatter already filled ``out``."""
         spatial = tuple(int(s) for s in spatial)
+        out = self._outputs(spatial, out)
+        if plan[0] == "general" and plan[3] is not None:
+            if fresh is not _GATHERED:
+                self._gather_numba(maps, plan, [t.numpy()[0] for t in out])
+            return tuple(t.to(device) if device is not None else t for t in out)
         results = []
         for k, kind in enumerate(("error", "variance")):
-            if out is not None:
-                if tuple(out[k].shape) != (1,) + spatial or out[k].dtype != torch.float32:
-                    raise ValueError(f"gather: out[{k}] must be float32 {(1,) + spatial}, got "
-                                     f"{out[k].dtype} {tuple(out[k].shape)}")
-                t = out[k]
-                arr = t.numpy()[0]
-            else:
-                arr = np.empty(spatial, dtype=np.float32)
-                t = torch.from_numpy(arr)[None]
+            t = out[k]
+            arr = t.numpy()[0]
             if plan[0] == "slices":
                 _, case_sl, box, flips = plan
                 if any(b.stop - b.start != n for b, n in zip(box, spatial)):
                     arr.fill(0.0)
                 np.copyto(self._oriented(arr[box], flips), maps[kind][case_sl])
             else:
-                _, pos, lin = plan
+                pos, lin = plan[1], plan[2]
                 arr.fill(0.0)
                 if fresh is None:
                     got = torch.from_numpy(maps[kind].reshape(-1)).index_select(0, torch.from_numpy(lin))
@@ -533,14 +728,18 @@ class ErrorMapStore:
             results.append(t.to(device) if device is not None else t)
         return results[0], results[1]
 
-    def _scatter_plan(self, case_id, maps, plan, values, keep_values: bool = False) -> tuple:
-        """Apply the EMA update; returns ``(voxels updated, fresh values or None)``."""
+    def _scatter_plan(self, case_id, maps, plan, values, keep_values: bool = False, out=None) -> tuple:
+        """Apply the EMA update; returns ``(voxels updated, fresh values or None)``. With ``keep_values``
+        and ``out`` (result tensors) the compiled general path gathers into ``out`` under the lock and
+        returns ``_GATHERED``."""
         fd = self._lock(case_id) if self.use_locks else None
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if plan[0] == "slices":
                 return self._scatter_slices(maps, plan, values), None
+            if plan[3] is not None:
+                return self._scatter_numba(maps, plan, values, out if keep_values else None)
             return self._scatter_general(maps, plan, values, keep_values)
         finally:
             if fd is not None:
@@ -574,10 +773,39 @@ class ErrorMapStore:
             target.lerp_(torch.from_numpy(patch), a)
         return int(a.numel())
 
+    def _scatter_numba(self, maps, plan, values, out=None) -> tuple:
+        """The compiled general scatter (and, with ``out``, the gather of the updated values)."""
+        _, _, _, c3, shape, case_id = plan
+        size = int(np.prod(shape))
+        slotmap = self._work.get("nb_slotmap")
+        if slotmap is None or slotmap.size < size:
+            slotmap = self._work["nb_slotmap"] = np.zeros(size, dtype=np.int32)  # kept all zero
+        n_patch = c3.shape[1]
+        work = self._work.get("nb_patch")
+        if work is None or work.shape[1] < n_patch:
+            # touched, pslot (int32) and sum_f, sum_v, hits (float32) per patch voxel
+            work = self._work["nb_patch"] = np.empty((5, n_patch), dtype=np.int32)
+        touched, pslot = work[0], work[1]
+        sum_f, sum_v, hits = (work[k].view(np.float32) for k in (2, 3, 4))
+        f = np.ascontiguousarray(values[0]).reshape(-1)
+        v = np.ascontiguousarray(values[1]).reshape(-1)
+        arrs = [t.numpy()[0] for t in out] if out is not None else None
+        direct = arrs is not None and all(a.flags.c_contiguous for a in arrs)
+        flats = [a.reshape(-1) for a in arrs] if direct else [np.empty(0, np.float32)] * 2
+        n = _nb_scatter(c3, f, v, shape[0], shape[1], shape[2], np.asarray(maps["error"]).reshape(-1),
+                        np.asarray(maps["variance"]).reshape(-1), np.asarray(maps["count"]).reshape(-1),
+                        slotmap, touched, pslot, sum_f, sum_v, hits, np.float32(1.0 / self.ema_window),
+                        self.MAX_COUNT, flats[0], flats[1], direct)
+        if n < 0:
+            raise self._coords_error(case_id, c3, shape, n)
+        if arrs is not None and not direct:
+            self._gather_numba(maps, plan, arrs)
+        return int(n), (_GATHERED if arrs is not None else None)
+
     def _scatter_general(self, maps, plan, values, keep_values: bool = False) -> tuple:
         # torch's index_select/index_copy_ are 2-3x faster than numpy fancy indexing on these random
         # accesses into the memory-mapped case, which dominate this path
-        _, pos, lin = plan
+        pos, lin = plan[1], plan[2]
         n_valid = lin.size
         if n_valid == 0:
             return 0, ((np.zeros(0, np.float32),) * 2 if keep_values else None)
@@ -610,7 +838,11 @@ class ErrorMapStore:
         fresh = []
         for kind, v in (("error", fv), ("variance", vv)):
             flat = torch.from_numpy(maps[kind].reshape(-1))
-            cur = flat.index_select(0, index).lerp_(v, a)
+            cur = flat.index_select(0, index)
+            # lerp as torch.lerp's two branches, in separate float32 operations (no fma), exactly like
+            # the compiled kernel's _nb_lerp
+            d = v - cur
+            cur = torch.where(a < 0.5, cur + a * d, v - d * (1.0 - a))
             flat.index_copy_(0, index, cur)
             fresh.append(cur.numpy())
         return n_unique, (tuple(fresh) if keep_values else None)
@@ -640,15 +872,16 @@ class ErrorMapStore:
         spatial = tuple(int(s) for s in coords.shape[2:])
         # values written by a sample stay current only if no later sample of the batch hits the same case
         distinct = len(set(map(str, case_ids))) == len(case_ids)
+        err = torch.empty((len(case_ids), 1) + spatial)
+        var = torch.empty_like(err)
         plans = []
         for b, cid in enumerate(case_ids):
             maps = self._open(str(cid))
             values = self._check_values(coords[b], failure_smoothed[b], variance[b])
             plan = self._analyse(str(cid), coords[b])
-            _, fresh = self._scatter_plan(str(cid), maps, plan, values, keep_values=distinct)
+            _, fresh = self._scatter_plan(str(cid), maps, plan, values, keep_values=distinct,
+                                          out=(err[b], var[b]))
             plans.append((maps, plan, fresh))
-        err = torch.empty((len(case_ids), 1) + spatial)
-        var = torch.empty_like(err)
         for b, (maps, plan, fresh) in enumerate(plans):
             self._gather_plan(maps, plan, spatial, None, (err[b], var[b]), fresh)
         if device is not None:

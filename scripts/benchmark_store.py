@@ -4,13 +4,15 @@ A 128^3 patch into a 140x170x140 case (the BraTS median after cropping), side by
 - ``fast``: axis-aligned random crops with random mirroring (p 0.5 per axis): the slicing fast path;
 - ``augmented``: nnU-Net's spatial augmentation through the real MONAI transforms on the coordinate
   channels (rotation p 0.2 +-30 deg per axis, scaling p 0.2 in 0.7-1.4, mirroring p 0.5 per axis);
-- ``rotated``: every patch rotated and zoomed (the general bincount path, worst case).
-For each: the time of one scatter + one gather (the training step: scatter the smoothed failure and
-var1shot, gather error_stable and variance_stable), mean and p95 in ms; also the fused
-``update_and_gather`` on the fast path, the disk size per case, the projection to 1248 cases and the
-process's resident memory. The augmentation itself is not timed.
+- ``rotated``: every patch rotated and zoomed (the general path, worst case).
+For each: the time of one scatter + one gather (scatter the smoothed failure and var1shot, gather
+error_stable and variance_stable), mean and p95 in ms, and of the fused ``update_and_gather`` (what the
+training handler calls, through ``update_and_gather_batch``); also the disk size per case, the
+projection to 1248 cases and the process's resident memory. The augmentation itself is not timed.
+The general path runs the compiled numba kernel unless ``--numba False`` (torch fallback); its first
+call (compilation, or loading numba's cache) happens in the warm-up and is reported, not timed.
 
-Usage: python scripts/benchmark_store.py --out store_benchmark.json [--iterations 40]
+Usage: python scripts/benchmark_store.py --out store_benchmark.json [--iterations 40] [--numba False]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.error_maps import ErrorMapStore  # noqa: E402
+from custom.error_maps import HAVE_NUMBA, ErrorMapStore  # noqa: E402
 from custom.io_utils import atomic_write_json  # noqa: E402
 from custom.transforms import make_case_coordinates  # noqa: E402
 
@@ -100,7 +102,7 @@ def _time_scenario(store, case_id, case_coords, patch, iterations, rng, augment=
 
 def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: int = 128, iterations: int = 40,
          rotated_iterations: int = 12, ema_window: int = 30, seed: int = 0, store_dir: str | None = None,
-         threads: int = 1):
+         threads: int = 1, numba: bool = True):
     """Measure the store; write one JSON object to ``out`` and print a one-line summary.
 
     Args:
@@ -111,6 +113,7 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
         rotated_iterations: patches for the always-rotated worst case.
         store_dir: where to put the store (default: a temporary folder on the work disk, removed after).
         threads: torch threads (the store itself is single-threaded numpy).
+        numba: general path through the compiled kernel (default; False: the torch fallback).
     """
     torch.set_num_threads(int(threads))
     case_shape = tuple(int(s) for s in case_shape)
@@ -125,6 +128,7 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
     load_start = os.getloadavg()[0]
     try:
         store = ErrorMapStore(Path(store_dir) / "store", ema_window=ema_window)
+        store.use_numba = bool(numba) and HAVE_NUMBA
         store.create({"case_0": case_shape})
         case_coords = make_case_coordinates(case_shape)
         # warm-up: first touch of every page of the memory maps is not the steady state
@@ -132,6 +136,14 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
         ones = torch.ones(1, patch, patch, patch)
         store.scatter("case_0", c0, ones, ones)
         store.gather("case_0", c0)
+        # ... and the general path's first calls (numba compiles, or loads its cache, here)
+        general_first_call_s = time.perf_counter()
+        store.allow_fast_path = False
+        store.update_and_gather("case_0", c0, ones, ones)
+        store.scatter("case_0", c0, ones, ones)
+        store.gather("case_0", c0)
+        store.allow_fast_path = True
+        general_first_call_s = time.perf_counter() - general_first_call_s
 
         fast_t, fast_c, _ = _time_scenario(store, "case_0", case_coords, patch, iterations, rng)
         fused_t, fused_c, _ = _time_scenario(store, "case_0", case_coords, patch, iterations, rng, fused=True)
@@ -139,6 +151,11 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
                                                  augment=_augmenter(patch, 0.2, 0.2, seed))
         rot_t, rot_c, _ = _time_scenario(store, "case_0", case_coords, patch, rotated_iterations, rng,
                                          augment=_augmenter(patch, 1.0, 1.0, seed + 1))
+        aug_fused_t, aug_fused_c, aug_fused_paths = _time_scenario(
+            store, "case_0", case_coords, patch, iterations, rng, augment=_augmenter(patch, 0.2, 0.2, seed + 2),
+            fused=True)
+        rot_fused_t, rot_fused_c, _ = _time_scenario(store, "case_0", case_coords, patch, rotated_iterations, rng,
+                                                     augment=_augmenter(patch, 1.0, 1.0, seed + 3), fused=True)
         store.flush()
         case_files = [p for p in Path(store.store_dir).iterdir() if p.name.startswith("case_0.") and p.suffix == ".npy"]
         disk_bytes = sum(p.stat().st_size for p in case_files)
@@ -155,8 +172,10 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
             shutil.rmtree(tmp, ignore_errors=True)
 
     fast, fused, aug, rot = _stats(fast_t), _stats(fused_t), _stats(aug_t), _stats(rot_t)
+    aug_fused, rot_fused = _stats(aug_fused_t), _stats(rot_fused_t)
     cpu = {name: _stats(t) for name, t in (("fast", fast_c), ("fused", fused_c), ("augmented", aug_c),
-                                           ("rotated", rot_c))}
+                                           ("rotated", rot_c), ("augmented_fused", aug_fused_c),
+                                           ("rotated_fused", rot_fused_c))}
     result = {
         "case_shape": list(case_shape),
         "patch_size": [int(patch)] * 3,
@@ -170,6 +189,11 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
         "augmented_general_path_ratio": float(np.mean([p == "general" for p in aug_paths])),
         "rotated_scatter_gather_mean_ms": rot["mean_ms"],
         "rotated_scatter_gather_p95_ms": rot["p95_ms"],
+        "augmented_update_and_gather_mean_ms": aug_fused["mean_ms"],
+        "augmented_update_and_gather_p95_ms": aug_fused["p95_ms"],
+        "augmented_update_and_gather_general_path_ratio": float(np.mean([p == "general" for p in aug_fused_paths])),
+        "rotated_update_and_gather_mean_ms": rot_fused["mean_ms"],
+        "rotated_update_and_gather_p95_ms": rot_fused["p95_ms"],
         # CPU time of the calling thread: on a shared, overloaded machine the wall time includes waiting
         # for a core; the CPU time is what the store costs on an idle one
         "fast_scatter_gather_cpu_mean_ms": cpu["fast"]["mean_ms"],
@@ -179,9 +203,15 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
         "augmented_scatter_gather_cpu_p95_ms": cpu["augmented"]["p95_ms"],
         "rotated_scatter_gather_cpu_mean_ms": cpu["rotated"]["mean_ms"],
         "rotated_scatter_gather_cpu_p95_ms": cpu["rotated"]["p95_ms"],
+        "augmented_update_and_gather_cpu_mean_ms": cpu["augmented_fused"]["mean_ms"],
+        "rotated_update_and_gather_cpu_mean_ms": cpu["rotated_fused"]["mean_ms"],
+        "general_path": "numba" if store.use_numba else "torch",
+        "general_path_first_call_s": general_first_call_s,
         "target_ms": TARGET_MS,
         "augmented_meets_target_wall": bool(aug["mean_ms"] <= TARGET_MS),
         "augmented_meets_target_cpu": bool(cpu["augmented"]["mean_ms"] <= TARGET_MS),
+        "augmented_update_and_gather_meets_target_wall": bool(aug_fused["mean_ms"] <= TARGET_MS),
+        "augmented_update_and_gather_meets_target_cpu": bool(cpu["augmented_fused"]["mean_ms"] <= TARGET_MS),
         "disk_mb_per_case": disk_bytes / 1e6,
         "projected_disk_gb_1248_cases": disk_bytes * NUM_CASES_REAL / 1e9,
         "rss_mb": rss_after,
@@ -201,7 +231,10 @@ def main(out: str = "store_benchmark.json", case_shape=(140, 170, 140), patch: i
           f"{cpu['fast']['mean_ms']:.1f}, fused {fused['mean_ms']:.1f}/{cpu['fused']['mean_ms']:.1f}, augmented "
           f"{aug['mean_ms']:.1f}/{cpu['augmented']['mean_ms']:.1f} (p95 {aug['p95_ms']:.1f}/"
           f"{cpu['augmented']['p95_ms']:.1f}, {100 * result['augmented_general_path_ratio']:.0f}% general path), "
-          f"rotated {rot['mean_ms']:.1f}/{cpu['rotated']['mean_ms']:.1f}; disk {result['disk_mb_per_case']:.1f} MB/case -> "
+          f"rotated {rot['mean_ms']:.1f}/{cpu['rotated']['mean_ms']:.1f}; fused: augmented "
+          f"{aug_fused['mean_ms']:.1f}/{cpu['augmented_fused']['mean_ms']:.1f}, rotated {rot_fused['mean_ms']:.1f}/"
+          f"{cpu['rotated_fused']['mean_ms']:.1f} ({result['general_path']} general path, first call "
+          f"{general_first_call_s:.1f} s); disk {result['disk_mb_per_case']:.1f} MB/case -> "
           f"{result['projected_disk_gb_1248_cases']:.1f} GB for {NUM_CASES_REAL}; RSS {rss_after:.0f} MB; "
           f"load {load_start:.1f} -> {result['load_average_1min_end']:.1f} -> {out}")
     return result

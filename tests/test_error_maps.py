@@ -421,3 +421,87 @@ def test_open_cases_are_bounded(tmp_path):
         assert (full["count"] == 2).all() and full["error"] == pytest.approx(np.full((4, 4, 4), 1.5))
     with pytest.raises(ValueError, match="max_open_cases"):
         ErrorMapStore(tmp_path / "x", max_open_cases=0)
+
+
+def _random_affine_coords(rng, case, patch, zoom):
+    """Nearest-neighbour coordinates of a randomly rotated, zoomed, shifted patch (index + 1, 0 outside)."""
+    angles = rng.uniform(-0.6, 0.6, 3)
+    rot = np.eye(3)
+    for axis, ang in enumerate(angles):
+        r = np.eye(3)
+        i, j = [k for k in range(3) if k != axis]
+        r[i, i] = r[j, j] = np.cos(ang)
+        r[i, j], r[j, i] = -np.sin(ang), np.sin(ang)
+        rot = rot @ r
+    grid = np.stack(np.meshgrid(*[np.arange(p) - (p - 1) / 2 for p in patch], indexing="ij")).reshape(3, -1)
+    centre = np.array(case) / 2 + rng.uniform(-4, 4, 3)
+    idx = np.rint(rot @ grid / zoom + centre[:, None])
+    inside = ((idx >= 0) & (idx < np.array(case)[:, None])).all(0)
+    return np.where(inside, idx + 1, 0).astype(np.float32).reshape((3,) + tuple(patch))
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.error_maps").HAVE_NUMBA, reason="numba not importable")
+def test_numba_general_path_equals_torch_fallback_exactly(tmp_path):
+    """The compiled general kernel and the torch fallback give bit-identical stores and gathers on rotated and
+    zoomed coordinates (zoom-in: many patch voxels per case voxel), with invalid voxels and repeated visits."""
+    rng = np.random.default_rng(11)
+    kernel = ErrorMapStore(tmp_path / "numba", ema_window=3).create({"c": CASE})
+    torch_ = ErrorMapStore(tmp_path / "torch", ema_window=3).create({"c": CASE})
+    torch_.use_numba = False
+    assert kernel.use_numba
+    duplicates = 0
+    for step, zoom in enumerate([1.4, 0.7, 1.0, 2.3, 1.4, 0.9, 1.2, 3.0]):
+        c = _random_affine_coords(rng, CASE, PATCH, zoom)
+        c[:, rng.random(PATCH) < 0.05] = 0  # scattered invalid voxels
+        plan = kernel._analyse("c", c)
+        assert plan[0] == "general" and plan[3] is not None and torch_._analyse("c", c)[3] is None
+        valid = (c > 0).all(0)
+        duplicates += int(valid.sum()) - len(np.unique(c[:, valid], axis=1).T)
+        f = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        v = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        if step % 2:
+            got = kernel.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+            want = torch_.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        else:
+            assert kernel.scatter("c", c, f, v) == torch_.scatter("c", c, f, v)
+            got, want = kernel.gather("c", c), torch_.gather("c", c)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert not got[0][0][~torch.from_numpy(valid)].any()
+    assert duplicates > 1000
+    full_k, full_t = kernel.full("c"), torch_.full("c")
+    assert full_k["count"].max() >= 4  # past the running-mean phase (W = 3)
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(full_k[kind], full_t[kind])
+    # the batch call, with two patches of one case (gathered after both scatters) and non-contiguous coords
+    c = np.stack([_random_affine_coords(rng, CASE, PATCH, 1.3) for _ in range(2)])
+    f, v = torch.rand(2, 1, *PATCH), torch.rand(2, 1, *PATCH)
+    got = kernel.update_and_gather_batch(["c", "c"], torch.from_numpy(c).flip(2), f, v)
+    want = torch_.update_and_gather_batch(["c", "c"], torch.from_numpy(c).flip(2), f, v)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(kernel.full("c")[kind], torch_.full("c")[kind])
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.error_maps").HAVE_NUMBA, reason="numba not importable")
+def test_numba_general_path_rejects_bad_coords_without_writing(tmp_path):
+    s = ErrorMapStore(tmp_path / "st").create({"c": CASE})
+    rng = np.random.default_rng(2)
+    c = _random_affine_coords(rng, CASE, PATCH, 1.2)
+    ones = np.ones(PATCH, np.float32)
+    bad = c.copy()
+    bad[0, -1, -1, -1] = CASE[0] + 3  # beyond the case, after many valid voxels were seen
+    with pytest.raises(ValueError, match="outside case"):
+        s.scatter("c", bad, ones, ones)
+    with pytest.raises(ValueError, match="outside case"):
+        s.gather("c", bad)
+    half = c.copy()
+    half[:, -1, -1, -1] = (0.5, 3, 3)  # a valid coordinate that is not an integer index
+    with pytest.raises(ValueError, match="nearest"):
+        s.update_and_gather("c", half, ones, ones)
+    assert not s.full("c")["count"].any()
+    # the kernel's scratch was left clean: a good patch still counts every case voxel once
+    assert s.scatter("c", c, ones, ones) == len(np.unique(c[:, (c > 0).all(0)], axis=1).T)
+    assert s.full("c")["count"].max() == 1
+    assert not s._work["nb_slotmap"].any()
