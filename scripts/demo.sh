@@ -29,7 +29,7 @@ step "2/8 validating, planning (tiny plan: patch 32^3, filters 8..64) and prepro
   --patch_size "[32,32,32]" --filters "[8,16,32,64]"
 
 # The tiny config (2 epochs) is sized for tests; the demo trains it longer so the tables mean something.
-DEMO_TRAINING="${DEMO_TRAINING:-{\"num_epochs\": 25, \"iterations_per_epoch\": 16}}"
+DEMO_TRAINING="${DEMO_TRAINING:-{\"num_epochs\": 20, \"iterations_per_epoch\": 16, \"val_interval\": 2}}"
 step "3/8 2-fold cross-validation of the variants unc, baseline and mcdropout (tiny config + $DEMO_TRAINING, monai.bundle run training)"
 "$PY" scripts/cross_validate.py --work_dir "$W" --folds "[0,1]" --variants "[unc,baseline,mcdropout]" --config tiny \
   --overrides "$DEMO_TRAINING"
