@@ -81,7 +81,7 @@ def _scan_case_dir(case_dir: Path) -> CaseFiles:
     found: dict[str, list[Path]] = {}
     problems = []
     for entry in sorted(case_dir.iterdir()):
-        # hidden files are editors' and our own temporary files (".tmp-<pid>-..."), never data
+        # hidden files are editors' and our own temporary files (".name.tmp-<pid>.ext"), never data
         if entry.name.startswith(".") or not entry.is_file():
             continue
         stem = _nifti_stem(entry.name)

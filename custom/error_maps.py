@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom.io_utils import atomic_copytree, atomic_write_json
+from custom.io_utils import atomic_copytree, atomic_path, atomic_write_json
 
 __all__ = [
     "compute_prediction_failure",
@@ -465,12 +465,10 @@ class ErrorMapStore:
                     continue
                 for kind in self.KINDS:
                     dtype = np.uint8 if kind == "count" else np.float32
-                    final = self._path(case_id, kind)
-                    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-                    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-                    mm.flush()
-                    del mm
-                    os.replace(tmp, final)
+                    with atomic_path(self._path(case_id, kind)) as tmp:
+                        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+                        mm.flush()
+                        del mm
                 index["cases"][case_id] = shape
                 changed = True
             if changed or not self.index_path.exists():

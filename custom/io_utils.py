@@ -11,7 +11,10 @@ from pathlib import Path
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``dir/.name.tmp-PID.ext``: hidden, per process, and with the full extension kept (nibabel and
+    numpy choose the format, and numpy even the file name, from it)."""
+    stem, dot, extension = path.name.partition(".")
+    return path.with_name(f".{stem}.tmp-{os.getpid()}{dot}{extension}")
 
 
 @contextlib.contextmanager
@@ -40,20 +43,11 @@ def atomic_write_json(path, obj, indent: int = 2) -> None:
 
 
 def atomic_save_nifti(img, path) -> None:
-    """Save a nibabel image atomically (the temporary name keeps the .nii.gz suffix nibabel needs)."""
+    """Save a nibabel image atomically."""
     import nibabel as nib
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_torch_save(obj, path) -> None:
@@ -66,15 +60,8 @@ def atomic_torch_save(obj, path) -> None:
 def atomic_save_npy(path, array) -> None:
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         np.save(str(tmp), array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_copytree(src, dst) -> None:
