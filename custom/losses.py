@@ -143,6 +143,9 @@ class CompositeUncertaintyLoss(nn.Module):
         with_uncertainty: False -> plain region loss on 3-channel logits (``target`` is the region tensor
             or a dict with ``"label"``).
         smooth: soft Dice smoothing.
+        unc_mask_dilation: 0 (the paper) -> ``M`` = GT WT; ``k > 0`` -> ``M`` = GT WT dilated by ``k`` voxels
+            (26-neighbourhood, as :func:`custom.networks.get_cancer_mask`) for the MSE, RMSD and Pearson terms,
+            so that the ring just outside the tumour, where inference reports unc_output, is trained too.
 
     ``forward(logits (B, 4, X, Y, Z), target)`` with ``target = {"label": (B, 3, …) regions,
     "error_stable": (B, 1, …)}``. With deep supervision, ``logits`` may be ``(B, H, C, …)`` (DynUNet's
@@ -152,8 +155,12 @@ class CompositeUncertaintyLoss(nn.Module):
     """
 
     def __init__(self, unc_weight: float = 0.4, rmsd_weight_cancer: float = 0.5, corr_weight: float = 0.4,
-                 with_uncertainty: bool = True, smooth: float = 1e-5, exclude_constant_from_rmsd: bool = True):
+                 with_uncertainty: bool = True, smooth: float = 1e-5, exclude_constant_from_rmsd: bool = True,
+                 unc_mask_dilation: int = 0):
         super().__init__()
+        if int(unc_mask_dilation) != unc_mask_dilation or int(unc_mask_dilation) < 0:
+            raise ValueError(f"unc_mask_dilation must be an integer >= 0, got {unc_mask_dilation}")
+        self.unc_mask_dilation = int(unc_mask_dilation)
         for name, val in (("unc_weight", unc_weight), ("rmsd_weight_cancer", rmsd_weight_cancer),
                           ("corr_weight", corr_weight)):
             if float(val) < 0:
@@ -198,6 +205,10 @@ class CompositeUncertaintyLoss(nn.Module):
         if self.with_uncertainty:
             e = error.detach().to(logits.dtype)
             mask = label[:, 0:1]
+            if self.unc_mask_dilation > 0:
+                from custom.networks import get_cancer_mask
+
+                mask = get_cancer_mask(mask > 0.5, dilation=self.unc_mask_dilation).to(logits.dtype)
             if e.shape != mask.shape:
                 raise ValueError(f"error_stable {tuple(e.shape)} must be (B,1,…) like the WT mask {tuple(mask.shape)}")
             unc = torch.sigmoid(logits[:, 3:4])

@@ -188,3 +188,62 @@ def test_without_uncertainty_is_region_loss():
         CompositeUncertaintyLoss()(torch.from_numpy(logits), {"label": torch.from_numpy(label)})
     with pytest.raises(ValueError, match="unc_weight"):
         CompositeUncertaintyLoss(unc_weight=-1)
+
+
+def _dilate_np(m, k):
+    """26-neighbourhood dilation by ``k`` voxels of a (B, 1, X, Y, Z) 0/1 array (numpy reference)."""
+    out = m.copy()
+    for _ in range(k):
+        pad = np.pad(out, [(0, 0), (0, 0), (1, 1), (1, 1), (1, 1)])
+        s = out.shape[2:]
+        out = np.max([pad[:, :, i:i + s[0], j:j + s[1], l:l + s[2]]
+                      for i in range(3) for j in range(3) for l in range(3)], axis=0)
+    return out
+
+
+def test_unc_mask_dilation_zero_is_paper_and_k_grows_mask():
+    rng = np.random.default_rng(7)
+    b, n = 3, 9
+    logits = rng.normal(size=(b, 4, n, n, n))
+    label = np.zeros((b, 3, n, n, n))
+    label[:, 0, 3:6, 3:6, 4:6] = 1
+    label[:, 1, 4:5, 4:5, 4:5] = 1
+    label[2] = 0  # empty GT WT: stays empty after dilation (excluded)
+    error = rng.random((b, 1, n, n, n))
+    target = {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error)}
+
+    # k = 0 is exactly the default (paper) loss: value, logged terms and gradients
+    lg_a = torch.from_numpy(logits).requires_grad_(True)
+    lg_b = torch.from_numpy(logits).requires_grad_(True)
+    ref_fn, k0_fn = CompositeUncertaintyLoss(), CompositeUncertaintyLoss(unc_mask_dilation=0)
+    la, lb = ref_fn(lg_a, target), k0_fn(lg_b, target)
+    la.backward()
+    lb.backward()
+    assert la.item() == lb.item() and ref_fn.last_terms == k0_fn.last_terms
+    assert torch.equal(lg_a.grad, lg_b.grad)
+    assert la.item() == pytest.approx(_composite_reference(logits, label, error)["total"], rel=1e-7)
+
+    # k = 1: the mask grows by one voxel (26-neighbourhood); MSE, RMSD and corr use it
+    m1 = _dilate_np(label[:, 0:1], 1)
+    assert m1.sum() > label[:, 0:1].sum() and np.all(m1 >= label[:, 0:1]) and m1[2].sum() == 0
+    assert m1[0, 0, 2, 2, 3] == 1 and m1[0, 0, 1, 1, 1] == 0
+    k1_fn = CompositeUncertaintyLoss(unc_mask_dilation=1)
+    k1_fn(torch.from_numpy(logits), target)
+    unc = np_sigmoid(logits[:, 3:4])
+    assert k1_fn.last_terms["unc_mse"] == pytest.approx(np.mean((unc * m1 - error * m1) ** 2), rel=1e-6)
+    rmsd_ref = np.mean([np_rmsd(unc[i], error[i], m1[i]) for i in range(2)])
+    corr_ref = np.mean([np_pearson(unc[i], error[i], m1[i]) for i in range(2)])
+    assert k1_fn.last_terms["rmsd"] == pytest.approx(rmsd_ref, rel=1e-6)
+    assert k1_fn.last_terms["corr"] == pytest.approx(corr_ref, rel=1e-6)
+    assert k1_fn.last_terms["n_valid"] == 2
+
+    # the ring voxel gets a gradient only with k > 0; a voxel beyond the ring never does
+    for k, ring_grad in ((0, False), (1, True)):
+        lg = torch.from_numpy(logits).requires_grad_(True)
+        CompositeUncertaintyLoss(unc_mask_dilation=k)(lg, target).backward()
+        g = lg.grad[0, 3]
+        assert (g[2, 2, 3].abs().item() > 0) == ring_grad
+        assert g[1, 1, 1].item() == 0.0
+
+    with pytest.raises(ValueError):
+        CompositeUncertaintyLoss(unc_mask_dilation=-1)
