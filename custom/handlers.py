@@ -123,6 +123,34 @@ def _update_and_gather(store, ids, coords, failure_smoothed, var1shot, device):
     return store.gather_batch(ids, coords, device=device)
 
 
+def _error_map_step(store, targets: Mapping, p_wt: torch.Tensor, gt_wt: torch.Tensor, target_transform: str,
+                    update_store: bool = True):
+    """The shared error-map step of training and validation, all ``(B, 1, ...)``.
+
+    ``p_WT`` vs GT WT -> failure -> 3x3x3 smoothing, and ``var1shot``; with a store, the EMA step at the
+    case coordinates of ``targets`` (or a plain read when ``update_store`` is False) gives ``error_stable``
+    and ``variance_stable``; without one, they are this observation itself.
+    Returns ``(error_stable, variance_stable, var1shot)``.
+    """
+    from custom.error_maps import (compute_prediction_failure, compute_prediction_variance,
+                                   paper_target_transform, smooth_failure)
+
+    failure_smoothed = smooth_failure(compute_prediction_failure(p_wt, gt_wt))
+    var1shot = compute_prediction_variance(p_wt)
+    if store is None:
+        error_stable, variance_stable = failure_smoothed, var1shot
+    else:
+        ids, coords = _case_ids(targets), targets["coords"]
+        if update_store:
+            error_stable, variance_stable = _update_and_gather(store, ids, coords, failure_smoothed, var1shot,
+                                                               p_wt.device)
+        else:
+            error_stable, variance_stable = store.gather_batch(ids, coords, device=p_wt.device)
+    if target_transform == "paper":
+        error_stable = paper_target_transform(error_stable, gt_wt.to(error_stable.device))
+    return error_stable, variance_stable, var1shot
+
+
 class ErrorMapHandler:
     """Training: the uncertainty target ``error_stable`` of each patch, from the case-space EMA store.
 
@@ -138,6 +166,8 @@ class ErrorMapHandler:
     """
 
     def __init__(self, store, target_transform: str = "none") -> None:
+        if store is None:
+            raise ValueError("ErrorMapHandler needs the fold's ErrorMapStore (the training target comes from it)")
         self.store = store
         self.target_transform = _check_target_transform(target_transform)
 
@@ -150,9 +180,6 @@ class ErrorMapHandler:
     def __call__(self, engine: Engine) -> None:
         from monai.utils import CommonKeys as Keys
 
-        from custom.error_maps import (compute_prediction_failure, compute_prediction_variance,
-                                       paper_target_transform, smooth_failure)
-
         output = engine.state.output
         targets = output[Keys.LABEL]
         if not isinstance(targets, dict):
@@ -164,13 +191,7 @@ class ErrorMapHandler:
             pred = pred[:, 0]
         p_wt = torch.sigmoid(pred[:, 0:1].detach().float())
         gt_wt = targets["label"][:, 0:1].float()
-        failure_smoothed = smooth_failure(compute_prediction_failure(p_wt, gt_wt))
-        var1shot = compute_prediction_variance(p_wt)
-        ids, coords = _case_ids(targets), targets["coords"]
-        error_stable, variance_stable = _update_and_gather(self.store, ids, coords, failure_smoothed, var1shot,
-                                                           pred.device)
-        if self.target_transform == "paper":
-            error_stable = paper_target_transform(error_stable, gt_wt.to(error_stable.device))
+        error_stable, variance_stable, _ = _error_map_step(self.store, targets, p_wt, gt_wt, self.target_transform)
         targets["error_stable"] = error_stable
         targets["variance_stable"] = variance_stable
 
@@ -211,8 +232,6 @@ class ValidationErrorMapHandler:
     def __call__(self, engine: Engine) -> None:
         from monai.utils import CommonKeys as Keys
 
-        from custom.error_maps import (compute_prediction_failure, compute_prediction_variance,
-                                       paper_target_transform, smooth_failure)
         from custom.networks import get_cancer_mask
 
         output = engine.state.output
@@ -224,20 +243,9 @@ class ValidationErrorMapHandler:
         p_wt = probs[:, 0:1]
         cancer_mask = get_cancer_mask(p_wt, dilation=self.mask_dilation)
         output["unc_output"] = probs[:, 3:4] * cancer_mask.to(probs.dtype)
-        var1shot = compute_prediction_variance(p_wt)
+        error_stable, variance_stable, var1shot = _error_map_step(self.store, targets, p_wt, gt_wt,
+                                                                  self.target_transform, self.update_store)
         output["var1shot"] = var1shot
-        failure_smoothed = smooth_failure(compute_prediction_failure(p_wt, gt_wt))
-        if self.store is None:
-            error_stable, variance_stable = failure_smoothed, var1shot
-        else:
-            ids, coords = _case_ids(targets), targets["coords"]
-            if self.update_store:
-                error_stable, variance_stable = _update_and_gather(self.store, ids, coords, failure_smoothed,
-                                                                   var1shot, probs.device)
-            else:
-                error_stable, variance_stable = self.store.gather_batch(ids, coords, device=probs.device)
-        if self.target_transform == "paper":
-            error_stable = paper_target_transform(error_stable, gt_wt)
         output["error_stable"] = error_stable
         output["variance_stable"] = variance_stable
 
