@@ -449,10 +449,10 @@ class UncertaintySegmenter:
         out_dir = Path(out_dir)
         label_path, unc_path = output_paths(out_dir, case_id)
         try:
-            image, affine, spacing, ref_header = _load_case(case)
+            image, affine, spacing, ref_header = load_case(case)
             pred = self.predict(image, spacing, name=case["image"][0])
-            _save_nifti(pred.labels, affine, ref_header, label_path)
-            _save_nifti(pred.unc, affine, ref_header, unc_path)
+            save_nifti(pred.labels, affine, ref_header, label_path)
+            save_nifti(pred.unc, affine, ref_header, unc_path)
         except BaseException:
             remove_case_outputs(out_dir, case_id)
             raise
@@ -552,7 +552,7 @@ def find_case_files(case_dir) -> dict:
     return {"case_id": case_id, "image": [str(p) for p in images], "label": str(seg) if seg.is_file() else None}
 
 
-def _load_case(case: Mapping):
+def load_case(case: Mapping):
     """Validated arrays (``custom.data.load_case_arrays``) and the t1c header for the outputs."""
     import nibabel as nib
 
@@ -563,7 +563,7 @@ def _load_case(case: Mapping):
     return image, np.asarray(affine, dtype=np.float64), tuple(float(s) for s in spacing), header
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) -> None:
+def save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) -> None:
     """Write ``array`` with the input's affine (sform and qform codes kept from the input)."""
     import nibabel as nib
 

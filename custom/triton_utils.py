@@ -667,7 +667,7 @@ def infer_case_folders(input_dir, output_dir, url: str = "127.0.0.1:8001", proto
     with VolumeClient(url, protocol, model, timeout_s) as probe:
         probe.check_ready()
     # the bundle's own case reading and writing: the same validation, the same output files
-    from custom.inference import _load_case, _save_nifti, find_case_files, list_case_folders, output_paths, \
+    from custom.inference import load_case, save_nifti, find_case_files, list_case_folders, output_paths, \
         remove_case_outputs
 
     case_dirs = list_case_folders(input_dir)
@@ -689,15 +689,15 @@ def infer_case_folders(input_dir, output_dir, url: str = "127.0.0.1:8001", proto
         case = find_case_files(case_dir)
         case_id = case["case_id"]
         try:
-            image, affine, spacing, header = _load_case(case)
+            image, affine, spacing, header = load_case(case)
             image, _ = validate_volume_request(image, spacing, max_edge=max_edge, source=str(case_dir))
             seg, unc = client().infer(image, np.asarray(spacing, np.float32), request_id=case_id)
             if seg.shape != image.shape[1:] or unc.shape != image.shape[1:]:
                 raise TritonClientError(f"{case_id}: server returned shapes {seg.shape}/{unc.shape}, "
                                         f"expected {image.shape[1:]}")
             label_path, unc_path = output_paths(output_dir, case_id)
-            _save_nifti(np.asarray(seg, np.uint8), affine, header, label_path)
-            _save_nifti(np.asarray(unc, np.float32), affine, header, unc_path)
+            save_nifti(np.asarray(seg, np.uint8), affine, header, label_path)
+            save_nifti(np.asarray(unc, np.float32), affine, header, unc_path)
         except BaseException:
             remove_case_outputs(output_dir, case_id)
             raise
