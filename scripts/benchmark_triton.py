@@ -44,12 +44,12 @@ def _latency_stats(latencies_s) -> dict:
 
 
 def _load_cases(input_dir, num_cases: int):
-    from custom.inference import _load_case, find_case_files, list_case_folders
+    from custom.inference import load_case, find_case_files, list_case_folders
 
     cases = []
     for case_dir in list_case_folders(input_dir)[:num_cases]:
         case = find_case_files(case_dir)
-        image, _, spacing, _ = _load_case(case)
+        image, _, spacing, _ = load_case(case)
         cases.append((case["case_id"], image, np.asarray(spacing, np.float32)))
     if not cases:
         raise SystemExit(f"[benchmark_triton] no cases in {input_dir}")
