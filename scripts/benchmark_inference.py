@@ -4,7 +4,7 @@
         [--shape "[64,64,48]"] [--patch_size "[32,32,32]"] [--filters "[8,16,32,64]"] [--repeats 2]
         [--mc_samples 10] [--device cpu] [--threads 1] [--real_size false]
 
-Methods, all through the shared inference path (custom.inference.UncertaintySegmenter.predict):
+Methods, all through the shared inference path (custom.inference.segmenter.UncertaintySegmenter.predict):
   (a) seg_only : 3-output network (segmentation only), 1 pass
   (b) unc_head : 4-output network (segmentation + unc_output, ours), 1 pass
   (c) tta      : (b) with mirroring TTA, 8 passes
@@ -35,7 +35,8 @@ GPU_COMMAND = ("python scripts/benchmark_inference.py --device cuda --threads 8 
 
 
 def _plan(shape, spacing, patch_size=None, filters=None):
-    from custom.planning import ExperimentPlanner, Plans
+    from custom.planning.planner import ExperimentPlanner
+    from custom.planning.plans import Plans
 
     fingerprint = {"spacings": [list(spacing)] * 4, "shapes_after_crop": [list(shape)] * 4}
     return Plans(ExperimentPlanner().plan(fingerprint, patch_size=patch_size, filters=filters))
@@ -61,8 +62,9 @@ def _methods(plans, device, sw_batch_size, mc_samples, seed=0):
     """name -> (segmenter, patch_fn or None, counter, passes per volume)."""
     import torch
 
-    from custom.inference import UncertaintySegmenter, mc_dropout_patch_fn
-    from custom.networks import build_network
+    from custom.inference.segmenter import UncertaintySegmenter
+    from custom.model.networks import build_network
+    from custom.uncertainty.baselines import mc_dropout_patch_fn
 
     out = {}
     for name, with_unc, tta, dropout in (("seg_only", False, False, None), ("unc_head", True, False, None),
@@ -144,8 +146,8 @@ def _ratios(res):
 
 
 def _load_cases(cases_dir, limit):
-    from custom.data import load_case_arrays
-    from custom.inference import find_case_files, list_case_folders
+    from custom.data.cases import find_case_files, list_case_folders
+    from custom.data.nifti import load_case_arrays
 
     cases = []
     for d in list_case_folders(cases_dir)[:limit]:
@@ -162,9 +164,9 @@ def main(out: str, cases: str = None, num_cases: int = 3, shape=(64, 64, 48), pa
     """Benchmark; writes ONE JSON object to OUT and prints a one-line summary."""
     import torch
 
-    from custom.cli import as_bool
-    from custom.io_utils import atomic_write_json
-    from custom.synthetic import write_dataset
+    from custom.core.atomic import atomic_write_json
+    from custom.core.cli import as_bool
+    from custom.data.synthetic import write_dataset
 
     torch.set_num_threads(int(threads))
     real_size = as_bool(real_size, "real_size")
@@ -185,7 +187,7 @@ def main(out: str, cases: str = None, num_cases: int = 3, shape=(64, 64, 48), pa
                        **_ratios(tiny)},
               "b_over_a_target_ratio": 1.02, "gpu_command": GPU_COMMAND}
     if real_size:
-        from custom.synthetic import make_case
+        from custom.data.synthetic import make_case
 
         image, _ = make_case(np.random.default_rng(seed), (240, 240, 155), (1.0, 1.0, 1.0))
         real_plans = _plan((140, 170, 140), (1.0, 1.0, 1.0))

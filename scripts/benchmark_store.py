@@ -1,4 +1,4 @@
-"""Benchmark the case-space EMA error-map store at real size (custom/error_maps.py).
+"""Benchmark the case-space EMA error-map store at real size (custom/uncertainty/).
 
 A 128^3 patch into a 140x170x140 case (the BraTS median after cropping), side by side in one run:
 - ``fast``: axis-aligned random crops with random mirroring (p 0.5 per axis): the slicing fast path;
@@ -17,7 +17,6 @@ Usage: python scripts/benchmark_store.py --out store_benchmark.json [--iteration
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -31,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.error_maps import HAVE_NUMBA, ErrorMapStore  # noqa: E402
-from custom.io_utils import atomic_write_json  # noqa: E402
-from custom.transforms import make_case_coordinates  # noqa: E402
+from custom.core.atomic import atomic_write_json  # noqa: E402
+from custom.transforms.array import make_case_coordinates  # noqa: E402
+from custom.uncertainty.store import ErrorMapStore  # noqa: E402
+from custom.uncertainty.store_kernels import HAVE_NUMBA  # noqa: E402
 
 TARGET_MS = 15.0
 NUM_CASES_REAL = 1248

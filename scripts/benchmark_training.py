@@ -27,8 +27,8 @@ GPU_CHECK = ("python scripts/benchmark_training.py --out benchmark_training_gpu.
 
 
 def _prepare(work: Path, num_cases: int, shape, patch_size, filters, seed: int = 0) -> Path:
-    from custom.data import prepare_data
-    from custom.synthetic import write_dataset
+    from custom.data.synthetic import write_dataset
+    from custom.workflows.prepare import prepare_data
 
     if not (work / "plans.json").is_file():
         write_dataset(work / "raw", int(num_cases), shape, (1.0, 1.0, 1.0), int(seed), 0.5)
@@ -41,8 +41,8 @@ def measure(work_dir: str, json_out: str, iterations: int = 4, warmup: int = 1, 
     """(internal) one measurement in this process; writes its JSON to JSON_OUT."""
     import torch
 
-    from custom.io_utils import atomic_write_json
-    from custom.training import measure_training
+    from custom.core.atomic import atomic_write_json
+    from custom.workflows.training_benchmark import measure_training
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     files = [CONFIGS / "train.json"] + ([CONFIGS / "tiny.json"] if tiny else [])
@@ -124,7 +124,7 @@ def main(out: str = "benchmark_training.json", work_dir: str | None = None, real
             "real": real,
         })
     result["total_s"] = time.perf_counter() - start
-    from custom.io_utils import atomic_write_json
+    from custom.core.atomic import atomic_write_json
 
     atomic_write_json(out, result)
     line = (f"benchmark_training: tiny {result['tiny_iterations_per_s']:.2f} it/s (data {result['tiny_data_ms_per_batch']:.0f} ms"

@@ -44,7 +44,8 @@ def _latency_stats(latencies_s) -> dict:
 
 
 def _load_cases(input_dir, num_cases: int):
-    from custom.inference import load_case, find_case_files, list_case_folders
+    from custom.data.cases import find_case_files, list_case_folders
+    from custom.data.nifti import load_case
 
     cases = []
     for case_dir in list_case_folders(input_dir)[:num_cases]:
@@ -83,7 +84,7 @@ def _summarise(runs: list[dict], **extra) -> dict:
 
 
 def bench_triton_level(url, protocol, cases, concurrency: int, requests: int, timeout_s: float) -> dict:
-    from custom.triton_utils import VolumeClient
+    from custom.deploy.triton_client import VolumeClient
 
     counter = iter(range(requests))
     lock = threading.Lock()
@@ -120,7 +121,7 @@ def _patch_batching(url) -> dict:
     """Patch-model counters: BLS requests, patches and executions (fewer executions than requests = merged)."""
     import tritonclient.http as th
 
-    from custom.triton_utils import PATCH_MODEL
+    from custom.deploy.triton_repository import PATCH_MODEL
 
     client = th.InferenceServerClient(url)
     try:
@@ -152,8 +153,9 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
     """
     import torch
 
-    from custom.io_utils import atomic_write_json
-    from custom.triton_utils import TritonServer, free_port, prepare_model_repository
+    from custom.core.atomic import atomic_write_json
+    from custom.deploy.triton_repository import prepare_model_repository
+    from custom.deploy.triton_server import TritonServer, free_port
 
     levels = [int(c) for c in (concurrency if isinstance(concurrency, (list, tuple)) else [concurrency])]
     if not levels or min(levels) < 1:
@@ -166,7 +168,7 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
     shape = list(cases[0][1].shape)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from custom.inference import UncertaintySegmenter
+    from custom.inference.segmenter import UncertaintySegmenter
 
     segmenter = UncertaintySegmenter.from_checkpoint(checkpoint, device=device)
     segmenter.predict(cases[0][1], cases[0][2])  # warm-up: allocator, lazy imports

@@ -50,11 +50,11 @@ def main(
         last_k: validation rounds averaged for the reported numbers.
         min_dice_wt: the Dice WT target.
     """
-    from custom.cli import as_list
-    from custom.data import prepare_data
-    from custom.io_utils import atomic_write_json
-    from custom.synthetic import write_dataset
-    from custom.training import learning_summary
+    from custom.core.atomic import atomic_write_json
+    from custom.core.cli import as_list
+    from custom.data.synthetic import write_dataset
+    from custom.evaluation.runs import learning_summary
+    from custom.workflows.prepare import prepare_data
 
     start = time.perf_counter()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="check_learning_"))

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import fire  # noqa: E402
 
-from custom.cli import as_bool, as_list  # noqa: E402
-from custom.errors import BraTSInputError  # noqa: E402
+from custom.core.cli import as_bool, as_list  # noqa: E402
+from custom.core.errors import BraTSInputError  # noqa: E402
 
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 CONFIG_DIR = BUNDLE_ROOT / "configs"

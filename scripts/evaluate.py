@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from custom.cli import as_bool, as_list  # noqa: E402
-from custom.errors import BraTSInputError  # noqa: E402
-from custom.evaluation import evaluate_folder  # noqa: E402
+from custom.core.cli import as_bool, as_list  # noqa: E402
+from custom.core.errors import BraTSInputError  # noqa: E402
+from custom.evaluation.folder import evaluate_folder  # noqa: E402
 
 
 def main(pred_dir: str, gt_dir: str, out_dir: str, unc_dir: str | None = None, unc_max: float = 1.0,

@@ -6,10 +6,10 @@
 
 For every fold with a finished ``W/runs/<variant>/fold<k>/model_final.pt``:
 1. the final model predicts each validation case through the shared inference path
-   (``custom.inference.UncertaintySegmenter``: preprocess -> sliding window -> cancer mask -> original grid);
+   (``custom.inference.segmenter.UncertaintySegmenter``: preprocess -> sliding window -> cancer mask -> original grid);
    labels and unc_output are written to ``R/heldout/fold<k>/pred/<case_id>{,-unc}.nii.gz``;
 2. segmentation: legacy and BraTS 2023 lesion-wise Dice/HD95 per region from those files
-   (``custom.evaluation.evaluate_folder``), cross-checked against ``brats_evaluation``;
+   (``custom.evaluation.folder.evaluate_folder``), cross-checked against ``brats_evaluation``;
 3. uncertainty quality against the WT errors of the segmentation each method produces (AUROC inside the
    dilated union of predicted and true WT, Spearman, ECE, QU-BraTS) and cost (forward passes, s/case), for:
    unc_output (1 pass), var1shot = 4 p (1 - p) (same pass), mirroring TTA variance (8 passes), MC dropout
@@ -35,21 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
-from custom.cli import as_bool, as_list  # noqa: E402
-from custom.errors import BraTSInputError  # noqa: E402
-from custom.evaluation import (  # noqa: E402
-    QUALITY_COLUMNS,
-    to_json_safe,
-    dice,
-    evaluate_folder,
-    nanmean,
-    region_mask,
-    render_quality_vs_cost,
-    summarize_rows,
-    uncertainty_quality,
-    write_rows_csv,
-)
-from custom.io_utils import atomic_save_nifti, atomic_write_bytes, atomic_write_json  # noqa: E402
+from custom.core.atomic import atomic_save_nifti, atomic_write_bytes, atomic_write_json  # noqa: E402
+from custom.core.cli import as_bool, as_list  # noqa: E402
+from custom.core.errors import BraTSInputError  # noqa: E402
+from custom.core.numeric import nanmean  # noqa: E402
+from custom.evaluation.folder import evaluate_folder, summarize_rows, to_json_safe, write_rows_csv  # noqa: E402
+from custom.evaluation.segmentation import dice, region_mask  # noqa: E402
+from custom.evaluation.uncertainty import uncertainty_quality  # noqa: E402
+from custom.workflows.report import QUALITY_COLUMNS, render_quality_vs_cost  # noqa: E402
 
 MARK_START, MARK_END = "<!-- heldout:start -->", "<!-- heldout:end -->"
 
@@ -85,7 +78,8 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
     """The methods of one fold; each ``fn(image_pp) -> probs_pp (4, X', Y', Z')`` with the map in channel 3."""
     import torch
 
-    from custom.inference import enable_mc_dropout, load_network, mirror_axes_combinations, probability_patch_fn
+    from custom.model.checkpoints import load_network
+    from custom.uncertainty.baselines import enable_mc_dropout, mirror_axes_combinations, probability_patch_fn
 
     def single(image_pp):
         return torch.as_tensor(seg.predict_preprocessed(image_pp))
@@ -157,7 +151,8 @@ def build_methods(seg, work_dir: Path, fold: int, fold_models: dict, mc_variant,
 def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_variant: str | None = "mcdropout",
                      mc_samples: int = 10, tta: bool = True, ensemble: bool = True, crosscheck: bool = True,
                      max_cases_per_fold: int | None = None, device: str = "cpu") -> dict:
-    from custom.data import fold_split, load_case_arrays, load_datalist
+    from custom.data.datalist import fold_split, load_datalist
+    from custom.data.nifti import load_case_arrays
 
     work_dir, out_dir = Path(work_dir).resolve(), Path(out_dir)
     datalist = load_datalist(work_dir)
@@ -182,8 +177,9 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
     import nibabel as nib
     import torch
 
-    from custom.inference import UncertaintySegmenter, postprocess_probabilities
-    from custom.preprocess import preprocess_case
+    from custom.inference.postprocess import postprocess_probabilities
+    from custom.inference.segmenter import UncertaintySegmenter
+    from custom.preprocessing.functional import preprocess_case
 
     torch.manual_seed(0)
     fold_models = {f: UncertaintySegmenter.from_checkpoint(ckpt, work_dir=work_dir, device=device)

@@ -4,7 +4,7 @@
         [--triton_repo triton_models] [--tolerance 1e-4]
 
 Exits non-zero (with the numbers) when TorchScript or ONNX disagree with PyTorch by more than the tolerance.
-Logic: custom/export.py.
+Logic: custom/deploy/export.py.
 """
 
 import json
@@ -25,9 +25,9 @@ def main(checkpoint: str, work_dir: str = None, out_dir: str = "bundle/models", 
     """Export CHECKPOINT (plans.json beside it, else WORK_DIR/plans.json); "--triton_repo ''" skips Triton."""
     import torch
 
-    from custom.errors import BraTSInputError
-    from custom.export import ExportParityError, export_model
-    from custom.cli import as_bool
+    from custom.core.cli import as_bool
+    from custom.core.errors import BraTSInputError
+    from custom.deploy.export import ExportParityError, export_model
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))

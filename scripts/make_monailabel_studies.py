@@ -18,8 +18,9 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "monailabel_app"))
 
-from custom.errors import BraTSInputError  # noqa: E402
 from lib.studies import case_folder_to_study, find_case_folders  # noqa: E402
+
+from custom.core.errors import BraTSInputError  # noqa: E402
 
 
 def make_studies(cases, studies, labels: bool = True, unlabeled=(), overwrite: bool = False) -> list:

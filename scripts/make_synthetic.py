@@ -12,8 +12,8 @@ import time
 
 import fire
 
-from custom.cli import as_list
-from custom.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, write_dataset
+from custom.core.cli import as_list
+from custom.data.synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, write_dataset
 
 
 def main(

@@ -14,9 +14,9 @@ import time
 
 import fire
 
-from custom.cli import as_bool, as_list
-from custom.data import prepare_data
-from custom.errors import BraTSInputError
+from custom.core.cli import as_bool, as_list
+from custom.core.errors import BraTSInputError
+from custom.workflows.prepare import prepare_data
 
 
 def main(

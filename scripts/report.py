@@ -26,20 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
-from custom.cli import as_bool, as_list  # noqa: E402
-from custom.errors import BraTSInputError  # noqa: E402
-from custom.evaluation import (  # noqa: E402
+from custom.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
+from custom.core.cli import as_bool, as_list  # noqa: E402
+from custom.core.errors import BraTSInputError  # noqa: E402
+from custom.evaluation.folder import to_json_safe, write_rows_csv  # noqa: E402
+from custom.evaluation.runs import (  # noqa: E402
     DICE_COLUMNS,
     RUN_FINISHED,
     UNC_METRIC_COLUMNS,
-    to_json_safe,
     collect_runs,
     fold_average,
     read_metrics_csv,
-    render_quality_vs_cost,
-    write_rows_csv,
 )
-from custom.io_utils import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
+from custom.workflows.report import render_quality_vs_cost  # noqa: E402
 
 #: the paper's reported numbers (METHOD.md): BraTS 2023, 5 folds, 500 epochs, batch 2
 PAPER_TABLE1 = {"unc": {"val_dice_wt": 0.916, "val_dice_tc": 0.916, "val_dice_et": 0.873, "val_dice_mean": 0.901},
@@ -148,10 +147,11 @@ def fold0_maps(work_dir, run_dir, num_cases: int = 6) -> list:
     """
     import torch
 
-    from custom.constants import MODALITIES
-    from custom.data import fold_split, load_datalist
-    from custom.error_maps import ErrorMapStore
-    from custom.inference import UncertaintySegmenter, masked_uncertainty
+    from custom.core.constants import MODALITIES
+    from custom.data.datalist import fold_split, load_datalist
+    from custom.inference.postprocess import masked_uncertainty
+    from custom.inference.segmenter import UncertaintySegmenter
+    from custom.uncertainty.store import ErrorMapStore
 
     run_dir = Path(run_dir)
     store_dir = run_dir / "store"

@@ -16,10 +16,11 @@ import sys
 
 import fire
 
-from custom.triton_utils import DEFAULT_MODEL_REPOSITORY, TritonServer, check_model_repository
+from custom.deploy.triton_repository import MODEL_REPOSITORY, check_model_repository
+from custom.deploy.triton_server import TritonServer
 
 
-def main(model_repository=str(DEFAULT_MODEL_REPOSITORY), http_port: int = 8000, grpc_port: int = 8001,
+def main(model_repository=str(MODEL_REPOSITORY), http_port: int = 8000, grpc_port: int = 8001,
          metrics_port: int = 8002, address: str = "127.0.0.1", startup_timeout_s: float = 300.0,
          threads: int | None = None, tritonserver: str | None = None, log_verbose: int = 0) -> None:
     """Start tritonserver on ``model_repository`` and block until it is stopped.

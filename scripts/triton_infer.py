@@ -14,8 +14,9 @@ import sys
 
 import fire
 
-from custom.errors import BraTSInputError
-from custom.triton_utils import VOLUME_MODEL, TritonClientError, infer_case_folders
+from custom.core.errors import BraTSInputError
+from custom.deploy.triton_client import TritonClientError, infer_case_folders
+from custom.deploy.triton_repository import VOLUME_MODEL
 
 
 def main(input_dir: str, output_dir: str, url: str = "127.0.0.1:8001", protocol: str = "grpc",

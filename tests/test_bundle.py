@@ -9,10 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import PYTHON, REPO_ROOT, run_cmd
 
-from custom.handlers import METRICS_CSV_COLUMNS
+from custom.core.layout import METRICS_CSV_COLUMNS
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -73,8 +72,8 @@ def test_verify_net_in_out(prepared_work_dir):
 
 
 def test_evaluate_config_writes_per_case_metrics(tiny_training_run, prepared_work_dir):
-    from custom.error_maps import ErrorMapStore
-    from custom.training import load_fold_data
+    from custom.training.setup import load_fold_data
+    from custom.uncertainty.store import ErrorMapStore
 
     out = tiny_training_run
     _, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
@@ -99,9 +98,9 @@ def test_evaluate_config_writes_per_case_metrics(tiny_training_run, prepared_wor
 
 
 def test_checkpoint_loading_errors_name_the_file(prepared_work_dir, tmp_path):
-    from custom.errors import BraTSInputError
-    from custom.networks import build_network
-    from custom.training import load_model_weights
+    from custom.core.errors import BraTSInputError
+    from custom.model.checkpoints import load_model_weights
+    from custom.model.networks import build_network
 
     net = build_network(prepared_work_dir / "plans.json")
     with pytest.raises(BraTSInputError, match=r"model\.pt: checkpoint not found"):

@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import run_cmd
-from custom.cli import as_bool, as_list
-from custom.errors import BraTSInputError
+
+from custom.core.cli import as_bool, as_list
+from custom.core.errors import BraTSInputError
 
 
 @pytest.mark.parametrize("value", [True, np.bool_(True), 1, np.int64(1), "true", "True", " YES ", "1", "on", "On"])

@@ -12,20 +12,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import run_cmd
-from custom.constants import MODALITIES
-from custom.data import (
-    assign_folds,
-    build_datalist,
-    fold_split,
-    load_case_arrays,
-    load_datalist,
-    scan_dataset,
-    validate_case,
-)
-from custom.errors import BraTSInputError
-from custom.synthetic import case_id_for, make_affine, write_dataset
+
+from custom.core.constants import MODALITIES
+from custom.core.errors import BraTSInputError
+from custom.data.cases import scan_dataset, validate_case
+from custom.data.datalist import assign_folds, build_datalist, fold_split, load_datalist
+from custom.data.nifti import load_case_arrays
+from custom.data.synthetic import case_id_for, make_affine, write_dataset
 
 SHAPE = (24, 24, 16)
 SPACING = (1.0, 1.2, 2.0)

@@ -1,4 +1,4 @@
-"""Case-space EMA error-map store and the error-map formulas (custom/error_maps.py)."""
+"""Case-space EMA error-map store and the error-map formulas (custom/uncertainty/)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import pytest
 import torch
 from monai.transforms import Compose, RandFlipd, RandRotated, RandZoomd, SpatialPadd
 
-from custom.error_maps import (
-    ErrorMapStore,
+from custom.transforms.array import make_case_coordinates
+from custom.transforms.dictionary import AddCaseCoordinatesd, ForegroundOversampledCropd
+from custom.uncertainty.store import ErrorMapStore
+from custom.uncertainty.targets import (
     compute_prediction_error_probability,
     compute_prediction_failure,
     compute_prediction_variance,
     paper_target_transform,
     smooth_failure,
 )
-from custom.transforms import AddCaseCoordinatesd, ForegroundOversampledCropd, make_case_coordinates
 
 CASE = (40, 44, 36)
 PATCH = (24, 24, 24)
@@ -440,7 +441,7 @@ def _random_affine_coords(rng, case, patch, zoom):
     return np.where(inside, idx + 1, 0).astype(np.float32).reshape((3,) + tuple(patch))
 
 
-@pytest.mark.skipif(not pytest.importorskip("custom.error_maps").HAVE_NUMBA, reason="numba not importable")
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
 def test_numba_general_path_equals_torch_fallback_exactly(tmp_path):
     """The compiled general kernel and the torch fallback give bit-identical stores and gathers on rotated and
     zoomed coordinates (zoom-in: many patch voxels per case voxel), with invalid voxels and repeated visits."""
@@ -484,7 +485,7 @@ def test_numba_general_path_equals_torch_fallback_exactly(tmp_path):
         np.testing.assert_array_equal(kernel.full("c")[kind], torch_.full("c")[kind])
 
 
-@pytest.mark.skipif(not pytest.importorskip("custom.error_maps").HAVE_NUMBA, reason="numba not importable")
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
 def test_numba_general_path_rejects_bad_coords_without_writing(tmp_path):
     s = ErrorMapStore(tmp_path / "st").create({"c": CASE})
     rng = np.random.default_rng(2)

@@ -11,17 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.errors import BraTSInputError
-from custom.evaluation import (
-    MAX_HD95_MM,
+from custom.core.errors import BraTSInputError
+from custom.evaluation.crosscheck import official_crosscheck
+from custom.evaluation.folder import match_prediction_files
+from custom.evaluation.segmentation import MAX_HD95_MM, dice, evaluate_segmentation, hd95, lesionwise_metrics
+from custom.evaluation.uncertainty import (
     auroc,
-    dice,
-    evaluate_segmentation,
     expected_calibration_error,
-    hd95,
-    lesionwise_metrics,
-    match_prediction_files,
-    official_crosscheck,
     qubrats_score,
     spearman,
     uncertainty_quality,
@@ -284,7 +280,7 @@ def test_bad_label_values_and_missing_uncertainty_are_named(crafted, tmp_path):
     bad = np.zeros(SHAPE, np.uint8)
     bad[0, 0, 0] = 4
     _save(p_dir / f"{CASES[0]}.nii.gz", bad)
-    from custom.evaluation import evaluate_folder
+    from custom.evaluation.folder import evaluate_folder
     with pytest.raises(BraTSInputError, match=r"label values must be 0, 1, 2 or 3, found \[4\]"):
         evaluate_folder(p_dir, g_dir, tmp_path / "R")
     assert not (tmp_path / "R" / "per_case.csv").exists()
@@ -331,7 +327,7 @@ def test_qubrats_matches_direct_threshold_loop():
 
 
 def test_threshold_index_equals_searchsorted_at_boundaries():
-    from custom.evaluation import _count_below
+    from custom.evaluation.uncertainty import _count_below
 
     asc = np.linspace(100, 0, 41)[::-1]
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Export (scripts/export.py, custom/export.py): TorchScript + ONNX parity, metadata, verify_net_in_out, Triton files."""
+"""Export (scripts/export.py, custom/deploy/export.py): TorchScript + ONNX parity, metadata, verify_net_in_out, Triton files."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PYTHON, run_cmd
-from custom.io_utils import atomic_torch_save
-from custom.networks import build_network
+
+from custom.core.atomic import atomic_torch_save
+from custom.model.networks import build_network
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_export_writes_models_and_reports_parity(exported, ckpt):
 
 
 def test_torchscript_has_metadata_and_matches_pytorch(exported, ckpt, prepared_work_dir):
-    from custom.export import build_export_module, read_torchscript_metadata
+    from custom.deploy.export import build_export_module, read_torchscript_metadata
 
     _, out, _ = exported
     embedded = read_torchscript_metadata(out / "model.ts")
@@ -71,8 +71,8 @@ def test_torchscript_has_metadata_and_matches_pytorch(exported, ckpt, prepared_w
 def test_onnx_has_dynamic_batch_and_spatial_axes(exported, ckpt, prepared_work_dir):
     import onnxruntime as ort
 
-    from custom.export import build_export_module, crop_patches, real_volume
-    from custom.planning import load_plans
+    from custom.deploy.export import build_export_module, crop_patches, real_volume
+    from custom.planning.plans import load_plans
 
     _, out, _ = exported
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -90,8 +90,8 @@ def test_onnx_has_dynamic_batch_and_spatial_axes(exported, ckpt, prepared_work_d
 
 def test_parity_failure_is_loud(exported, ckpt, prepared_work_dir, tmp_path):
     """A TorchScript file that disagrees with PyTorch makes the check raise with the numbers."""
-    from custom.export import ExportParityError, build_export_module, check_parity, crop_patches, real_volume
-    from custom.planning import load_plans
+    from custom.deploy.export import ExportParityError, build_export_module, check_parity, crop_patches, real_volume
+    from custom.planning.plans import load_plans
 
     _, out, _ = exported
     ts = torch.jit.load(str(out / "model.ts"))
@@ -135,8 +135,8 @@ def test_triton_repository_gets_the_model(exported, ckpt):
 
 
 def test_export_without_plans_fails_with_a_message(tmp_path, ckpt):
-    from custom.errors import BraTSInputError
-    from custom.export import export_model
+    from custom.core.errors import BraTSInputError
+    from custom.deploy.export import export_model
 
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -152,7 +152,7 @@ def test_onnx_instance_norm_is_accurate_on_large_constant_regions(tmp_path):
     a large background region (enough to break parity at 128^3); the export reduces axis by axis."""
     import onnxruntime as ort
 
-    from custom.export import export_onnx
+    from custom.deploy.export import export_onnx
 
     torch.manual_seed(0)
     x = torch.full((1, 8, 48, 48, 48), 3.0)

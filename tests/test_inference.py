@@ -1,4 +1,4 @@
-"""Inference (custom/inference.py, bundle/configs/inference.json): files in, BraTS-ready files out.
+"""Inference (custom/inference/, bundle/configs/inference.json): files in, BraTS-ready files out.
 
 Plumbing is tested with a freshly initialised network of the tiny plan (weights do not matter for grids,
 masks, label/probability consistency and failure isolation); one slow test runs the tiny trained checkpoint.
@@ -14,13 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import PYTHON, run_cmd
-from custom.constants import MODALITIES
-from custom.errors import BraTSInputError
-from custom.io_utils import atomic_torch_save
-from custom.networks import build_network, get_cancer_mask
-from custom.transforms import regions_to_labels
+
+from custom.core.atomic import atomic_torch_save
+from custom.core.constants import MODALITIES
+from custom.core.errors import BraTSInputError
+from custom.model.masks import get_cancer_mask
+from custom.model.networks import build_network
+from custom.transforms.array import regions_to_labels
 
 ANISO_ZOOMS = (1.25, 1.0, 0.8)
 
@@ -89,7 +90,7 @@ def bundle_run(cases_dir, fresh_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segmenter(fresh_ckpt):
-    from custom.inference import UncertaintySegmenter
+    from custom.inference.segmenter import UncertaintySegmenter
 
     return UncertaintySegmenter.from_checkpoint(fresh_ckpt)
 
@@ -150,8 +151,8 @@ def test_summary_volumes_and_uncertainty_statistics(bundle_run, cases_dir):
 def test_anisotropic_case_round_trips_and_matches_in_process(bundle_run, cases_dir, segmenter):
     """The non-1 mm, non-cubic, rotated case is resampled to the plan and pasted back on its own grid; the
     bundle run and the in-process segmenter (Triton's and MONAI Label's path) give the same answer."""
-    from custom.data import load_case_arrays
-    from custom.preprocess import preprocess_case
+    from custom.data.nifti import load_case_arrays
+    from custom.preprocessing.functional import preprocess_case
 
     _, out = bundle_run
     case_id = "BraTS-GLI-90000-000"
@@ -172,7 +173,7 @@ def test_anisotropic_case_round_trips_and_matches_in_process(bundle_run, cases_d
 
 
 def test_labels_consistent_with_region_probabilities(synthetic_dataset, segmenter):
-    from custom.data import load_case_arrays
+    from custom.data.nifti import load_case_arrays
 
     case = sorted(p for p in synthetic_dataset.iterdir() if p.is_dir())[0]
     image, _, _, spacing = load_case_arrays([str(p) for p in _case_files(case)])
@@ -203,7 +204,7 @@ def test_sliding_window_averages_patch_probabilities(segmenter):
     np.testing.assert_allclose(probs, const[0].numpy() * np.ones_like(probs), atol=1e-5)
     assert all(s[1:] == (4, 32, 32, 32) and s[0] <= 2 for s in seen)  # plan patch, sw_batch_size 2
     # the default patch_fn is the local network: the same numbers as passing it explicitly
-    from custom.inference import probability_patch_fn
+    from custom.uncertainty.baselines import probability_patch_fn
 
     a = segmenter.predict_preprocessed(image_pp)
     b = segmenter.predict_preprocessed(image_pp, patch_fn=probability_patch_fn(segmenter.network))
@@ -211,7 +212,8 @@ def test_sliding_window_averages_patch_probabilities(segmenter):
 
 
 def test_mirroring_tta_is_the_mean_of_the_eight_flips(segmenter):
-    from custom.inference import UncertaintyInferer, mirror_axes_combinations, probability_patch_fn
+    from custom.inference.inferer import UncertaintyInferer
+    from custom.uncertainty.baselines import mirror_axes_combinations, probability_patch_fn
 
     x = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 4, 34, 33, 32)).astype(np.float32))
     combos = mirror_axes_combinations(True)
@@ -231,8 +233,8 @@ def test_bundle_components_are_the_same_path(synthetic_dataset, fresh_ckpt, segm
     evaluator give what UncertaintySegmenter.predict gives."""
     from monai.bundle import ConfigParser
 
-    from custom.data import load_case_arrays
-    from custom.inference import load_weights
+    from custom.data.nifti import load_case_arrays
+    from custom.model.checkpoints import load_weights
 
     case = sorted(p for p in synthetic_dataset.iterdir() if p.is_dir())[1]
     files = [str(p) for p in _case_files(case)]
@@ -261,7 +263,8 @@ def test_bundle_components_are_the_same_path(synthetic_dataset, fresh_ckpt, segm
 
 
 def test_plan_and_checkpoint_errors_are_clear(tmp_path, prepared_work_dir, fresh_ckpt):
-    from custom.inference import UncertaintySegmenter, load_state_dict, resolve_plans_path
+    from custom.inference.segmenter import UncertaintySegmenter
+    from custom.model.checkpoints import load_state_dict, resolve_plans_path
 
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -296,8 +299,9 @@ def test_missing_modality_names_the_file(tmp_path, synthetic_dataset, segmenter)
 
 def test_baseline_checkpoint_and_mc_dropout(tmp_path, prepared_work_dir, synthetic_dataset):
     """A 3-output (segmentation-only) checkpoint is detected from its weights; MC dropout is stochastic."""
-    from custom.data import load_case_arrays
-    from custom.inference import UncertaintySegmenter, enable_mc_dropout, mc_dropout_patch_fn
+    from custom.data.nifti import load_case_arrays
+    from custom.inference.segmenter import UncertaintySegmenter
+    from custom.uncertainty.baselines import enable_mc_dropout, mc_dropout_patch_fn
 
     ckpt = _checkpoint_dir(tmp_path / "base", prepared_work_dir / "plans.json", with_uncertainty=False) / "model.pt"
     seg = UncertaintySegmenter.from_checkpoint(ckpt)
@@ -360,7 +364,7 @@ def test_benchmark_counts_forward_passes_side_by_side(tmp_path, capsys):
 
 
 def test_case_folder_discovery(tmp_path, synthetic_dataset):
-    from custom.inference import case_datalist, list_case_folders
+    from custom.data.cases import case_datalist, list_case_folders
 
     case = sorted(p for p in synthetic_dataset.iterdir() if p.is_dir())[0]
     shutil.copytree(case, tmp_path / "in" / case.name)
@@ -379,7 +383,7 @@ def test_case_folder_discovery(tmp_path, synthetic_dataset):
 def test_monailabel_bundle_infer_task_runs_inference_json(tmp_path, synthetic_dataset, fresh_ckpt, segmenter):
     """MONAI Label's own BundleInferTask on this bundle (network_def, preprocessing, inferer, postprocessing):
     a 4-channel study (channels last, as MONAI Label stores it) gives the labels of the shared path."""
-    from custom.data import load_case_arrays
+    from custom.data.nifti import load_case_arrays
 
     pytest.importorskip("monailabel")
     from monailabel.tasks.infer.bundle import BundleInferTask

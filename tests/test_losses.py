@@ -1,4 +1,4 @@
-"""Region Dice+BCE and the composite uncertainty loss against plain numpy references (custom/losses.py)."""
+"""Region Dice+BCE and the composite uncertainty loss against plain numpy references (custom/training/losses.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from custom.losses import CompositeUncertaintyLoss, RegionDiceBCELoss, weighted_pearson, weighted_rmsd
+from custom.training.losses import CompositeUncertaintyLoss, RegionDiceBCELoss
+from custom.uncertainty.agreement import weighted_pearson, weighted_rmsd
 
 
 def np_sigmoid(x):

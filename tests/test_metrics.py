@@ -1,4 +1,4 @@
-"""Per-case Dice, uncertainty agreement, Ignite metrics and last-K averaging (custom/metrics.py)."""
+"""Per-case Dice, uncertainty agreement, Ignite metrics and last-K averaging (custom/training/metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ import torch
 from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 
-from custom.metrics import (
-    RegionDiceMetric,
-    UncertaintyAgreementMetric,
-    dice_per_region,
-    last_k_mean,
-    uncertainty_agreement,
-)
-from custom.transforms import labels_to_regions
+from custom.evaluation.runs import last_k_mean
+from custom.training.metrics import RegionDiceMetric, UncertaintyAgreementMetric, dice_per_region
+from custom.transforms.array import labels_to_regions
+from custom.uncertainty.agreement import uncertainty_agreement
 
 
 def np_pearson(x, y, w):

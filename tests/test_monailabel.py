@@ -21,7 +21,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, TINY_FILTERS, TINY_PATCH, run_cmd
 
 APP_DIR = REPO_ROOT / "scripts" / "monailabel_app"
@@ -202,15 +201,16 @@ def test_make_studies_bad_case_named_and_not_written(synthetic_dataset, tmp_path
 
 
 def test_study_round_trip_and_bad_study(studies, tmp_path):
-    from custom.errors import BraTSInputError
     from lib.studies import load_study, study_to_case_folder
+
+    from custom.core.errors import BraTSInputError
 
     case_id = "BraTS-GLI-00001-000"
     image, affine, spacing = load_study(studies / f"{case_id}.nii.gz")
     assert image.shape == (4, 64, 64, 48) and spacing == pytest.approx((1.0, 1.0, 1.0))
     case_dir = study_to_case_folder(studies / f"{case_id}.nii.gz", studies / "labels" / "final" / f"{case_id}.nii.gz",
                                     tmp_path / "raw", case_id)
-    from custom.data import load_case_arrays
+    from custom.data.nifti import load_case_arrays
 
     back, seg, back_affine, _ = load_case_arrays(
         [str(case_dir / f"{case_id}-{m}.nii.gz") for m in MODALITIES], str(case_dir / f"{case_id}-seg.nii.gz"))
@@ -244,10 +244,9 @@ def test_prediction_summary_volumes_and_mean():
 
 def test_most_uncertain_strategy_on_local_datastore(studies, tmp_path):
     """The strategy reads the stored scores through MONAI Label's own LocalDatastore."""
-    from monailabel.datastore.local import LocalDatastore
-
     from lib.scoring import UNC_SCORE_KEY
     from lib.strategy import MostUncertain
+    from monailabel.datastore.local import LocalDatastore
 
     root = tmp_path / "studies"
     shutil.copytree(studies, root)
@@ -269,9 +268,10 @@ def test_most_uncertain_strategy_on_local_datastore(studies, tmp_path):
 
 def test_bundle_and_shared_infer_tasks_agree(studies, model_dir, tmp_path):
     """BundleInferTask on inference.json and the direct UncertaintySegmenter task give the same maps."""
-    from custom.errors import BraTSInputError
     from lib.infer import BraTSBundleInferTask, BraTSUncertaintyInfer
     from lib.predictor import StudyPredictor
+
+    from custom.core.errors import BraTSInputError
 
     predictor = StudyPredictor(model_dir / "model.pt")
     study = studies / f"{UNLABELED[2]}.nii.gz"

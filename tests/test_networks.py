@@ -1,4 +1,4 @@
-"""Network builder, cancer mask and the inference/export wrappers (custom/networks.py)."""
+"""Network builder, cancer mask and the inference/export wrappers (custom/model/networks.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,16 @@ import pytest
 import torch
 from monai.networks.nets import DynUNet
 
-from custom.losses import CompositeUncertaintyLoss
-from custom.networks import (
-    MaskedUncertaintyNetwork,
-    PatchProbabilityNetwork,
-    build_network,
-    get_cancer_mask,
-)
+from custom.model.masks import get_cancer_mask
+from custom.model.networks import MaskedUncertaintyNetwork, PatchProbabilityNetwork, build_network
+from custom.training.losses import CompositeUncertaintyLoss
 
 PLANS = {"kernels": [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
          "filters": [8, 16, 32, 64], "patch_size": [32, 32, 32]}
 
 
 class PlansLike:
-    """Duck-typed stand-in for custom.planning.Plans (attributes only)."""
+    """Duck-typed stand-in for custom.planning.plans.Plans (attributes only)."""
 
     kernels = PLANS["kernels"]
     strides = PLANS["strides"]

@@ -1,4 +1,4 @@
-"""nnU-Net self-configuration: fingerprint -> plan (custom/planning.py)."""
+"""nnU-Net self-configuration: fingerprint -> plan (custom/planning/)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.errors import BraTSInputError
-from custom.planning import (
+from custom.core.errors import BraTSInputError
+from custom.planning.fingerprint import compute_fingerprint
+from custom.planning.planner import (
     REFERENCE_FEATURE_MAP_VOXELS,
     ExperimentPlanner,
-    Plans,
-    compute_fingerprint,
     estimate_feature_map_size,
     get_pool_and_conv_props,
-    load_plans,
 )
+from custom.planning.plans import Plans, load_plans
 
 
 def brats_like_fingerprint(n=60, seed=0):

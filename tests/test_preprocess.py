@@ -1,4 +1,4 @@
-"""nnU-Net preprocessing and its inverse (custom/preprocess.py)."""
+"""nnU-Net preprocessing and its inverse (custom/preprocessing/)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,14 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from custom.errors import BraTSInputError
-from custom.planning import ExperimentPlanner, Plans
-from custom.preprocess import (
-    BraTSPreprocessd,
-    LoadPreprocessedd,
-    RestoreOriginalGridd,
-    compute_nonzero_bbox,
-    plan_and_preprocess,
-    preprocess_case,
-    restore_original_grid,
-    zscore_nonzero,
-)
-from custom.synthetic import make_case, write_dataset
+from custom.core.errors import BraTSInputError
+from custom.data.synthetic import make_case, write_dataset
+from custom.planning.fingerprint import compute_nonzero_bbox
+from custom.planning.planner import ExperimentPlanner
+from custom.planning.plans import Plans
+from custom.preprocessing.cache import plan_and_preprocess
+from custom.preprocessing.dictionary import BraTSPreprocessd, LoadPreprocessedd, RestoreOriginalGridd
+from custom.preprocessing.functional import preprocess_case, restore_original_grid, zscore_nonzero
 
 TINY = {"patch_size": [32, 32, 32], "filters": [8, 16, 32, 64]}
 

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from custom.errors import BraTSInputError
-from custom.evaluation import collect_runs, fold_average, last_k_summary, read_metrics_csv
+from custom.core.errors import BraTSInputError
+from custom.evaluation.runs import collect_runs, fold_average, last_k_summary, read_metrics_csv
 from tests.conftest import run_cmd
 
 COLUMNS = ("epoch,train_loss,lr,time_s,val_dice_wt,val_dice_tc,val_dice_et,val_dice_mean,val_rmsd_unc,"
@@ -198,10 +198,10 @@ def finished_runs(prepared_work_dir, tmp_path_factory):
 
     import torch
 
-    from custom.data import fold_split, load_datalist
-    from custom.error_maps import ErrorMapStore
-    from custom.networks import build_network
-    from custom.planning import load_plans
+    from custom.data.datalist import fold_split, load_datalist
+    from custom.model.networks import build_network
+    from custom.planning.plans import load_plans
+    from custom.uncertainty.store import ErrorMapStore
 
     work = tmp_path_factory.mktemp("cvwork")
     for name in ("datalist.json", "plans.json"):
@@ -244,7 +244,7 @@ def _load_script(name):
 
 
 def test_figure2_shows_store_maps_and_model_maps_on_tumour_slice(finished_runs, tmp_path):
-    from custom.data import fold_split, load_datalist
+    from custom.data.datalist import fold_split, load_datalist
 
     report = _load_script("report")
     run0 = finished_runs / "runs" / "unc" / "fold0"

@@ -9,11 +9,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import run_cmd
 from scipy import ndimage
 
-from conftest import run_cmd
-from custom.constants import CASE_ID_PATTERN, MODALITIES
-from custom.synthetic import INTENSITY_TABLE, TISSUES, make_affine, make_case, smooth_field, write_dataset
+from custom.core.constants import CASE_ID_PATTERN, MODALITIES
+from custom.data.synthetic import INTENSITY_TABLE, TISSUES, make_affine, make_case, smooth_field, write_dataset
 
 SHAPE = (40, 40, 28)
 FILES = [f"{m}.nii.gz" for m in MODALITIES] + ["seg.nii.gz"]

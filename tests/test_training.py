@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PYTHON, REPO_ROOT, run_cmd
 
-from custom.errors import BraTSInputError
-from custom.handlers import METRICS_CSV_COLUMNS
-from custom.training import PatchDataset, UncertaintyPrepareBatch, load_fold_data
+from custom.core.errors import BraTSInputError
+from custom.core.layout import METRICS_CSV_COLUMNS
+from custom.training.batch import UncertaintyPrepareBatch
+from custom.training.sampling import PatchDataset
+from custom.training.setup import load_fold_data
 
 CONFIGS = "bundle/configs"
 TINY = f"['{CONFIGS}/train.json','{CONFIGS}/tiny.json']"
@@ -125,7 +126,7 @@ def test_tiny_run_outputs(tiny_training_run, prepared_work_dir):
     assert ckpt["lr_scheduler"]["last_epoch"] == 2
     best = load_ckpt(out / "model.pt")
     assert set(best) >= {"model"} and set(best["model"]) == set(ckpt["network"])
-    from custom.networks import build_network
+    from custom.model.networks import build_network
 
     net = build_network(prepared_work_dir / "plans.json")
     net.load_state_dict(load_ckpt(out / "model_final.pt")["model"])  # weights fit the plan's network
@@ -146,7 +147,7 @@ def test_tiny_run_outputs(tiny_training_run, prepared_work_dir):
     index = json.loads((out / "store" / "index.json").read_text())
     train, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
     assert set(index["cases"]) == {x["case_id"] for x in train + val}
-    from custom.error_maps import ErrorMapStore
+    from custom.uncertainty.store import ErrorMapStore
 
     store = ErrorMapStore(out / "store")
     visited = {cid: int(store.full(cid)["count"].max()) for cid in index["cases"]}
@@ -217,7 +218,7 @@ def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
         k = int(r["epoch"])
         assert float(r["lr"]) == pytest.approx(0.01 * (1 - (k - 1) / 3) ** 0.9, rel=1e-6)
     # the store continued: validation cases were visited once per validation round, 3 rounds in all
-    from custom.error_maps import ErrorMapStore
+    from custom.uncertainty.store import ErrorMapStore
 
     _, val = load_fold_data(prepared_work_dir / "datalist.json", 0)
     store = ErrorMapStore(out / "store")
@@ -308,9 +309,10 @@ def _engine(output=None, epoch=1, metrics=None):
 def test_error_map_handler_sets_ema_target_in_place(tmp_path):
     from monai.utils import CommonKeys as Keys
 
-    from custom.error_maps import ErrorMapStore, smooth_failure
-    from custom.handlers import ErrorMapHandler
-    from custom.transforms import make_case_coordinates
+    from custom.training.handlers.error_maps import ErrorMapHandler
+    from custom.transforms.array import make_case_coordinates
+    from custom.uncertainty.store import ErrorMapStore
+    from custom.uncertainty.targets import smooth_failure
 
     store = ErrorMapStore(tmp_path / "store", ema_window=30).create({"c": (8, 8, 8)})
     coords = torch.from_numpy(make_case_coordinates((8, 8, 8)))[None]
@@ -337,7 +339,7 @@ def test_error_map_handler_sets_ema_target_in_place(tmp_path):
 
 
 def test_metrics_csv_rewrites_rows_after_resume(tmp_path):
-    from custom.handlers import MetricsCSVHandler
+    from custom.training.handlers.monitoring import MetricsCSVHandler
 
     path = tmp_path / "metrics.csv"
     handler = MetricsCSVHandler(path)

@@ -1,4 +1,4 @@
-"""Region/label conversion, case coordinates and foreground-oversampled cropping (custom/transforms.py)."""
+"""Region/label conversion, case coordinates and foreground-oversampled cropping (custom/transforms/)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import RandFlipd, RandRotated, RandZoomd, SpatialPadd
 
-from custom.transforms import (
+from custom.transforms.array import labels_to_regions, make_case_coordinates, regions_to_labels
+from custom.transforms.dictionary import (
     AddCaseCoordinatesd,
     ForegroundOversampledCropd,
     LabelToRegionsd,
     RegionsToLabelsd,
-    labels_to_regions,
-    make_case_coordinates,
-    regions_to_labels,
 )
 
 

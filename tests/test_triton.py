@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, run_cmd
 
 pytest.importorskip("tritonclient")
@@ -28,20 +27,11 @@ import tritonclient.grpc as tgrpc  # noqa: E402
 import tritonclient.http as thttp  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from custom.errors import BraTSInputError  # noqa: E402
-from custom.triton_utils import (  # noqa: E402
-    MAX_VOLUME_EDGE,
-    PATCH_MODEL,
-    VOLUME_MODEL,
-    TritonClientError,
-    VolumeClient,
-    infer_case_folders,
-    free_port,
-    locate_tritonserver,
-    prepare_backend_dir,
-    prepare_model_repository,
-    validate_volume_request,
-)
+from custom.core.errors import BraTSInputError  # noqa: E402
+from custom.deploy.triton_client import TritonClientError, VolumeClient, infer_case_folders  # noqa: E402
+from custom.deploy.triton_protocol import MAX_VOLUME_EDGE, validate_volume_request  # noqa: E402
+from custom.deploy.triton_repository import PATCH_MODEL, VOLUME_MODEL, prepare_model_repository  # noqa: E402
+from custom.deploy.triton_server import free_port, locate_tritonserver, prepare_backend_dir  # noqa: E402
 
 NUM_PARITY_CASES = 2
 
@@ -66,8 +56,8 @@ def tiny_checkpoint(prepared_work_dir, tmp_path_factory) -> Path:
 
     import torch
 
-    from custom.networks import build_network
-    from custom.planning import load_plans
+    from custom.model.networks import build_network
+    from custom.planning.plans import load_plans
 
     out = tmp_path_factory.mktemp("triton_ckpt")
     torch.manual_seed(0)
@@ -150,8 +140,8 @@ def server(model_repository, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cases(synthetic_dataset):
     """(case_id, image (4,X,Y,Z) float32, spacing (3,) float32, affine) of the first synthetic cases."""
-    from custom.data import load_case_arrays
-    from custom.inference import find_case_files, list_case_folders
+    from custom.data.cases import find_case_files, list_case_folders
+    from custom.data.nifti import load_case_arrays
 
     out = []
     for case_dir in list_case_folders(synthetic_dataset)[:NUM_PARITY_CASES]:
@@ -164,7 +154,7 @@ def cases(synthetic_dataset):
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint, cases):
     """In-process bundle inference on the same checkpoint: {case_id: (labels, unc)}."""
-    from custom.inference import UncertaintySegmenter
+    from custom.inference.segmenter import UncertaintySegmenter
 
     segmenter = UncertaintySegmenter.from_checkpoint(tiny_checkpoint)
     ref = {}
@@ -264,7 +254,7 @@ def test_parity_with_in_process_inference(server, cases, reference, protocol):
 
 def test_spacing_is_used_anisotropic_case(server, tiny_checkpoint, cases):
     """A non-1 mm spacing goes through resampling on the server exactly as in-process."""
-    from custom.inference import UncertaintySegmenter
+    from custom.inference.segmenter import UncertaintySegmenter
 
     case_id, image, _, _ = cases[0]
     spacing = np.array([1.0, 1.0, 1.5], np.float32)

@@ -16,7 +16,7 @@ App conf (``--conf KEY VALUE``):
     device          torch device for inference (default: cuda if available, else cpu)
     tta             mirroring test-time augmentation, true/false (default false; shared engine and scoring)
     infer_engine    "bundle" (default): infer tasks are MONAI Label BundleInferTasks on inference.json;
-                    "shared": they call custom.inference.UncertaintySegmenter directly (same computation)
+                    "shared": they call custom.inference.segmenter.UncertaintySegmenter directly (same computation)
     train_configs   extra bundle configs merged after train.json, comma separated (e.g. bundle/configs/tiny.json)
     prepare_args    JSON object of extra scripts/prepare_data.py arguments for training
                     (e.g. '{"patch_size": "[32,32,32]", "filters": "[8,16,32,64]"}')
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -46,13 +45,14 @@ for _p in (str(APP_DIR), str(REPO_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from custom.cli import as_bool  # noqa: E402
-from custom.constants import LABEL_NAMES  # noqa: E402
-from custom.errors import BraTSInputError  # noqa: E402
 from lib.infer import BraTSBundleInferTask, BraTSUncertaintyInfer  # noqa: E402
 from lib.predictor import StudyPredictor  # noqa: E402
 from lib.scoring import UncertaintyScoring  # noqa: E402
 from lib.strategy import MostUncertain  # noqa: E402
+
+from custom.core.cli import as_bool  # noqa: E402
+from custom.core.constants import LABEL_NAMES  # noqa: E402
+from custom.core.errors import BraTSInputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def bundle_labels(bundle_path: Path) -> Dict[str, int]:
 
     Taken from an output ``channel_def`` of the bundle's metadata that names the BraTS labels (NCR, ED, ET),
     as ``BundleInferTask`` would read it; otherwise (e.g. a ``channel_def`` that describes the network's
-    logit channels) from ``custom.constants.LABEL_NAMES``.
+    logit channels) from ``custom.core.constants.LABEL_NAMES``.
     """
     expected = {name: value for value, name in LABEL_NAMES.items() if value}
     meta_path = bundle_path / "configs" / "metadata.json"

@@ -22,7 +22,6 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 from monai.transforms import EnsureChannelFirstd, LoadImaged, MapTransform
-
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask

@@ -1,7 +1,7 @@
 """One shared predictor for the app: the project's inference path, loaded once, reloaded when the model changes.
 
 Both infer tasks and the scoring method call ``StudyPredictor.predict``; it runs
-``custom.inference.UncertaintySegmenter.predict`` (the same computation as bundle inference and Triton)
+``custom.inference.segmenter.UncertaintySegmenter.predict`` (the same computation as bundle inference and Triton)
 and keeps the last few results, so that asking for the label map and then the uncertainty map of the same
 study costs one forward pass, not two.
 """
@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from custom.errors import BraTSInputError
+from custom.core.errors import BraTSInputError
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:
         spacing: voxel size in mm.
 
     Returns:
-        ``custom.inference.case_summary`` (``volume_{wt,tc,et}_ml``, ``unc_mean_wt``, ``unc_p95_wt``; None
+        ``custom.inference.folders.case_summary`` (``volume_{wt,tc,et}_ml``, ``unc_mean_wt``, ``unc_p95_wt``; None
         without predicted tumour) plus ``mean_uncertainty_in_tumour`` (``unc_mean_wt``, 0.0 without predicted
         tumour: the score the review order uses), ``max_uncertainty`` and ``tumour_voxels``.
     """
-    from custom.inference import case_summary
+    from custom.inference.folders import case_summary
 
     summary = case_summary(labels, unc, spacing)
     mean = summary.get("unc_mean_wt")
@@ -108,7 +108,7 @@ class StudyPredictor:
                 )
             ts = os.stat(self.model_path).st_mtime
             if self._segmenter is None or ts != self._segmenter_ts:
-                from custom.inference import UncertaintySegmenter
+                from custom.inference.segmenter import UncertaintySegmenter
 
                 logger.info(f"Loading {self.model_path} (plans: {self.plans_path or 'beside the checkpoint'})")
                 kwargs = dict(self.segmenter_kwargs)

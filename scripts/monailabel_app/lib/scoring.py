@@ -13,7 +13,7 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from custom.errors import BraTSInputError
+from custom.core.errors import BraTSInputError
 from lib.predictor import StudyPredictor
 
 logger = logging.getLogger(__name__)

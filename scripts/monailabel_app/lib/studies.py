@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from custom.constants import CASE_ID_PATTERN, LABEL_VALUES, MODALITIES, SEG_SUFFIX
-from custom.errors import BraTSInputError
-from custom.io_utils import atomic_save_nifti
+from custom.core.atomic import atomic_save_nifti
+from custom.core.constants import CASE_ID_PATTERN, LABEL_VALUES, MODALITIES, SEG_SUFFIX
+from custom.core.errors import BraTSInputError
 
 #: where MONAI Label's LocalDatastore keeps finished (reference) labels, relative to the studies folder
 FINAL_LABELS_DIR = Path("labels") / "final"
@@ -78,7 +78,7 @@ def case_folder_to_study(case_dir, studies_dir, with_label: bool = True, overwri
     """
     import nibabel as nib
 
-    from custom.data import load_case_arrays
+    from custom.data.nifti import load_case_arrays
 
     case_dir = Path(case_dir)
     case_id = case_dir.name

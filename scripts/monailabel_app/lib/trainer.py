@@ -27,8 +27,8 @@ from typing import Dict, Optional, Sequence
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
-from custom.errors import BraTSInputError
-from custom.io_utils import atomic_path, atomic_write_json
+from custom.core.atomic import atomic_path, atomic_write_json
+from custom.core.errors import BraTSInputError
 from lib.studies import study_case_id, study_to_case_folder
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Triton Python backend: the network on batches of sliding-window patches.
 
 IMAGE float32 (B, 4, P, P, P) -> PROBS float32 (B, C, P, P, P) = sigmoid of every network channel
-(``custom.networks.PatchProbabilityNetwork``; C = 4 with the uncertainty channel, 3 for a baseline).
+(``custom.model.networks.PatchProbabilityNetwork``; C = 4 with the uncertainty channel, 3 for a baseline).
 Needs ``model.pt`` (``{"model": state_dict}``) and ``plans.json`` beside this file (put there by
-``scripts/export.py`` / ``custom.triton_utils.prepare_model_repository``).
+``scripts/export.py`` / ``custom.deploy.triton_repository.prepare_model_repository``).
 
 Runs on ``cuda:<device_id>`` when Triton gives this instance a GPU (``KIND_GPU``/``KIND_AUTO`` with GPUs),
 on CPU otherwise.
@@ -19,9 +19,9 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        from custom.inference import load_network
-        from custom.networks import PatchProbabilityNetwork
-        from custom.planning import load_plans
+        from custom.model.checkpoints import load_network
+        from custom.model.networks import PatchProbabilityNetwork
+        from custom.planning.plans import load_plans
 
         self.model_config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -29,7 +29,7 @@ class TritonPythonModel:
         for path in (checkpoint, plans_path):
             if not path.exists():
                 raise pb_utils.TritonModelException(
-                    f"{path}: missing; run scripts/export.py (or custom.triton_utils.prepare_model_repository)"
+                    f"{path}: missing; run scripts/export.py (or custom.deploy.triton_repository.prepare_model_repository)"
                 )
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")

@@ -4,7 +4,7 @@ Inputs ``IMAGE`` float32 (4, X, Y, Z) (t1c, t1n, t2f, t2w; each edge <= ``max_vo
 ``SPACING`` float32 (3,) in mm. Outputs ``SEG`` uint8 (X, Y, Z) labels 0..3 and ``UNC`` float32 (X, Y, Z)
 in [0, 1].
 
-The work is ``custom.inference.UncertaintySegmenter.predict`` (the bundle's inference path: plan-based
+The work is ``custom.inference.segmenter.UncertaintySegmenter.predict`` (the bundle's inference path: plan-based
 preprocessing, sliding window, regions to labels, cancer mask, paste-back) with a ``patch_fn`` that sends
 each sliding-window batch by BLS to the patch model, whose dynamic batcher merges the patches of all
 volumes in flight (one per instance of this model; see config.pbtxt). ``execute`` is async so that the
@@ -25,9 +25,10 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
-        from custom.inference import UncertaintySegmenter
-        from custom.planning import load_plans
-        from custom.triton_utils import MAX_VOLUME_EDGE, PATCH_MODEL, read_model_parameters
+        from custom.deploy.triton_protocol import MAX_VOLUME_EDGE
+        from custom.deploy.triton_repository import PATCH_MODEL, read_model_parameters
+        from custom.inference.segmenter import UncertaintySegmenter
+        from custom.planning.plans import load_plans
 
         self.model_config = json.loads(args["model_config"])
         params = read_model_parameters(self.model_config)
@@ -36,7 +37,7 @@ class TritonPythonModel:
         for path in (plans_path, info_path):
             if not path.exists():
                 raise pb_utils.TritonModelException(
-                    f"{path}: missing; run scripts/export.py (or custom.triton_utils.prepare_model_repository)"
+                    f"{path}: missing; run scripts/export.py (or custom.deploy.triton_repository.prepare_model_repository)"
                 )
         # written by prepare_model_repository from the checkpoint: 4 output channels or 3 (baseline)
         model_info = json.loads(info_path.read_text())
@@ -92,8 +93,8 @@ class TritonPythonModel:
         return seg, unc
 
     async def _handle(self, request, loop):
-        from custom.errors import BraTSInputError
-        from custom.triton_utils import validate_volume_request
+        from custom.core.errors import BraTSInputError
+        from custom.deploy.triton_protocol import validate_volume_request
 
         try:
             image = pb_utils.get_input_tensor_by_name(request, "IMAGE")

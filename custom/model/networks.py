@@ -1,0 +1,124 @@
+"""Region-based nnU-Net (MONAI DynUNet) with an uncertainty channel, and its inference wrappers.
+
+Output channels of the network: 0..2 region logits for WT, TC, ET, 3 the uncertainty logit
+(``unc_output = sigmoid(channel 3)``); the "without uncertainty" ablation has 3 channels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DynUNet
+from torch import nn
+
+NORM = ("INSTANCE", {"affine": True})
+
+ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+
+
+def plans_topology(plans) -> dict:
+    """``{"kernels", "strides", "filters", "patch_size"}`` from a ``custom.planning.plans.Plans``, a dict or a path
+    to ``plans.json`` (duck-typed: no import of the planning module needed)."""
+    if isinstance(plans, (str, Path)):
+        path = Path(plans)
+        if not path.is_file():
+            raise FileNotFoundError(f"plans file not found: {path}")
+        with open(path) as fh:
+            plans = json.load(fh)
+    if isinstance(plans, Mapping):
+        get = plans.get
+    else:
+        def get(key, default=None):
+            return getattr(plans, key, default)
+    topo = {key: get(key) for key in ("kernels", "strides", "filters", "patch_size")}
+    missing = [key for key in ("kernels", "strides") if not topo[key]]
+    if missing:
+        raise ValueError(f"plans lack {missing}; expected plans.json keys kernels/strides/filters/patch_size")
+    if len(topo["kernels"]) != len(topo["strides"]):
+        raise ValueError(f"plans: {len(topo['kernels'])} kernels but {len(topo['strides'])} strides")
+    if topo["filters"] is not None and len(topo["filters"]) != len(topo["kernels"]):
+        raise ValueError(f"plans: {len(topo['filters'])} filters for {len(topo['kernels'])} stages")
+    return topo
+
+
+def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, deep_supervision: bool = False,
+                  dropout: float | None = None, deep_supr_num: int = 1) -> DynUNet:
+    """nnU-Net 3d_fullres plain conv U-Net (MONAI ``DynUNet``) from a plan.
+
+    Args:
+        plans: ``Plans``, dict or path to plans.json (kernels, strides, filters per stage).
+        in_channels: input modalities (4: t1c, t1n, t2f, t2w).
+        with_uncertainty: 4 output channels (WT, TC, ET, uncertainty logits) if True, else 3.
+        deep_supervision: DynUNet deep-supervision heads (off by default, as in the paper). In training
+            mode the network then returns ``(B, 1 + deep_supr_num, C, X, Y, Z)``.
+        dropout: dropout probability inside the conv blocks (MC-dropout variant), None for none.
+        deep_supr_num: number of extra supervision heads when ``deep_supervision``.
+    Returns:
+        ``DynUNet`` mapping ``(B, in_channels, X, Y, Z)`` -> ``(B, 4 or 3, X, Y, Z)`` logits.
+    """
+    topo = plans_topology(plans)
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    strides = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * 3 for s in topo["strides"]]
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=int(in_channels),
+        out_channels=4 if with_uncertainty else 3,
+        kernel_size=[list(k) if isinstance(k, (list, tuple)) else [int(k)] * 3 for k in topo["kernels"]],
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=list(topo["filters"]) if topo["filters"] is not None else None,
+        dropout=float(dropout) if dropout else None,
+        norm_name=NORM,
+        act_name=ACT,
+        deep_supervision=bool(deep_supervision),
+        deep_supr_num=int(deep_supr_num),
+        res_block=False,
+    )
+
+
+class MaskedUncertaintyNetwork(nn.Module):
+    """Inference/export wrapper: ``x (B,4,…) -> [p_WT, p_TC, p_ET, unc_output * cancer_mask]`` ``(B,4,…)``.
+
+    ``cancer_mask`` = predicted WT (p_WT > 0.5) dilated by ``mask_dilation`` voxels. With
+    ``with_uncertainty=False`` the output is the three region probabilities ``(B,3,…)``.
+    Apply it on a whole volume (the mask is not translation-local at patch borders); for patches use
+    :class:`PatchProbabilityNetwork` and mask afterwards.
+    """
+
+    def __init__(self, network: nn.Module, mask_dilation: int = 3, with_uncertainty: bool = True):
+        super().__init__()
+        if mask_dilation < 0:
+            raise ValueError(f"mask_dilation must be >= 0, got {mask_dilation}")
+        self.network = network
+        self.mask_dilation = int(mask_dilation)
+        self.with_uncertainty = bool(with_uncertainty)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.sigmoid(self.network(x))
+        if not self.with_uncertainty:
+            return probs[:, :3]
+        mask = (probs[:, 0:1] > 0.5).to(probs.dtype)
+        if self.mask_dilation > 0:
+            k = 2 * self.mask_dilation + 1
+            mask = F.max_pool3d(mask, kernel_size=k, stride=1, padding=self.mask_dilation)
+        return torch.cat([probs[:, :3], probs[:, 3:4] * mask], dim=1)
+
+
+class PatchProbabilityNetwork(nn.Module):
+    """``x (B,4,p,p,p) -> sigmoid(network(x))`` for every channel, no masking.
+
+    What the sliding window, Triton's patch model and the ONNX export run; the cancer mask is applied
+    on the stitched full volume.
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(x))
