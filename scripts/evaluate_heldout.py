@@ -265,7 +265,7 @@ def _merge_agreements(agreements: list) -> dict:
     if not all(a.get("available") for a in agreements):
         return next(a for a in agreements if not a.get("available"))
     out = {"available": True, "tool": agreements[0].get("tool")}
-    for key in ("legacy_dice", "hd95", "lesions"):
+    for key in ("legacy_dice", "pooled_hd95", "lesions"):
         diffs = [a[key]["max_abs_diff"] for a in agreements if a[key]["max_abs_diff"] is not None]
         out[key] = {"compared": sum(a[key]["compared"] for a in agreements),
                     "agree": sum(a[key]["agree"] for a in agreements),

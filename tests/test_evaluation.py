@@ -1,4 +1,5 @@
-"""Evaluation metrics on crafted volumes with hand-computed answers, and scripts/evaluate.py on NIfTIs."""
+"""Evaluation metrics on crafted volumes with hand-computed answers or figures of the BraTS 2023 ranking
+code, and scripts/evaluate.py on NIfTIs."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from custom.core.constants import REGION_LABELS
 from custom.core.errors import BraTSInputError
-from custom.evaluation.crosscheck import official_crosscheck
-from custom.evaluation.folder import match_prediction_files
+from custom.evaluation.crosscheck import official_crosscheck, pooled_border_hd95
+from custom.evaluation.folder import evaluate_folder, match_prediction_files
 from custom.evaluation.segmentation import MAX_HD95_MM, dice, evaluate_segmentation, hd95, lesionwise_metrics
+from custom.evaluation.surface import directed_percentile, surface_distances, surfel_areas
 from custom.evaluation.uncertainty import (
     auroc,
     expected_calibration_error,
@@ -22,6 +26,7 @@ from custom.evaluation.uncertainty import (
     spearman,
     uncertainty_quality,
 )
+from tests import brats2023_cases
 from tests.conftest import run_cmd
 
 SHAPE = (64, 64, 48)
@@ -49,10 +54,33 @@ def test_hd95_uses_spacing_in_mm():
     p = np.zeros(SHAPE, bool)
     g[5, 5, 5] = True
     p[8, 5, 5] = True
+    # surfels are the 8 corners of each voxel, equal areas: gt corners lie 2 or 3 voxels (4 or 6 mm) in x
+    # from the nearest predicted corner, so the 95th percentile is the far half: 6 mm
     assert hd95(p, g, spacing=(2.0, 1.0, 1.0)) == pytest.approx(6.0)
-    assert hd95(p, g, spacing=(2.0, 1.0, 1.0), pooled=True) == pytest.approx(6.0)
+    # border voxels (the voxels themselves) are 3 voxels = 6 mm apart
+    assert pooled_border_hd95(p, g, spacing=(2.0, 1.0, 1.0)) == pytest.approx(6.0)
     with pytest.raises(ValueError, match="spacing"):
         hd95(p, g, spacing=(1.0, 0.0, 1.0))
+
+
+def test_pooled_border_hd95_is_not_the_brats2023_hd95():
+    # a far, small missed part of the ground truth: a few % of the pooled distances, more than 5 % of
+    # the ground truth's own surface; the pooled percentile hides it, the per-direction one does not
+    c = brats2023_cases.build("multi_tc_far_miss")
+    p, g = np.isin(c["pred"], (1, 3)), np.isin(c["gt"], (1, 3))
+    assert hd95(p, g) == pytest.approx(26.3818, abs=1e-4)
+    assert pooled_border_hd95(p, g) < 2.0
+
+
+def test_surfel_areas_of_simple_configurations():
+    t = surfel_areas((1.0, 1.0, 1.0))
+    assert t[0] == 0 and t[255] == 0
+    assert t[0b00000001] == pytest.approx(math.sqrt(3) / 8)    # one voxel of 8: a corner cut off
+    assert t[0b00001111] == pytest.approx(1.0)                 # half the cell: a flat unit square
+    assert t[0b00000011] == pytest.approx(math.sqrt(2) / 2)    # two voxels along an edge: a diagonal rectangle
+    assert all(t[c] == pytest.approx(t[255 - c]) for c in range(256))  # inside and outside swapped
+    # the square normal to axis 0 scales with the other two spacings only
+    assert surfel_areas((0.8, 1.2, 2.5))[0b00001111] == pytest.approx(1.2 * 2.5)
 
 
 # ----------------------------------------------------------------------------- lesion-wise
@@ -77,14 +105,19 @@ def test_distant_components_are_separate_lesions_and_missed_one_counts():
         pytest.approx(2 * 216 / (216 + 432))
 
 
-def test_small_lesions_are_dropped_at_50_voxels():
+def test_small_lesions_are_dropped_at_50_cubic_mm():
     big = cube((10, 10, 10), (6, 6, 6))
-    small50 = cube((40, 40, 30), (5, 5, 2))    # 50 voxels: dropped
-    small51 = cube((40, 10, 30), (3, 17, 1))   # 51 voxels: kept
+    small50 = cube((40, 40, 30), (5, 5, 2))    # 50 voxels of 1 mm^3: dropped
+    small51 = cube((40, 10, 30), (3, 17, 1))   # 51 mm^3: kept
     r = lesionwise_metrics(big, big | small50)
     assert len(r["lesions"]) == 1 and r["lesionwise_dice"] == 1.0 and r["num_fn"] == 0
     r = lesionwise_metrics(big, big | small51)
     assert len(r["lesions"]) == 2 and r["lesionwise_dice"] == pytest.approx(0.5) and r["num_fn"] == 1
+    # the threshold is a volume, not a voxel count: 18 voxels of 1 x 1 x 3 mm = 54 mm^3 are kept
+    small18 = cube((40, 40, 30), (3, 3, 2))
+    r = lesionwise_metrics(big, big | small18, spacing=(1.0, 1.0, 3.0))
+    assert [les["volume_mm3"] for les in r["lesions"]] == [648.0, 54.0] and r["num_fn"] == 1
+    assert len(lesionwise_metrics(big, big | small18)["lesions"]) == 1   # 18 mm^3 at 1 mm: dropped
     # predicting a dropped lesion is not a false positive; nothing left to score -> both-empty
     r = lesionwise_metrics(small50, small50)
     assert (r["lesionwise_dice"], r["lesionwise_hd95"], r["num_fp"]) == (1.0, 0.0, 0)
@@ -127,6 +160,65 @@ def test_regions_from_labels():
     for r in ("WT", "TC", "ET"):
         assert res[r]["legacy_dice"] == 1.0 and res[r]["legacy_hd95"] == 0.0
     assert res["ET"]["num_tp"] == 0 and res["WT"]["num_tp"] == 1
+
+
+# ----------------------------------------------------------------------------- BraTS 2023 ranking code figures
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "brats2023_reference.json").read_text())
+
+#: figures are compared to 1e-4 (mm for HD95); counts exactly
+FIGURE_TOL = 1e-4
+
+
+def _ref_value(v):
+    return MAX_HD95_MM if v == "inf" else float(v)
+
+
+@pytest.mark.parametrize("name", list(brats2023_cases.CASES))
+def test_matches_brats2023_ranking_code(name):
+    """Every figure of the BraTS 2023 ranking code on the crafted cases of ``tests/brats2023_cases.py``.
+
+    Expected values: ``tests/data/brats2023_reference.json``, produced by running the published code,
+    github.com/rachitsaluja/BraTS-2023-Metrics at commit 43c905242b2eecf421d4ab2da7af8ece9777d322
+    (``get_LesionWiseResults(pred, gt, "BraTS-GLI")``, ``get_LesionWiseScores``, its bundled
+    ``surface_distance``), unmodified, under Python 3.9.18 with numpy 1.24.3, scipy 1.11.1, nibabel
+    5.1.0, connected-components-3d 3.12.1, pandas 1.3.4, on these cases written as NIfTI:
+    ``venv39/bin/python make_brats2023_reference.py official tests tests/data/brats2023_reference.json``
+    (the script and the set-up are in ``tests/data/README.md``).
+
+    The cases separate the definitions: a far missed lesion (per-direction vs pooled percentile),
+    anisotropic spacings, few surfels (area weighting), lesions merged by a 26- but not an 18-neighbourhood
+    dilation, an 18-voxel = 54 mm^3 lesion (mm^3 vs voxel threshold), empty masks, false positives.
+    """
+    ref = REFERENCE[name]
+    c = brats2023_cases.build(name)
+    assert brats2023_cases.case_digest(c) == ref["sha1"], "rebuilt case differs from the one that was scored"
+    # the ranking code reads the spacing from the NIfTI header: float32 (0.8 -> 0.800000011920929)
+    spacing = tuple(float(np.float32(s)) for s in c["spacing"])
+    # the ranking code reads a label 4 as no region; our loader refuses it (test_label_4_...), so the
+    # arrays here carry what the ranking code scored
+    pred = np.where(c["pred"] == 4, 0, c["pred"])
+    ours = evaluate_segmentation(pred, c["gt"], spacing)
+    for r in ("WT", "TC", "ET"):
+        o = ref[r]
+        for key in ("legacy_dice", "legacy_hd95", "lesionwise_dice", "lesionwise_hd95"):
+            assert ours[r][key] == pytest.approx(o[key], abs=FIGURE_TOL), (r, key)
+        assert [ours[r][k] for k in ("num_tp", "num_fp", "num_fn")] == [o["num_tp"], o["num_fp"], o["num_fn"]], r
+        # per-lesion figures of the kept lesions (the ranking code lists dropped ones too)
+        lw = lesionwise_metrics(np.isin(pred, REGION_LABELS[r]), np.isin(c["gt"], REGION_LABELS[r]), spacing)
+        mine = sorted((les["volume_mm3"], les["dice"], les["hd95"]) for les in lw["lesions"])
+        theirs = sorted((les["volume_mm3"], les["dice"], _ref_value(les["hd95"])) for les in o["lesions"]
+                        if les["volume_mm3"] > 50)
+        assert len(mine) == len(theirs), r
+        for m, t in zip(mine, theirs):
+            assert m == pytest.approx(t, abs=FIGURE_TOL), r
+        # each direction of the whole-volume HD95
+        if "directed_p95_gt_to_pred" in o:
+            sd = surface_distances(np.isin(c["gt"], REGION_LABELS[r]), np.isin(pred, REGION_LABELS[r]), spacing)
+            assert directed_percentile(sd.distances_gt_to_pred, sd.areas_gt, 95) == pytest.approx(
+                o["directed_p95_gt_to_pred"], abs=FIGURE_TOL), r
+            assert directed_percentile(sd.distances_pred_to_gt, sd.areas_pred, 95) == pytest.approx(
+                o["directed_p95_pred_to_gt"], abs=FIGURE_TOL), r
 
 
 # ----------------------------------------------------------------------------- uncertainty measures
@@ -231,7 +323,7 @@ def test_evaluate_cli_writes_per_case_and_summary(crafted, tmp_path):
     out = tmp_path / "R"
     proc = run_cmd([sys.executable, "scripts/evaluate.py", "--pred_dir", p_dir, "--gt_dir", g_dir,
                     "--out_dir", out, "--unc_dir", u_dir, "--crosscheck", "true"], timeout=300)
-    assert "2 cases" in proc.stdout and "official evaluator agrees on legacy Dice 6/6" in proc.stdout
+    assert "2 cases" in proc.stdout and "brats_evaluation agrees on legacy Dice 6/6" in proc.stdout
     rows = _read_csv(out / "per_case.csv")
     header = list(rows[0].keys())
     assert header[:9] == ["case_id", "region", "legacy_dice", "legacy_hd95", "lesionwise_dice", "lesionwise_hd95",
@@ -252,6 +344,7 @@ def test_evaluate_cli_writes_per_case_and_summary(crafted, tmp_path):
     assert summary["regions"]["WT"]["legacy_dice"] == pytest.approx(
         (1.0 + float(shifted["legacy_dice"])) / 2)
     assert summary["crosscheck"]["legacy_dice"] == {"compared": 6, "agree": 6, "max_abs_diff": 0.0}
+    assert summary["label_convention"] == "brats2023" and "BraTS 2023 robust HD95" in summary["hd95_definition"]
     with open(out / "crosscheck.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 6
 
@@ -278,12 +371,64 @@ def test_bad_label_values_and_missing_uncertainty_are_named(crafted, tmp_path):
     with pytest.raises(BraTSInputError, match=f"{CASES[0]}-unc.nii.gz: uncertainty map missing"):
         match_prediction_files(p_dir, g_dir, u_dir)
     bad = np.zeros(SHAPE, np.uint8)
-    bad[0, 0, 0] = 4
+    bad[0, 0, 0] = 5
+    bad[1, 0, 0] = 4
     _save(p_dir / f"{CASES[0]}.nii.gz", bad)
-    from custom.evaluation.folder import evaluate_folder
-    with pytest.raises(BraTSInputError, match=r"label values must be 0, 1, 2 or 3, found \[4\]"):
+    with pytest.raises(BraTSInputError, match=r"00001-000.nii.gz: label values must be 0, 1, 2, 3 \(brats2023 "
+                                              r"convention\), found \[4, 5\]"):
         evaluate_folder(p_dir, g_dir, tmp_path / "R")
     assert not (tmp_path / "R" / "per_case.csv").exists()
+
+
+def test_label_4_is_refused_by_default_and_mapped_with_brats2021(crafted, tmp_path):
+    g_dir, p_dir, _ = crafted
+    ref = evaluate_folder(p_dir, g_dir, tmp_path / "R2023")
+    # the same predictions with ET written as 4 (BraTS 2020/2021): refused by default, naming file and flag
+    preds_2023 = {}
+    for cid in CASES:
+        preds_2023[cid] = np.asanyarray(nib.load(str(p_dir / f"{cid}.nii.gz")).dataobj).copy()
+        assert (preds_2023[cid] == 3).any()
+        _save(p_dir / f"{cid}.nii.gz", np.where(preds_2023[cid] == 3, 4, preds_2023[cid]).astype(np.uint8))
+    out = tmp_path / "R"
+    proc = run_cmd([sys.executable, "scripts/evaluate.py", "--pred_dir", p_dir, "--gt_dir", g_dir,
+                    "--out_dir", out], check=False, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{CASES[0]}.nii.gz: holds label 4 in 64 voxels" in proc.stderr
+    assert "--label_convention brats2021" in proc.stderr
+    assert not (out / "per_case.csv").exists()
+    # with the flag, 4 -> 3: every figure equals the BraTS 2023 file's, and the cross-check tool is handed
+    # the mapped labels (given the 4s it would find no ET and disagree on ET Dice)
+    proc = run_cmd([sys.executable, "scripts/evaluate.py", "--pred_dir", p_dir, "--gt_dir", g_dir,
+                    "--out_dir", out, "--label_convention", "brats2021", "--crosscheck", "true"], timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["label_convention"] == "brats2021"
+    assert summary["regions"] == ref["regions"] and summary["regions"]["ET"]["legacy_dice"] > 0.5
+    assert summary["crosscheck"]["legacy_dice"]["agree"] == summary["crosscheck"]["legacy_dice"]["compared"] == 6
+    # a 3 under the 2021 convention is a mix-up the other way round; an unknown convention is named
+    _save(p_dir / f"{CASES[0]}.nii.gz", preds_2023[CASES[0]])
+    with pytest.raises(BraTSInputError, match=f"{CASES[0]}.nii.gz: holds label 3 in 64 voxels, which the BraTS 2021"):
+        evaluate_folder(p_dir, g_dir, tmp_path / "R3", label_convention="brats2021")
+    with pytest.raises(BraTSInputError,
+                       match="--label_convention: expected one of brats2023, brats2021, got 'brats2020'"):
+        evaluate_folder(p_dir, g_dir, tmp_path / "R4", label_convention="brats2020")
+
+
+def test_report_names_the_hd95_of_each_table():
+    from custom.workflows.report import render_quality_vs_cost
+
+    stat = {"compared": 6, "agree": 6, "max_abs_diff": 0.0}
+    md = render_quality_vs_cost({
+        "num_cases": 2, "folds": [0],
+        "segmentation": {"regions": {r: {"legacy_dice": 0.9, "legacy_hd95": 2.0, "lesionwise_dice": 0.8,
+                                         "lesionwise_hd95": 3.0, "num_tp": 1, "num_fp": 0, "num_fn": 0}
+                                     for r in ("WT", "TC", "ET")}},
+        "crosscheck": {"available": True, "tool": "brats_evaluation", "legacy_dice": stat,
+                       "pooled_hd95": {"compared": 5, "agree": 4, "max_abs_diff": 0.5}, "lesions": stat},
+    })
+    assert "Legacy HD95: the robust Hausdorff distance" in md and "BraTS-2023-Metrics" in md
+    assert "Lesion-wise (GLI): the same HD95 per lesion" in md and "<= 50 mm^3 dropped" in md
+    assert "HD95 pooled over both directions' border voxels (the tool's definition, not the BraTS 2023 HD95" \
+           " of the table): 4/5 agree" in md
 
 
 def test_crosscheck_agrees_with_official_evaluator_where_definitions_coincide(crafted):
@@ -294,7 +439,7 @@ def test_crosscheck_agrees_with_official_evaluator_where_definitions_coincide(cr
         pytest.fail(f"brats_evaluation could not run: {res['agreement']}")
     a = res["agreement"]
     assert a["legacy_dice"]["compared"] == 6 and a["legacy_dice"]["agree"] == 6
-    assert a["hd95"]["agree"] == a["hd95"]["compared"] == 6
+    assert a["pooled_hd95"]["agree"] == a["pooled_hd95"]["compared"] == 6
     assert a["lesions"]["compared"] >= 3 and a["lesions"]["agree"] == a["lesions"]["compared"]
 
 

@@ -186,14 +186,57 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) ->
     atomic_save_nifti(img, path)
 
 
-def load_label_map(path) -> np.ndarray:
-    """A BraTS label map ``(X, Y, Z)`` uint8 with values 0..3; anything else is a ``BraTSInputError`` naming the file."""
+#: label conventions of label maps to evaluate: BraTS 2023 (ET = 3) and BraTS 2020/2021 (ET = 4)
+BRATS2023 = "brats2023"
+BRATS2021 = "brats2021"
+LABEL_CONVENTIONS = (BRATS2023, BRATS2021)
+
+#: the values a label map of each convention may hold
+_CONVENTION_VALUES = {BRATS2023: (0, 1, 2, 3), BRATS2021: (0, 1, 2, 4)}
+
+
+def _voxels(mask: np.ndarray) -> str:
+    n = int(mask.sum())
+    return f"{n} voxel" + ("" if n == 1 else "s")
+
+
+def load_label_map(path, label_convention: str = BRATS2023) -> np.ndarray:
+    """A BraTS 2023 label map ``(X, Y, Z)`` uint8 with values 0..3 (0 background, 1 NCR, 2 ED, 3 ET).
+
+    ``label_convention``: ``"brats2023"`` (default) accepts 0..3 and refuses label 4, the BraTS
+    2020/2021 enhancing-tumour label, because a 4 in a BraTS 2023 evaluation almost always means the
+    two conventions were mixed up (the 2023 ranking code would silently score it as no region, so ET
+    would count as missed). ``"brats2021"`` accepts 0, 1, 2, 4 (a prediction of a model trained on
+    BraTS 2021 labels) and maps 4 -> 3; a 3 there is refused. Anything else is a ``BraTSInputError``
+    naming the file.
+    """
     import nibabel as nib
 
+    if label_convention not in LABEL_CONVENTIONS:
+        raise BraTSInputError(f"label convention must be one of {', '.join(LABEL_CONVENTIONS)}, "
+                              f"got {label_convention!r}")
+    allowed = _CONVENTION_VALUES[label_convention]
     data = np.asanyarray(nib.load(str(path)).dataobj)
     if data.ndim != 3:
         raise BraTSInputError(f"{path}: label map must be 3-D, got shape {data.shape}")
-    if not np.all(np.isfinite(data)) or not np.all(np.isin(data, (0, 1, 2, 3))):
-        bad = np.unique(data[~np.isin(data, (0, 1, 2, 3))])[:10]
-        raise BraTSInputError(f"{path}: label values must be 0, 1, 2 or 3, found {bad.tolist()}")
-    return data.astype(np.uint8)
+    ok = np.isin(data, allowed)
+    if not ok.all():
+        bad = np.unique(data[~ok])
+        shown = ", ".join(f"{v:g}" for v in bad[:10].tolist()) + (", ..." if len(bad) > 10 else "")
+        if label_convention == BRATS2023 and set(bad.tolist()) == {4}:
+            raise BraTSInputError(
+                f"{path}: holds label 4 in {_voxels(data == 4)}, the enhancing-tumour label of "
+                f"BraTS 2020/2021; BraTS 2023 label maps use 0, 1, 2, 3 (ET = 3). If this prediction comes "
+                f"from a model trained on BraTS 2021 labels, evaluate with --label_convention {BRATS2021} "
+                f"(maps 4 -> 3)")
+        if label_convention == BRATS2021 and set(bad.tolist()) == {3}:
+            raise BraTSInputError(
+                f"{path}: holds label 3 in {_voxels(data == 3)}, which the BraTS 2021 convention "
+                f"(0, 1, 2, 4; ET = 4) does not use: this looks like a BraTS 2023 label map, evaluate it "
+                f"with --label_convention {BRATS2023}")
+        raise BraTSInputError(f"{path}: label values must be {', '.join(map(str, allowed))} "
+                              f"({label_convention} convention), found [{shown}]")
+    labels = data.astype(np.uint8)
+    if label_convention == BRATS2021:
+        labels[labels == 4] = 3
+    return labels

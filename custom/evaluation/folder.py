@@ -8,9 +8,9 @@ from custom.core.atomic import atomic_write_bytes, atomic_write_json
 from custom.core.constants import MODALITIES, REGIONS
 from custom.core.errors import BraTSInputError
 from custom.core.numeric import nanmean
-from custom.data.nifti import load_label_map
+from custom.data.nifti import BRATS2023, LABEL_CONVENTIONS, load_label_map
 from custom.evaluation.crosscheck import official_crosscheck
-from custom.evaluation.segmentation import evaluate_segmentation
+from custom.evaluation.segmentation import HD95_DEFINITION, evaluate_segmentation
 from custom.evaluation.uncertainty import uncertainty_quality
 
 #: per_case.csv columns (issue 8), then the uncertainty columns when an uncertainty folder is given
@@ -105,14 +105,19 @@ def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> lis
     return pairs
 
 
-def evaluate_case_files(item: dict, unc_max: float = 1.0) -> list:
-    """Rows (one per region, columns ``SEG_COLUMNS`` [+ ``UNC_COLUMNS``]) of one matched case."""
+def evaluate_case_files(item: dict, unc_max: float = 1.0, label_convention: str = BRATS2023) -> list:
+    """Rows (one per region, columns ``SEG_COLUMNS`` [+ ``UNC_COLUMNS``]) of one matched case.
+
+    The prediction is read with ``label_convention`` (:func:`custom.data.nifti.load_label_map`), the
+    ground truth always as BraTS 2023. The spacing is the prediction header's voxel size, as the BraTS
+    2023 ranking code reads it (:func:`match_prediction_files` has checked its affine against the ground truth).
+    """
     import nibabel as nib
 
-    gt_img = nib.load(str(item["gt"]))
-    spacing = tuple(float(s) for s in gt_img.header.get_zooms()[:3])
+    pred_img = nib.load(str(item["pred"]))
+    spacing = tuple(float(s) for s in pred_img.header.get_zooms()[:3])
     gt = load_label_map(item["gt"])
-    pred = load_label_map(item["pred"])
+    pred = load_label_map(item["pred"], label_convention)
     seg = evaluate_segmentation(pred, gt, spacing)
     unc_metrics = None
     if item.get("unc") is not None:
@@ -182,24 +187,31 @@ def to_json_safe(obj):
 
 
 def evaluate_folder(pred_dir, gt_dir, out_dir, unc_dir=None, case_ids=None, unc_max: float = 1.0,
-                    crosscheck: bool = False) -> dict:
+                    crosscheck: bool = False, label_convention: str = BRATS2023) -> dict:
     """Evaluate ``P/<id>.nii.gz`` (and ``U/<id>-unc.nii.gz``) against ``G``; write ``R/per_case.csv``
     and ``R/summary.json`` (atomically, only once every case has been evaluated); with ``crosscheck``
     also ``R/crosscheck.csv`` and the agreement in the summary. Returns the summary.
+
+    ``label_convention``: labels of the predictions, ``"brats2023"`` (default; a label 4 is refused) or
+    ``"brats2021"`` (ET written as 4, mapped to 3), see :func:`custom.data.nifti.load_label_map`.
     """
     from pathlib import Path
 
+    if label_convention not in LABEL_CONVENTIONS:
+        raise BraTSInputError(f"--label_convention: expected one of {', '.join(LABEL_CONVENTIONS)}, "
+                              f"got {label_convention!r}", header="invalid command-line option")
     pairs = match_prediction_files(pred_dir, gt_dir, unc_dir, case_ids)
     rows = []
     for item in pairs:
-        rows.extend(evaluate_case_files(item, unc_max=unc_max))
+        rows.extend(evaluate_case_files(item, unc_max=unc_max, label_convention=label_convention))
     columns = list(SEG_COLUMNS) + (list(UNC_COLUMNS) if unc_dir is not None else [])
     summary = summarize_rows(rows)
     summary.update({"pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
-                    "unc_dir": None if unc_dir is None else str(unc_dir)})
+                    "unc_dir": None if unc_dir is None else str(unc_dir),
+                    "label_convention": label_convention, "hd95_definition": HD95_DEFINITION})
     out_dir = Path(out_dir)
     if crosscheck:
-        cc = official_crosscheck([(p["case_id"], p["pred"], p["gt"]) for p in pairs])
+        cc = official_crosscheck([(p["case_id"], p["pred"], p["gt"]) for p in pairs], label_convention)
         if cc["rows"]:
             write_rows_csv(out_dir / "crosscheck.csv", cc["rows"])
         summary["crosscheck"] = cc["agreement"]

@@ -9,7 +9,7 @@ import numpy as np
 from scipy.stats import rankdata, spearmanr
 
 from custom.core.constants import REGIONS
-from custom.evaluation.segmentation import LESION_DILATION, check_pair, dilate, region_mask
+from custom.evaluation.segmentation import LESION_DILATION, STRUCTURE_26, check_pair, dilate, region_mask
 
 
 def _flat_pair(scores, labels, roi=None):
@@ -153,8 +153,12 @@ def qubrats_score(
 
 
 def wt_error_roi(pred_wt: np.ndarray, gt_wt: np.ndarray, dilation: int = LESION_DILATION) -> np.ndarray:
-    """Region where WT errors are scored: the union of predicted and true WT dilated (26-neighbourhood)."""
-    return dilate(np.logical_or(pred_wt, gt_wt), dilation)
+    """Region where WT errors are scored: the union of predicted and true WT dilated (26-neighbourhood).
+
+    Not a BraTS 2023 definition (that one dilates lesions with the 18-neighbourhood): a region for
+    the held-out uncertainty measures only.
+    """
+    return dilate(np.logical_or(pred_wt, gt_wt), dilation, STRUCTURE_26)
 
 
 def uncertainty_quality(

@@ -26,13 +26,18 @@ def render_quality_vs_cost(heldout: dict) -> str:
             lines.append(f"| {r} | {f(s.get('legacy_dice'))} | {f(s.get('legacy_hd95'), 2)} | {f(s.get('lesionwise_dice'))} "
                          f"| {f(s.get('lesionwise_hd95'), 2)} | {f(s.get('num_tp'), 2)} | {f(s.get('num_fp'), 2)} "
                          f"| {f(s.get('num_fn'), 2)} |")
-        lines += ["", "TP/FP/FN are means per case; lesion-wise as BraTS 2023 GLI (dilation 3, lesions <= 50 voxels "
-                  "dropped, FP Dice 0 / HD95 374).", ""]
+        lines += ["", "Metrics of the BraTS 2023 ranking code (BraTS-2023-Metrics). Legacy HD95: the robust Hausdorff "
+                  "distance, the larger of the two directed 95th percentiles of surface distances weighted by surfel "
+                  "area, in mm (374 when one mask is empty). Lesion-wise (GLI): the same HD95 per lesion; ground truth "
+                  "dilated 3 times with the 18-neighbourhood, lesions of <= 50 mm^3 dropped, false positives Dice 0 / "
+                  "HD95 374. TP/FP/FN are means per case.", ""]
     cc = heldout.get("crosscheck")
     if cc:
         if cc.get("available"):
             parts = []
-            for key, name in (("legacy_dice", "legacy Dice"), ("hd95", "HD95 (pooled percentile)"),
+            for key, name in (("legacy_dice", "legacy Dice"),
+                              ("pooled_hd95", "HD95 pooled over both directions' border voxels (the tool's definition, "
+                                              "not the BraTS 2023 HD95 of the table)"),
                               ("lesions", "matched-lesion Dice and TP count")):
                 s = cc.get(key, {})
                 parts.append(f"{name}: {s.get('agree', 0)}/{s.get('compared', 0)} agree "
