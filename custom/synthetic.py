@@ -29,6 +29,7 @@ from scipy import ndimage
 from custom.constants import MODALITIES, SEG_SUFFIX
 
 __all__ = [
+    "ANATOMIES",
     "DEFAULT_SHAPE",
     "DEFAULT_SPACING",
     "INTENSITY_TABLE",
@@ -66,6 +67,10 @@ INTENSITY_TABLE = np.array(
 
 #: "both": necrotic core inside an enhancing rim; "no_et": non-enhancing core only; "no_ncr": solid enhancing core
 TUMOUR_TYPES = ("both", "no_et", "no_ncr")
+
+#: case generators of ``write_dataset``: "blob" (``make_case``, a smooth synthetic head) and "mni152"
+#: (``custom.anatomy.make_anatomy_case``, the MNI152 2009a brain deformed per case; needs nilearn)
+ANATOMIES = ("blob", "mni152")
 
 
 def case_id_for(index: int) -> str:
@@ -392,31 +397,49 @@ def write_dataset(
     label_noise: float = 0.5,
     first_index: int = 0,
     progress: bool = False,
+    anatomy: str = "blob",
+    id_offset: int = 0,
     **options,
 ) -> list[str]:
     """Write ``num_cases`` synthetic cases ``BraTS-GLI-%05d-000`` under ``out_dir``.
 
-    Case ``i`` depends only on ``(seed, i)``, so a larger data set starts with the same cases as a
-    smaller one and the same arguments always give the same bytes. Returns the case ids.
+    Case ``i`` (``first_index <= i < first_index + num_cases``) depends only on ``(seed, i)`` and ``anatomy``,
+    so a larger data set starts with the same cases as a smaller one and the same arguments always give the
+    same bytes. Its id is ``case_id_for(i + id_offset)``: ``id_offset`` renames cases without changing them,
+    so a separately seeded set (e.g. unseen test cases) can get ids that do not collide with another set's.
+
+    Args:
+        anatomy: one of ``ANATOMIES``: "blob" (default, ``make_case``) or "mni152"
+            (``custom.anatomy.make_anatomy_case``, real brain anatomy; needs nilearn).
+        options: keyword options of the chosen generator.
+
+    Returns:
+        The case ids.
     """
     num_cases = int(num_cases)
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
+    if int(id_offset) < 0:
+        raise ValueError(f"id_offset must be >= 0, got {id_offset}")
     shape, spacing = _validate_geometry(shape, spacing)
+    if anatomy == "mni152":
+        from custom.anatomy import make_anatomy_case as generate
+    else:
+        generate = make_case
     affine = make_affine(shape, spacing)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     indices = range(int(first_index), int(first_index) + num_cases)
+    # every id is checked before anything is written
+    ids = [case_id_for(i + int(id_offset)) for i in indices]
+    out_dir.mkdir(parents=True, exist_ok=True)
     if progress:
         from tqdm import tqdm
 
-        indices = tqdm(indices, desc="synthetic cases", unit="case", disable=None)
-    ids = []
-    for i in indices:
+        indices = tqdm(indices, desc=f"synthetic cases ({anatomy})", unit="case", disable=None)
+    for i, case_id in zip(indices, ids):
         rng = np.random.default_rng([int(seed), i])
-        image, seg = make_case(rng, shape, spacing, label_noise, **options)
-        case_id = case_id_for(i)
+        image, seg = generate(rng, shape, spacing, label_noise, **options)
         write_case(out_dir, case_id, image, seg, affine)
-        ids.append(case_id)
     return ids
-
