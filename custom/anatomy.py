@@ -102,6 +102,8 @@ class Template(NamedTuple):
     fit_hi: np.ndarray
     #: ``(N, 3)`` world mm candidate tumour centres: deep supratentorial white matter
     centres: np.ndarray
+    #: ``(N,)`` mm from each candidate centre to the brain surface
+    depths: np.ndarray
 
 
 def _template_dir():
@@ -173,11 +175,12 @@ def load_template() -> Template:
     world_z = origin[2] + np.arange(0, mask.shape[2], 2)
     cand = (wm[::2, ::2, ::2] > 0.75) & (depth > 15.0) & (world_z > -25.0)[None, None, :]
     centres = origin + 2.0 * np.argwhere(cand).astype(np.float64)
+    depths = depth[cand].astype(np.float64)
     if len(centres) == 0:
         raise BraTSInputError(f"{base}: the template has no deep white matter (wrong files?)", header=_HEADER)
-    for a in (maps, origin, box_lo, box_hi, fit_lo, fit_hi, centres):
+    for a in (maps, origin, box_lo, box_hi, fit_lo, fit_hi, centres, depths):
         a.setflags(write=False)
-    return Template(maps, origin, box_lo, box_hi, fit_lo, fit_hi, centres)
+    return Template(maps, origin, box_lo, box_hi, fit_lo, fit_hi, centres, depths)
 
 
 @functools.lru_cache(maxsize=4)
@@ -378,14 +381,15 @@ def make_anatomy_case(
     deform_scale = rng.uniform(25.0, 40.0) * zoom
     disp = [float(deformation_mm) * zoom * _field(rng, wshape, spacing, deform_scale) for _ in range(3)]
 
-    # --- tumour: centre in deep white matter, sizes in mm of the (zoomed) anatomy
-    p_t = tpl.centres[rng.integers(len(tpl.centres))] + rng.uniform(-1.0, 1.0, 3)
+    # --- tumour: sizes in mm of the (zoomed) anatomy; centre in white matter deep enough for most of the core
+    r_core = zoom * float(np.clip(np.exp(rng.normal(np.log(20.0), 0.35)), 7.0, 35.0))
+    deep = np.flatnonzero(tpl.depths >= min(0.9 * r_core / zoom, float(np.percentile(tpl.depths, 90))))
+    p_t = tpl.centres[deep[rng.integers(len(deep))]] + rng.uniform(-1.0, 1.0, 3)
     c_tum = c_out + fwd @ (p_t - c_t)
     for _ in range(2):  # p_t = c_t + inv (p - c_out) + disp(p)  =>  p = c_out + fwd (p_t - c_t - disp(p))
         k = np.clip(np.rint(to_vox(c_tum)).astype(int) - i_lo, 0, np.asarray(wshape) - 1)
         c_tum = c_out + fwd @ (p_t - c_t - np.array([d[tuple(k)] for d in disp]))
-    r_core = zoom * float(np.clip(np.exp(rng.normal(np.log(17.0), 0.35)), 6.0, 32.0))
-    d_edema = zoom * float(np.clip(np.exp(rng.normal(np.log(20.0), 0.45)), 4.0, 45.0))
+    d_edema = zoom * float(np.clip(np.exp(rng.normal(np.log(22.0), 0.45)), 4.0, 45.0))
     mass_amp = float(mass_effect) * rng.uniform(0.15, 0.35) * r_core
     mass_len = 1.3 * r_core
     n_lobes = int(rng.integers(1, 4))
@@ -400,7 +404,10 @@ def make_anatomy_case(
             direction = rng.standard_normal(3)
             direction /= np.linalg.norm(direction) + 1e-9
             satellites.append((direction * rng.uniform(1.4, 2.6) * r_core, zoom * rng.uniform(2.5, 6.0)))
-    t_ncr = rng.uniform(0.55, 0.85)
+    # enhancing rim 2.5-8 mm thick on average, varying by about a third around the core
+    rim_mm = zoom * float(np.exp(rng.uniform(np.log(2.5), np.log(8.0))))
+    t_ncr = float(np.clip(1.0 - rim_mm / r_core, 0.35, 0.9))
+    rim_amp = 0.35 * rim_mm / r_core
     # label noise draws from its own stream, so the image does not depend on label_noise
     label_rng = np.random.default_rng(rng.integers(0, 2**63))
 
@@ -441,9 +448,13 @@ def make_anatomy_case(
 
     # --- tumour geometry in a box around the centre (work-box indices)
     c_vox = to_vox(c_tum) - i_lo
-    reach_mm = max(2.8 * r_core, 1.8 * r_core + 1.7 * d_edema) + 6.0 * zoom
-    if satellites:
-        reach_mm = max(reach_mm, max(np.linalg.norm(o) + r for o, r in satellites) + d_edema + 4.0 * zoom)
+    # the box holds every voxel the image tumour can reach (noise fields are clipped, geodesic >= euclidean),
+    # so nothing is cut at its faces, plus a fixed margin for the label displacement (not a function of
+    # label_noise, so that the image does not depend on it)
+    core_mm = max(np.linalg.norm(o) + float(np.max(a)) for o, a in lobes) * np.exp(0.22 * 1.5)
+    for offset, radius in satellites:
+        core_mm = max(core_mm, np.linalg.norm(offset) + radius * np.exp(0.15 * 1.5))
+    reach_mm = core_mm + d_edema * np.exp(0.25 * 1.5) + 4.0 * float(sp.mean()) + 2 * sp.max()
     t_lo = np.clip(np.floor(c_vox - reach_mm / sp), 0, np.asarray(wshape) - 1).astype(int)
     t_hi = np.clip(np.ceil(c_vox + reach_mm / sp) + 1, 1, wshape).astype(int)
     box = tuple(slice(a, b) for a, b in zip(t_lo, t_hi))
@@ -452,7 +463,7 @@ def make_anatomy_case(
            for i in range(3)]
     brain_b, wm_b, gm_b, csf_b = brain[box], wm[box], gm[box], csf[box]
 
-    shape_noise = np.clip(_field(rng, bshape, spacing, 0.35 * r_core), -2.0, 2.0)
+    shape_noise = np.clip(_field(rng, bshape, spacing, 0.35 * r_core), -1.5, 1.5)
     d_core = np.full(bshape, np.inf, np.float32)
     for offset, semi in lobes:
         d = np.sqrt(sum(((c - o) / s) ** 2 for c, o, s in zip(rel, offset, semi)))
@@ -471,7 +482,7 @@ def make_anatomy_case(
     # edema: geodesic distance from the core, cheap through white matter, dear through grey matter and CSF
     speed = np.where(brain_b, wm_b + 0.15 * gm_b + 0.02 * csf_b + 0.01, 1e-3).astype(np.float32)
     tc_raw = (d_core < 1.0) & brain_b
-    factor = [max(1, int(np.ceil(n / 56))) for n in bshape]
+    factor = [max(1, int(np.ceil(n / 64))) for n in bshape]
     pick = tuple(slice(f // 2, None, f) for f in factor)
     seeds = tc_raw[pick]
     if not seeds.any():
@@ -482,7 +493,7 @@ def make_anatomy_case(
     geo = np.where(np.isfinite(geo), geo, 1e4)
     geo = _upsample(geo.astype(np.float32), [_upsample_matrix(n, c, f) for n, c, f in
                                              zip(bshape, seeds.shape, factor)])
-    geo = geo * (1.0 + 1.5 * (1.0 - wm_b)) * np.exp(0.25 * np.clip(edema_noise, -2.0, 2.0))
+    geo = geo * (1.0 + 1.5 * (1.0 - wm_b)) * np.exp(0.25 * np.clip(edema_noise, -1.5, 1.5))
     geo[tc_raw] = 0.0
     geo[~brain_b] = 1e4
     grade = 0.35 + 0.65 * np.clip((d_edema - geo) / (0.6 * d_edema), 0.0, 1.0)
@@ -491,14 +502,15 @@ def make_anatomy_case(
         """(wt, tc, ncr) in the sub-box ``sub`` of the tumour box; label boundaries moved by ``noise_mm``."""
         sub_shape = d_core[sub].shape
         if noise_mm > 0:
-            f = [_field(label_rng, sub_shape, spacing, 2.0 * float(sp.mean())) for _ in range(3)]
+            f = [np.clip(_field(label_rng, sub_shape, spacing, 2.0 * float(sp.mean())), -3.5, 3.5)
+                 for _ in range(3)]
             shift = [noise_mm * f[0], noise_mm * f[1] / r_core, noise_mm * f[2] / r_core]
         else:
             shift = [0.0, 0.0, 0.0]
         tc0 = (d_core[sub] + shift[1] < 1.0) & brain_b[sub]
         wt = ((geo[sub] + shift[0] < d_edema) | ndimage.binary_dilation(tc0)) & brain_b[sub]
         tc = tc0 & ndimage.binary_erosion(wt)
-        ncr = d_core[sub] + 0.12 * rim_noise[sub] + shift[2] < t_ncr
+        ncr = d_core[sub] + rim_amp * rim_noise[sub] + shift[2] < t_ncr
         return wt, tc, ncr
 
     everything = (slice(None),) * 3
