@@ -163,6 +163,18 @@ def test_label_noise_moves_only_label_boundaries():
     assert np.percentile(dist[wt0 != wt1], 90) <= 4.0
 
 
+def test_mass_effect_pushes_tissue_near_the_tumour_only():
+    _, seg0, t0 = make_anatomy_case(np.random.default_rng(7), GRID, SPACING, mass_effect=0.0, return_tissue=True)
+    _, seg1, t1 = make_anatomy_case(np.random.default_rng(7), GRID, SPACING, mass_effect=1.0, return_tissue=True)
+    changed = np.abs(t1["wm"] - t0["wm"]) > 0.2
+    assert changed.sum() > 20
+    dist_mm = ndimage.distance_transform_edt(seg1 == 0, sampling=SPACING)
+    assert np.median(dist_mm[changed]) < 15.0
+    # the brain outline moves little: the push decays away from the tumour
+    a, b = t0["brain"], t1["brain"]
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
+
+
 def test_small_field_of_view_shrinks_the_brain_to_fit():
     assert fit_zoom((240, 240, 155), (1, 1, 1)) == 1.0
     assert fit_zoom((96, 96, 64), (2, 2, 2.4)) > 0.95
