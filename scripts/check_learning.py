@@ -6,6 +6,7 @@ on a synthetic set, then reads the run's ``metrics.csv``: validation Dice WT/TC/
 corr(unc_output) > corr(var1shot). Sized for about 10 minutes on 2 CPU cores.
 
     python scripts/check_learning.py --out check_learning.json
+    python scripts/check_learning.py --out check_learning_mni152.json --anatomy mni152   # real brain anatomy
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def main(
     work_dir: str | None = None,
     num_cases: int = 16,
     shape="[64,64,48]",
+    spacing="[1,1,1]",
     label_noise: float = 0.5,
+    anatomy: str = "blob",
     patch_size="[32,32,32]",
     filters="[8,16,32,64]",
     num_epochs: int = 80,
@@ -44,7 +47,10 @@ def main(
     Args:
         out: JSON summary path.
         work_dir: work directory (default: a new temporary folder); the run goes to WORK_DIR/runs/check/fold0.
-        num_cases, shape, label_noise: synthetic data (2 folds: half the cases validate).
+        num_cases, shape, spacing, label_noise: synthetic data (2 folds: half the cases validate).
+        anatomy: synthetic generator, "blob" (smooth head) or "mni152" (MNI152 brain deformed per case; a
+            64x64x48 mm field of view shrinks it to fit, e.g. --shape "[64,80,64]" --spacing "[2.4,2.4,2.4]"
+            keeps it at its real size).
         patch_size, filters: plan overrides for CPU.
         num_epochs, iterations_per_epoch, val_interval, num_workers: training length (tiny.json otherwise).
         last_k: validation rounds averaged for the reported numbers.
@@ -59,8 +65,9 @@ def main(
     start = time.perf_counter()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="check_learning_"))
     if not (work / "plans.json").is_file():
-        write_dataset(work / "raw", int(num_cases), as_list(shape, "shape", length=3, cast=int), (1.0, 1.0, 1.0),
-                      int(seed), float(label_noise))
+        write_dataset(work / "raw", int(num_cases), as_list(shape, "shape", length=3, cast=int),
+                      as_list(spacing, "spacing", length=3, cast=float), int(seed), float(label_noise),
+                      anatomy=str(anatomy))
         prepare_data(work / "raw", work, num_folds=2, seed=int(seed),
                      patch_size=as_list(patch_size, "patch_size", length=3, cast=int),
                      filters=as_list(filters, "filters", cast=int))
@@ -86,6 +93,7 @@ def main(
         "work_dir": str(work),
         "run_dir": str(run_dir),
         "num_cases": int(num_cases),
+        "anatomy": str(anatomy),
         "num_epochs": int(num_epochs),
         "iterations_per_epoch": int(iterations_per_epoch),
         "last_k": int(last_k),

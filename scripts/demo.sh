@@ -5,6 +5,8 @@
 # Figures 1-2) and held-out quality vs cost -> bundle inference on new cases -> official-style evaluation ->
 # TorchScript/ONNX export with parity -> a real Triton server answering HTTP and gRPC.
 # Everything it makes goes under demo_output/. Re-running it skips finished training runs.
+# ANATOMY=mni152 bash scripts/demo.sh runs it all on cases with real brain anatomy (MNI152 template, deformed
+# per case) instead of the smooth synthetic head (ANATOMY=blob, the default); DEMO_OUTPUT=DIR moves the output.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -12,7 +14,8 @@ bash scripts/setup_venv.sh
 PY="$ROOT/.venv/bin/python"
 export PATH="$ROOT/.venv/bin:$PATH"
 export PYTHONUNBUFFERED=1
-OUT="$ROOT/demo_output"
+ANATOMY="${ANATOMY:-blob}"
+OUT="${DEMO_OUTPUT:-$ROOT/demo_output}"
 RAW="$OUT/raw"
 NEW="$OUT/new_cases"
 W="$OUT/work"
@@ -20,9 +23,9 @@ R="$OUT/report"
 mkdir -p "$OUT"
 step() { echo; echo "[demo] $*"; }
 
-step "1/8 generating 10 synthetic BraTS training cases (64x64x48, 1 mm) in $RAW and 2 unseen cases in $NEW"
-"$PY" scripts/make_synthetic.py --out_dir "$RAW" --num_cases 10 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 0 --label_noise 0.5
-"$PY" scripts/make_synthetic.py --out_dir "$NEW" --num_cases 2 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 1 --label_noise 0.5
+step "1/8 generating 10 synthetic BraTS training cases ($ANATOMY, 64x64x48, 1 mm) in $RAW and 2 unseen cases in $NEW"
+"$PY" scripts/make_synthetic.py --out_dir "$RAW" --num_cases 10 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 0 --label_noise 0.5 --anatomy "$ANATOMY"
+"$PY" scripts/make_synthetic.py --out_dir "$NEW" --num_cases 2 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 1 --label_noise 0.5 --anatomy "$ANATOMY"
 
 step "2/8 validating, planning (tiny plan: patch 32^3, filters 8..64) and preprocessing into $W"
 "$PY" scripts/prepare_data.py --dataset_dir "$RAW" --work_dir "$W" --num_folds 2 --seed 0 \

@@ -13,7 +13,8 @@ from conftest import run_cmd
 from scipy import ndimage
 
 from custom.core.constants import CASE_ID_PATTERN, MODALITIES
-from custom.data.synthetic import INTENSITY_TABLE, TISSUES, make_affine, make_case, smooth_field, write_dataset
+from custom.data.synthetic import make_affine, make_case, write_dataset
+from custom.data.tissue_model import INTENSITY_TABLE, TISSUES, smooth_field
 
 SHAPE = (40, 40, 28)
 FILES = [f"{m}.nii.gz" for m in MODALITIES] + ["seg.nii.gz"]

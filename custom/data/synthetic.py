@@ -28,32 +28,26 @@ from scipy import ndimage
 
 from custom.core.atomic import atomic_write_bytes
 from custom.core.constants import MODALITIES, SEG_SUFFIX
-
-DEFAULT_SHAPE = (240, 240, 155)
-
-DEFAULT_SPACING = (1.0, 1.0, 1.0)
-
-#: tissue classes of the intensity model (the first four are normal brain, WMH is unlabelled)
-TISSUES = ("background", "csf", "gm", "wm", "wmh", "edema", "necrosis", "enhancing")
-
-_BG, _CSF, _GM, _WM, _WMH, _ED, _NCR, _ET = range(len(TISSUES))
-
-#: mean intensity of each tissue (columns, ``TISSUES`` order) per modality (rows, ``MODALITIES`` order),
-#: relative to white matter in t1n. Chosen after the typical appearance of each tissue in BraTS; the
-#: overlaps are deliberate (edema ~ GM in t1c/t1n, necrosis ~ CSF in t1c/t2w, WMH ~ edema in t2f).
-INTENSITY_TABLE = np.array(
-    [
-        # bg    csf   gm    wm    wmh   ed    ncr   et
-        [0.0, 0.30, 0.72, 0.92, 0.82, 0.70, 0.38, 1.80],  # t1c: enhancing rim bright, core dark
-        [0.0, 0.28, 0.75, 1.00, 0.86, 0.72, 0.52, 0.80],  # t1n: tumour slightly dark
-        [0.0, 0.25, 0.95, 0.70, 1.30, 1.45, 0.95, 1.15],  # t2f: edema bright, CSF suppressed
-        [0.0, 1.70, 0.95, 0.60, 1.00, 1.40, 1.55, 1.05],  # t2w: edema and core bright
-    ],
-    dtype=np.float32,
+from custom.data.anatomy import make_anatomy_case
+from custom.data.tissue_model import (
+    BG,
+    CSF,
+    DEFAULT_SHAPE,
+    DEFAULT_SPACING,
+    ED,
+    ET,
+    GM,
+    INTENSITY_TABLE,
+    NCR,
+    TUMOUR_TYPES,
+    WM,
+    WMH,
+    smooth_field,
 )
 
-#: "both": necrotic core inside an enhancing rim; "no_et": non-enhancing core only; "no_ncr": solid enhancing core
-TUMOUR_TYPES = ("both", "no_et", "no_ncr")
+#: case generators of ``write_dataset``: "blob" (``make_case``, a smooth synthetic head) and "mni152"
+#: (``custom.data.anatomy.make_anatomy_case``, the MNI152 2009a brain deformed per case; needs nilearn)
+ANATOMIES = ("blob", "mni152")
 
 
 def case_id_for(index: int) -> str:
@@ -85,45 +79,6 @@ def _validate_geometry(shape, spacing):
     return shape, spacing
 
 
-def smooth_field(
-    rng: np.random.Generator,
-    shape: Sequence[int],
-    spacing: Sequence[float],
-    scale_mm: float,
-) -> np.ndarray:
-    """Smooth Gaussian random field, zero mean and unit standard deviation over the grid.
-
-    White noise on a coarse grid (one control point per ``scale_mm``) is interpolated with Gaussian
-    weights of width ``scale_mm`` along each axis in turn, so the cost is three matrix products.
-
-    Args:
-        rng: random generator (consumed deterministically).
-        shape: ``(X, Y, Z)`` voxels.
-        spacing: ``(sx, sy, sz)`` mm.
-        scale_mm: correlation length in mm.
-
-    Returns:
-        float32 array ``(X, Y, Z)``.
-    """
-    mats = []
-    for n, s in zip(shape, spacing):
-        x = np.arange(n, dtype=np.float64) * s
-        margin = 2.0 * scale_mm
-        centres = np.arange(-margin, n * s + margin + 1e-9, scale_mm)
-        w = np.exp(-0.5 * ((x[:, None] - centres[None, :]) / scale_mm) ** 2)
-        mats.append(w.astype(np.float32))
-    coarse = rng.standard_normal(tuple(m.shape[1] for m in mats), dtype=np.float32)
-    # contract one coarse axis at a time: (a,b,c) -> (X,b,c) -> (X,Y,c) -> (X,Y,Z)
-    field = np.tensordot(mats[0], coarse, axes=(1, 0))
-    field = np.tensordot(field, mats[1], axes=(1, 1)).transpose(0, 2, 1)
-    field = np.tensordot(field, mats[2], axes=(2, 1))
-    field -= field.mean()
-    std = field.std()
-    if std > 0:
-        field /= std
-    return np.ascontiguousarray(field, dtype=np.float32)
-
-
 def _grid(shape, spacing, centre_mm):
     """Open mesh of voxel-centre coordinates in mm relative to ``centre_mm``, one array per axis."""
     return [
@@ -152,21 +107,21 @@ def _make_brain(rng, shape, spacing):
     r_pert = r * (1.0 + 0.05 * lobes + 0.015 * gyri)
     brain = r_pert < 1.0
 
-    tissue = np.full(shape, _WM, np.uint8)
+    tissue = np.full(shape, WM, np.uint8)
     cortex_depth = 0.80 + 0.04 * smooth_field(rng, shape, spacing, 0.12 * size) + 0.03 * gyri
-    tissue[r_pert > cortex_depth] = _GM
+    tissue[r_pert > cortex_depth] = GM
     sulci = smooth_field(rng, shape, spacing, 0.06 * size)
-    tissue[(r_pert > 0.9) & (sulci > 0.9)] = _CSF
+    tissue[(r_pert > 0.9) & (sulci > 0.9)] = CSF
     # paired lateral ventricles
     vsemi = semi * np.array([0.08, 0.26, 0.13], np.float32) * rng.uniform(0.8, 1.25, 3).astype(np.float32)
     for side in (-1.0, 1.0):
         vc = [coords[0] - side * 0.13 * semi[0], coords[1], coords[2] - 0.05 * semi[2]]
-        tissue[_ellipsoid_radius(vc, vsemi) < 1.0 + 0.1 * lobes] = _CSF
+        tissue[_ellipsoid_radius(vc, vsemi) < 1.0 + 0.1 * lobes] = CSF
     # unlabelled white-matter hyperintensities: bright in t2f like edema, but not tumour
     if rng.random() < 0.7:
         wmh_field = smooth_field(rng, shape, spacing, 0.05 * size)
-        tissue[(tissue == _WM) & (wmh_field > 2.6) & (r_pert < 0.7)] = _WMH
-    tissue[~brain] = _BG
+        tissue[(tissue == WM) & (wmh_field > 2.6) & (r_pert < 0.7)] = WMH
+    tissue[~brain] = BG
     return tissue, r_pert, brain, centre, semi
 
 
@@ -303,7 +258,7 @@ def make_case(
     tex_b = smooth_field(rng, shape, spacing, 0.08 * size)
     bshape = tumour_img.shape
     tumour_tex = smooth_field(rng, bshape, spacing, 0.1 * size)
-    label_of_tissue = {1: _NCR, 2: _ED, 3: _ET}
+    label_of_tissue = {1: NCR, 2: ED, 3: ET}
 
     image = np.empty((len(MODALITIES),) + shape, np.float32)
     sigma_vox = [blur_mm / s for s in spacing]
@@ -327,7 +282,7 @@ def make_case(
         vol = ndimage.gaussian_filter(vol, sigma_vox, truncate=3.0)
         bias = np.exp(bias_strength * smooth_field(rng, shape, spacing, 0.7 * size))
         vol *= bias
-        noise_sigma = noise_level * float(table[m, _WM] if table[m, _WM] > 0 else 1.0)
+        noise_sigma = noise_level * float(table[m, WM] if table[m, WM] > 0 else 1.0)
         # Rician noise, drawn only where it survives skull stripping (a quarter of the voxels)
         inside = vol[brain]
         n1 = rng.standard_normal(inside.shape, dtype=np.float32)
@@ -356,7 +311,6 @@ def write_case(out_dir, case_id: str, image: np.ndarray, seg: np.ndarray | None,
 
     Images are stored as int16 like the released BraTS files; ``seg`` as uint8. Returns the case folder.
     """
-
     case_dir = Path(out_dir) / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     if image.shape[0] != len(MODALITIES):
@@ -379,30 +333,46 @@ def write_dataset(
     label_noise: float = 0.5,
     first_index: int = 0,
     progress: bool = False,
+    anatomy: str = "blob",
+    id_offset: int = 0,
     **options,
 ) -> list[str]:
     """Write ``num_cases`` synthetic cases ``BraTS-GLI-%05d-000`` under ``out_dir``.
 
-    Case ``i`` depends only on ``(seed, i)``, so a larger data set starts with the same cases as a
-    smaller one and the same arguments always give the same bytes. Returns the case ids.
+    Case ``i`` (``first_index <= i < first_index + num_cases``) depends only on ``(seed, i)`` and ``anatomy``,
+    so a larger data set starts with the same cases as a smaller one and the same arguments always give the
+    same bytes. Its id is ``case_id_for(i + id_offset)``: ``id_offset`` renames cases without changing them,
+    so a separately seeded set (e.g. unseen test cases) can get ids that do not collide with another set's.
+
+    Args:
+        anatomy: one of ``ANATOMIES``: "blob" (default, ``make_case``) or "mni152"
+            (``custom.data.anatomy.make_anatomy_case``, real brain anatomy; needs nilearn).
+        options: keyword options of the chosen generator.
+
+    Returns:
+        The case ids.
     """
     num_cases = int(num_cases)
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
+    if int(id_offset) < 0:
+        raise ValueError(f"id_offset must be >= 0, got {id_offset}")
     shape, spacing = _validate_geometry(shape, spacing)
+    generate = make_anatomy_case if anatomy == "mni152" else make_case
     affine = make_affine(shape, spacing)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     indices = range(int(first_index), int(first_index) + num_cases)
+    # every id is checked before anything is written
+    ids = [case_id_for(i + int(id_offset)) for i in indices]
+    out_dir.mkdir(parents=True, exist_ok=True)
     if progress:
         from tqdm import tqdm
 
-        indices = tqdm(indices, desc="synthetic cases", unit="case", disable=None)
-    ids = []
-    for i in indices:
+        indices = tqdm(indices, desc=f"synthetic cases ({anatomy})", unit="case", disable=None)
+    for i, case_id in zip(indices, ids):
         rng = np.random.default_rng([int(seed), i])
-        image, seg = make_case(rng, shape, spacing, label_noise, **options)
-        case_id = case_id_for(i)
+        image, seg = generate(rng, shape, spacing, label_noise, **options)
         write_case(out_dir, case_id, image, seg, affine)
-        ids.append(case_id)
     return ids
