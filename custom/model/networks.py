@@ -45,18 +45,34 @@ def plans_topology(plans) -> dict:
     return topo
 
 
+class DeepSupervisionDynUNet(DynUNet):
+    """``DynUNet`` whose training-mode output is nnU-Net's deep-supervision list at NATIVE resolutions.
+
+    MONAI's DynUNet upsamples every supervision head to the full resolution and stacks them; nnU-Net supervises
+    each decoder stage at its own resolution against a downsampled target. In training mode this returns
+    ``[full, 1/2, 1/4, ...]`` logits, one per decoder stage, highest resolution first (``len(strides) - 1``
+    outputs); in eval mode the full-resolution logits only, so inference, export and the state dict keys are
+    those of ``DynUNet(deep_supervision=True)``.
+    """
+
+    def forward(self, x):
+        out = self.output_block(self.skip_layers(x))
+        if self.training and self.deep_supervision:
+            return [out] + list(self.heads)
+        return out
+
+
 def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, deep_supervision: bool = False,
-                  dropout: float | None = None, deep_supr_num: int = 1) -> DynUNet:
+                  dropout: float | None = None) -> DynUNet:
     """nnU-Net 3d_fullres plain conv U-Net (MONAI ``DynUNet``) from a plan.
 
     Args:
         plans: ``Plans``, dict or path to plans.json (kernels, strides, filters per stage).
         in_channels: input modalities (4: t1c, t1n, t2f, t2w).
         with_uncertainty: 4 output channels (WT, TC, ET, uncertainty logits) if True, else 3.
-        deep_supervision: DynUNet deep-supervision heads (off by default, as in the paper). In training
-            mode the network then returns ``(B, 1 + deep_supr_num, C, X, Y, Z)``.
+        deep_supervision: nnU-Net's deep supervision (off by default, as in the paper): a head on every decoder
+            stage; in training mode the network returns the list of :class:`DeepSupervisionDynUNet`.
         dropout: dropout probability inside the conv blocks (MC-dropout variant), None for none.
-        deep_supr_num: number of extra supervision heads when ``deep_supervision``.
     Returns:
         ``DynUNet`` mapping ``(B, in_channels, X, Y, Z)`` -> ``(B, 4 or 3, X, Y, Z)`` logits.
     """
@@ -64,7 +80,12 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
     if dropout is not None and not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     strides = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * 3 for s in topo["strides"]]
-    return DynUNet(
+    # nnU-Net supervises every decoder stage: DynUNet allows one head per upsampling layer but the last
+    num_heads = len(strides) - 2
+    if deep_supervision and num_heads < 1:
+        raise ValueError(f"deep supervision needs a plan with at least 3 stages, got {len(strides)}")
+    network_class = DeepSupervisionDynUNet if deep_supervision else DynUNet
+    return network_class(
         spatial_dims=3,
         in_channels=int(in_channels),
         out_channels=4 if with_uncertainty else 3,
@@ -76,7 +97,7 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
         norm_name=NORM,
         act_name=ACT,
         deep_supervision=bool(deep_supervision),
-        deep_supr_num=int(deep_supr_num),
+        deep_supr_num=max(num_heads, 1),
         res_block=False,
     )
 

@@ -1,8 +1,10 @@
-"""nnU-Net region loss and the paper's composite uncertainty loss (METHOD.md, "Composite loss").
+"""nnU-Net region loss (with nnU-Net's deep supervision) and the paper's composite uncertainty loss.
 
     L = L_seg + unc_weight * L_unc + rmsd_weight_cancer * mean_b(RMSD_b) + corr_weight * (1 - mean_b(corr_b))
 
-with M = ground-truth WT, unc = sigmoid(logit channel 3), e = error_stable (a constant target).
+with M = ground-truth WT (valid case voxels only), unc = sigmoid(logit channel 3), e = error_stable (a constant
+target). METHOD.md, "Composite loss"; the two places where this departs from the paper's code are said in
+:class:`CompositeUncertaintyLoss` and bundle/docs/README.md.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.model.masks import get_cancer_mask
+from custom.model.masks import training_cancer_mask
 from custom.uncertainty.agreement import weighted_pearson, weighted_rmsd
 
 
@@ -32,6 +34,26 @@ def soft_dice_per_sample(probs: torch.Tensor, target: torch.Tensor, smooth: floa
     return (2.0 * intersect + smooth) / torch.clamp_min(denom + smooth, 1e-8)
 
 
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's deep-supervision weights for ``n`` outputs (highest resolution first): ``1/2^i``, the lowest
+    resolution output weighted 0, normalised to sum 1; e.g. 5 outputs -> [8, 4, 2, 1, 0] / 15."""
+    if n < 1:
+        raise ValueError(f"need at least one output, got {n}")
+    w = [1.0 / (2**i) for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def downsample_target(target: torch.Tensor, shape) -> torch.Tensor:
+    """Region target ``(B, C, X, Y, Z)`` resized to ``shape`` as nnU-Net does for deep supervision: nearest
+    (``nearest-exact``, the pixel-centre convention), values stay 0/1."""
+    if tuple(target.shape[2:]) == tuple(shape):
+        return target
+    return F.interpolate(target.float(), size=tuple(int(s) for s in shape), mode="nearest-exact").to(target.dtype)
+
+
 class RegionDiceBCELoss(nn.Module):
     """nnU-Net's region loss: ``BCE-with-logits (mean) + (-soft Dice)``, weights 1:1.
 
@@ -39,7 +61,10 @@ class RegionDiceBCELoss(nn.Module):
     and samples (per-sample Dice, no batch Dice; all regions count, there is no background channel),
     so the loss lies in [-1, inf) and reaches -1 + 0 for a perfect prediction.
 
-    ``forward(logits (B, 3, …), target (B, 3, …))`` -> scalar. ``last_terms`` holds ``dice``/``bce`` tensors.
+    ``forward(logits, target (B, 3, …))`` -> scalar. ``logits`` is ``(B, 3, …)``, or nnU-Net's deep-supervision
+    list ``[full, 1/2, ...]`` (:class:`custom.model.networks.DeepSupervisionDynUNet`): then the loss is
+    ``sum_i w_i loss(logits_i, target resized to logits_i)`` with :func:`deep_supervision_weights`.
+    Only the first 3 channels of the logits are used. ``last_terms`` holds the full-resolution ``dice``/``bce``.
     """
 
     def __init__(self, smooth: float = 1e-5, weight_dice: float = 1.0, weight_ce: float = 1.0):
@@ -49,16 +74,30 @@ class RegionDiceBCELoss(nn.Module):
         self.weight_ce = float(weight_ce)
         self.last_terms: dict = {}
 
-    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
-        if isinstance(target, Mapping):  # the targets dict of the uncertainty pipeline
-            target = target["label"]
+    def _single(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = logits[:, :3]
         if logits.shape != target.shape:
             raise ValueError(f"RegionDiceBCELoss: logits {tuple(logits.shape)} vs target {tuple(target.shape)}")
         target = target.to(logits.dtype)
         dice = soft_dice_per_sample(torch.sigmoid(logits), target, self.smooth).mean()
         bce = F.binary_cross_entropy_with_logits(logits, target)
-        self.last_terms = {"dice": dice.detach(), "bce": bce.detach()}
-        return self.weight_ce * bce - self.weight_dice * dice
+        return self.weight_ce * bce - self.weight_dice * dice, {"dice": dice.detach(), "bce": bce.detach()}
+
+    def forward(self, logits, target) -> torch.Tensor:
+        if isinstance(target, Mapping):  # the targets dict of the uncertainty pipeline
+            target = target["label"]
+        if not isinstance(logits, (list, tuple)):
+            loss, self.last_terms = self._single(logits, target)
+            return loss
+        total, terms = None, {}
+        for i, (head, weight) in enumerate(zip(logits, deep_supervision_weights(len(logits)))):
+            # a head weighted 0 still enters (with zero gradient), so DDP sees every parameter used
+            loss, head_terms = self._single(head, downsample_target(target, head.shape[2:]))
+            total = weight * loss if total is None else total + weight * loss
+            if i == 0:
+                terms = head_terms
+        self.last_terms = terms
+        return total
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -67,24 +106,25 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * v).sum() / torch.clamp_min(v.sum(), 1.0)
 
 
-def _deep_supervision_weights(n: int) -> list:
-    """nnU-Net: weights 1/2^i, the lowest resolution head ignored, normalised to sum 1."""
-    w = [1.0 / (2**i) for i in range(n)]
-    if n > 1:
-        w[-1] = 0.0
-    s = sum(w)
-    return [x / s for x in w]
+#: variance floor of the predicted map in the loss's Pearson term (std 0.01 on a [0, 1] map): bounds its
+#: gradient when the head's output is nearly flat (see :func:`custom.uncertainty.agreement.weighted_pearson`)
+PEARSON_VAR_FLOOR = 1e-4
 
 
 class CompositeUncertaintyLoss(nn.Module):
     """``L_seg + unc_weight L_unc + rmsd_weight_cancer mean_b RMSD_b + corr_weight (1 - mean_b corr_b)``.
 
-    - ``L_seg``: :class:`RegionDiceBCELoss` on channels 0..2 against the region target.
-    - ``L_unc = mean((unc M - e M)^2)`` over all voxels, ``unc = sigmoid(logits[:, 3])``, ``M`` = GT WT.
-    - ``RMSD_b``, ``corr_b``: :func:`weighted_rmsd`, :func:`weighted_pearson` with weights ``M``.
-      A sample with an empty mask, or with zero weighted variance of unc or e, is left out of both
-      means (METHOD.md); with ``exclude_constant_from_rmsd=False`` only empty masks leave the RMSD mean.
-      When no sample is valid the term is 0 (graph kept).
+    - ``L_seg``: :class:`RegionDiceBCELoss` on channels 0..2 (every deep-supervision output when there are several).
+    - ``M``: :func:`custom.model.masks.training_cancer_mask`: GT WT (``unc_mask_dilation`` 0, the paper) or GT WT
+      dilated by ``k`` voxels, and only voxels that come from the case (``target["coords"] > 0``; padding has no
+      error target).
+    - ``L_unc = mean((unc M - e M)^2)`` over all voxels, ``unc = sigmoid(logits[:, 3])`` at full resolution.
+    - ``RMSD_b``: :func:`weighted_rmsd` over ``M``; every sample with a non-empty ``M`` counts.
+    - ``corr_b``: :func:`weighted_pearson` over ``M`` in its bounded form (``x_var_floor`` =
+      :data:`PEARSON_VAR_FLOOR`): a near-constant prediction gets a bounded gradient instead of one that grows as
+      1/std; a sample counts when its target ``e`` varies over ``M``. When no sample counts the term is 0.
+      (The paper's code divides by ``std(unc) std(e)`` and drops samples of near-zero variance from both RMSD and
+      correlation; these are the two departures, bundle/docs/README.md.)
     - ``e`` (error_stable) is detached: a constant target.
 
     Args:
@@ -92,20 +132,16 @@ class CompositeUncertaintyLoss(nn.Module):
         with_uncertainty: False -> plain region loss on 3-channel logits (``target`` is the region tensor
             or a dict with ``"label"``).
         smooth: soft Dice smoothing.
-        unc_mask_dilation: 0 (the paper) -> ``M`` = GT WT; ``k > 0`` -> ``M`` = GT WT dilated by ``k`` voxels
-            (26-neighbourhood, as :func:`custom.model.masks.get_cancer_mask`) for the MSE, RMSD and Pearson terms,
-            so that the ring just outside the tumour, where inference reports unc_output, is trained too.
+        unc_mask_dilation: 0 (the paper) -> ``M`` = GT WT; ``k > 0`` -> GT WT dilated by ``k`` voxels.
 
-    ``forward(logits (B, 4, X, Y, Z), target)`` with ``target = {"label": (B, 3, …) regions,
-    "error_stable": (B, 1, …)}``. With deep supervision, ``logits`` may be ``(B, H, C, …)`` (DynUNet's
-    stacked heads, all at full resolution): segmentation is supervised on every head with nnU-Net's
-    weights, the uncertainty terms on the full-resolution head only.
+    ``forward(logits, target)`` with ``logits (B, 4, X, Y, Z)`` or the deep-supervision list (full resolution
+    first; the uncertainty terms use the full-resolution output only) and ``target = {"label": (B, 3, …) regions,
+    "error_stable": (B, 1, …), "coords": (B, 3, …) (optional)}``.
     After each call ``last_terms`` holds floats: loss, seg, dice, bce, unc_mse, rmsd, corr, n_valid.
     """
 
     def __init__(self, unc_weight: float = 0.4, rmsd_weight_cancer: float = 0.5, corr_weight: float = 0.4,
-                 with_uncertainty: bool = True, smooth: float = 1e-5, exclude_constant_from_rmsd: bool = True,
-                 unc_mask_dilation: int = 0):
+                 with_uncertainty: bool = True, smooth: float = 1e-5, unc_mask_dilation: int = 0):
         super().__init__()
         if int(unc_mask_dilation) != unc_mask_dilation or int(unc_mask_dilation) < 0:
             raise ValueError(f"unc_mask_dilation must be an integer >= 0, got {unc_mask_dilation}")
@@ -118,59 +154,48 @@ class CompositeUncertaintyLoss(nn.Module):
         self.rmsd_weight_cancer = float(rmsd_weight_cancer)
         self.corr_weight = float(corr_weight)
         self.with_uncertainty = bool(with_uncertainty)
-        self.exclude_constant_from_rmsd = bool(exclude_constant_from_rmsd)
         self.seg_loss = RegionDiceBCELoss(smooth=smooth)
         self.last_terms: dict = {}
 
-    def _unpack(self, logits, target):
+    def _unpack(self, target):
         if isinstance(target, Mapping):
             if "label" not in target:
                 raise KeyError(f"CompositeUncertaintyLoss: target dict needs 'label', got keys {list(target)}")
-            label, error = target["label"], target.get("error_stable")
+            label, error, coords = target["label"], target.get("error_stable"), target.get("coords")
         else:
-            label, error = target, None
+            label, error, coords = target, None, None
         if self.with_uncertainty and error is None:
             raise ValueError("CompositeUncertaintyLoss(with_uncertainty=True) needs target['error_stable']")
-        return label, error
+        return label, error, coords
 
-    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
-        label, error = self._unpack(logits, target)
-        heads = logits.ndim == label.ndim + 1
+    def forward(self, logits, target) -> torch.Tensor:
+        label, error, coords = self._unpack(target)
+        full = logits[0] if isinstance(logits, (list, tuple)) else logits
         n_out = 4 if self.with_uncertainty else 3
-        channels = logits.shape[2] if heads else logits.shape[1]
-        if channels != n_out:
-            raise ValueError(f"CompositeUncertaintyLoss(with_uncertainty={self.with_uncertainty}) expects "
-                             f"{n_out} channels, got logits {tuple(logits.shape)}")
-        label = label.to(logits.dtype)
-        if heads:
-            weights = _deep_supervision_weights(logits.shape[1])
-            seg = sum(w * self.seg_loss(logits[:, i, :3], label) for i, w in enumerate(weights) if w > 0)
-            logits = logits[:, 0]
-            self.seg_loss(logits[:, :3], label)  # last_terms of the full-resolution head
-        else:
-            seg = self.seg_loss(logits[:, :3], label)
+        if full.ndim != label.ndim or full.shape[1] != n_out:
+            raise ValueError(f"CompositeUncertaintyLoss(with_uncertainty={self.with_uncertainty}) expects {n_out} "
+                             f"channels, got logits {tuple(full.shape)} for the target {tuple(label.shape)}")
+        label = label.to(full.dtype)
+        seg = self.seg_loss(logits, label)
         terms = {"seg": seg.detach(), **self.seg_loss.last_terms}
         total = seg
         if self.with_uncertainty:
-            e = error.detach().to(logits.dtype)
-            mask = label[:, 0:1]
-            if self.unc_mask_dilation > 0:
-                mask = get_cancer_mask(mask > 0.5, dilation=self.unc_mask_dilation).to(logits.dtype)
+            e = error.detach().to(full.dtype)
+            valid = None if coords is None else (coords > 0).all(dim=1, keepdim=True)
+            mask = training_cancer_mask(label[:, 0:1], self.unc_mask_dilation, valid).to(full.dtype)
             if e.shape != mask.shape:
                 raise ValueError(f"error_stable {tuple(e.shape)} must be (B,1,…) like the WT mask {tuple(mask.shape)}")
-            unc = torch.sigmoid(logits[:, 3:4])
+            unc = torch.sigmoid(full[:, 3:4])
             unc_mse = torch.mean((unc * mask - e * mask) ** 2)
             rmsd, rmsd_valid = weighted_rmsd(unc, e, mask)
-            corr, corr_valid = weighted_pearson(unc, e, mask)
-            if self.exclude_constant_from_rmsd:
-                rmsd_valid = corr_valid
+            corr, corr_valid = weighted_pearson(unc, e, mask, x_var_floor=PEARSON_VAR_FLOOR)
             rmsd_mean = _masked_mean(rmsd, rmsd_valid)
             corr_mean = _masked_mean(corr, corr_valid)
             corr_term = torch.where(corr_valid.any(), 1.0 - corr_mean, torch.zeros_like(corr_mean))
             total = (total + self.unc_weight * unc_mse + self.rmsd_weight_cancer * rmsd_mean
                      + self.corr_weight * corr_term)
             terms.update(unc_mse=unc_mse.detach(), rmsd=rmsd_mean.detach(), corr=corr_mean.detach(),
-                         n_valid=corr_valid.sum().detach().to(logits.dtype))
+                         n_valid=corr_valid.sum().detach().to(full.dtype))
         terms["loss"] = total.detach()
         names = list(terms)
         # one device->host transfer for all logged terms
