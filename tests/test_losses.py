@@ -208,7 +208,7 @@ def _dilate_np(m, k):
     return out
 
 
-def test_unc_mask_dilation_zero_is_paper_and_k_grows_mask():
+def test_paper_head_and_ring_head_masks():
     rng = np.random.default_rng(7)
     b, n = 3, 9
     logits = rng.normal(size=(b, 4, n, n, n))
@@ -219,10 +219,10 @@ def test_unc_mask_dilation_zero_is_paper_and_k_grows_mask():
     error = rng.random((b, 1, n, n, n))
     target = {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error)}
 
-    # k = 0 is exactly the default (paper) loss: value, logged terms and gradients
+    # a ring of 0 voxels is exactly the default (paper) loss: value, logged terms and gradients
     lg_a = torch.from_numpy(logits).requires_grad_(True)
     lg_b = torch.from_numpy(logits).requires_grad_(True)
-    ref_fn, k0_fn = CompositeUncertaintyLoss(), CompositeUncertaintyLoss(unc_mask_dilation=0)
+    ref_fn, k0_fn = CompositeUncertaintyLoss(), CompositeUncertaintyLoss(unc_loss="ring", mask_dilation=0)
     la, lb = ref_fn(lg_a, target), k0_fn(lg_b, target)
     la.backward()
     lb.backward()
@@ -234,7 +234,7 @@ def test_unc_mask_dilation_zero_is_paper_and_k_grows_mask():
     m1 = _dilate_np(label[:, 0:1], 1)
     assert m1.sum() > label[:, 0:1].sum() and np.all(m1 >= label[:, 0:1]) and m1[2].sum() == 0
     assert m1[0, 0, 2, 2, 3] == 1 and m1[0, 0, 1, 1, 1] == 0
-    k1_fn = CompositeUncertaintyLoss(unc_mask_dilation=1)
+    k1_fn = CompositeUncertaintyLoss(unc_loss="ring", mask_dilation=1)
     k1_fn(torch.from_numpy(logits), target)
     unc = np_sigmoid(logits[:, 3:4])
     assert k1_fn.last_terms["unc_mse"] == pytest.approx(np.mean((unc * m1 - error * m1) ** 2), rel=1e-6)
@@ -247,13 +247,13 @@ def test_unc_mask_dilation_zero_is_paper_and_k_grows_mask():
     # the ring voxel gets a gradient only with k > 0; a voxel beyond the ring never does
     for k, ring_grad in ((0, False), (1, True)):
         lg = torch.from_numpy(logits).requires_grad_(True)
-        CompositeUncertaintyLoss(unc_mask_dilation=k)(lg, target).backward()
+        CompositeUncertaintyLoss(unc_loss="paper" if k == 0 else "ring", mask_dilation=k)(lg, target).backward()
         g = lg.grad[0, 3]
         assert (g[2, 2, 3].abs().item() > 0) == ring_grad
         assert g[1, 1, 1].item() == 0.0
 
     with pytest.raises(ValueError):
-        CompositeUncertaintyLoss(unc_mask_dilation=-1)
+        CompositeUncertaintyLoss(unc_loss="ring", mask_dilation=-1)
 
 
 # ------------------------------------------------------------------ issue 11: bounded correlation, padding, DS
@@ -296,7 +296,7 @@ def test_loss_keeps_a_constant_prediction_in_rmsd_and_corr():
 
 
 def test_dilated_mask_leaves_padding_out():
-    """With unc_mask_dilation > 0 the ring may reach padding (coords 0): no case voxel, no target, no loss."""
+    """The ring head's dilated mask may reach padding (coords 0): no case voxel, no target, no loss."""
     rng = np.random.default_rng(12)
     n = 8
     logits = rng.normal(size=(1, 4, n, n, n))
@@ -309,12 +309,13 @@ def test_dilated_mask_leaves_padding_out():
     target = {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error),
               "coords": torch.from_numpy(coords)}
     x = torch.from_numpy(logits).requires_grad_(True)
-    CompositeUncertaintyLoss(unc_mask_dilation=2)(x, target).backward()
+    CompositeUncertaintyLoss(unc_loss="ring", mask_dilation=2)(x, target).backward()
     assert x.grad[0, 3, 0].abs().max() == 0, "padding voxels of the dilated ring got a gradient"
     assert x.grad[0, 3, 1].abs().max() > 0
     # without coords (or with every voxel valid) the ring does reach x = 0
     x2 = torch.from_numpy(logits).requires_grad_(True)
-    CompositeUncertaintyLoss(unc_mask_dilation=2)(x2, {k: v for k, v in target.items() if k != "coords"}).backward()
+    CompositeUncertaintyLoss(unc_loss="ring", mask_dilation=2)(
+        x2, {k: v for k, v in target.items() if k != "coords"}).backward()
     assert x2.grad[0, 3, 0].abs().max() > 0
 
 
@@ -332,3 +333,81 @@ def test_deep_supervision_targets_are_nearest_downsampled():
     # nearest-exact keeps sample (2j + 1) of every pair
     torch.testing.assert_close(small, t[:, :, 1::2, 1::2, 1::2])
     assert set(small.unique().tolist()) <= {0.0, 1.0}
+
+
+# --------------------------------------------------------------------------- issue 13: candidate heads
+def _region_case(seed=21, n=10):
+    """Two samples: GT WT a box, a predicted WT shifted by 2 voxels (false positives outside GT), e and f_s random."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(2, 4, n, n, n))
+    label = np.zeros((2, 3, n, n, n))
+    label[:, 0, 3:6, 3:6, 3:6] = 1
+    logits[:, 0] = -8.0
+    logits[:, 0, 5:8, 3:6, 3:6] = 8.0  # predicted WT: x 5..7 (x 6, 7 are false positives)
+    error = rng.random((2, 1, n, n, n))
+    failure = rng.random((2, 1, n, n, n))
+    return logits, label, error, failure
+
+
+def _np_region(label, logits, k):
+    return _dilate_np(((label[:, 0:1] > 0.5) | (logits[:, 0:1] > 0)).astype(float), k)
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="unc_loss"):
+        CompositeUncertaintyLoss(unc_loss="magic")
+
+
+def test_two_region_head_adds_a_separately_normalised_ring_term():
+    logits, label, error, failure = _region_case()
+    target = {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error)}
+    paper, two = CompositeUncertaintyLoss(), CompositeUncertaintyLoss(unc_loss="two_region", mask_dilation=2,
+                                                                        ring_weight=0.7)
+    lp = paper(torch.from_numpy(logits), target)
+    lt = two(torch.from_numpy(logits), target)
+    region = _np_region(label, logits, 2)
+    ring = region * (1 - label[:, 0:1])
+    unc = np_sigmoid(logits[:, 3:4])
+    ring_rmsd = np.mean([np_rmsd(unc[b], error[b], ring[b]) for b in range(2)])
+    assert two.last_terms["ring_rmsd"] == pytest.approx(ring_rmsd, rel=1e-6)
+    # the within-tumour terms are the paper's, untouched
+    for key in ("unc_mse", "rmsd", "corr"):
+        assert two.last_terms[key] == pytest.approx(paper.last_terms[key], rel=1e-12)
+    assert lt.item() == pytest.approx(lp.item() + 0.7 * ring_rmsd, rel=1e-7)
+    # gradient: ring voxels (incl. the false positives) get one, voxels beyond the region none
+    x = torch.from_numpy(logits).requires_grad_(True)
+    CompositeUncertaintyLoss(unc_loss="two_region", mask_dilation=2)(x, target).backward()
+    g = x.grad[0, 3].numpy()
+    assert np.abs(g[7, 4, 4]) > 0 and np.abs(g[1, 4, 4]) > 0  # false positive, ring
+    assert np.all(g[region[0, 0] == 0] == 0)
+
+
+def test_proper_head_is_bce_against_the_current_failure_over_the_region():
+    logits, label, error, failure = _region_case()
+    target = {"label": torch.from_numpy(label), "error_stable": torch.from_numpy(error),
+              "failure_smoothed": torch.from_numpy(failure)}
+    seg_only = RegionDiceBCELoss()(torch.from_numpy(logits), torch.from_numpy(label)).item()
+    proper = CompositeUncertaintyLoss(unc_loss="proper", mask_dilation=1, proper_weight=2.0)
+    total = proper(torch.from_numpy(logits), target).item()
+    region = _np_region(label, logits, 1)
+    p = np_sigmoid(logits[:, 3:4])
+    bce = -(failure * np.log(p) + (1 - failure) * np.log(1 - p))
+    per_sample = [(bce[b] * region[b]).sum() / region[b].sum() for b in range(2)]
+    assert proper.last_terms["proper_bce"] == pytest.approx(np.mean(per_sample), rel=1e-6)
+    assert total == pytest.approx(seg_only + 2.0 * np.mean(per_sample), rel=1e-7)
+    assert "rmsd" not in proper.last_terms  # no paper terms
+    # the minimiser is the failure probability: at unc = f_s the head's gradient vanishes inside the region
+    at_target = logits.copy()
+    at_target[:, 3:4] = np.log(failure / (1 - failure))
+    x = torch.from_numpy(at_target).requires_grad_(True)
+    CompositeUncertaintyLoss(unc_loss="proper", mask_dilation=1)(x, target).backward()
+    assert x.grad[:, 3].abs().max() < 1e-12
+    with pytest.raises(ValueError, match="failure_smoothed"):
+        proper(torch.from_numpy(logits), {k: v for k, v in target.items() if k != "failure_smoothed"})
+    # paper + proper: both
+    both = CompositeUncertaintyLoss(unc_loss="paper_proper", mask_dilation=1)
+    both(torch.from_numpy(logits), target)
+    paper = CompositeUncertaintyLoss()
+    paper(torch.from_numpy(logits), target)
+    assert both.last_terms["proper_bce"] == pytest.approx(np.mean(per_sample), rel=1e-6)
+    assert both.last_terms["rmsd"] == pytest.approx(paper.last_terms["rmsd"], rel=1e-12)

@@ -173,3 +173,26 @@ def test_torchscript_and_onnx_export(net, tmp_path):
     got = sess.run(None, {"image": x2.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x2).numpy(), atol=1e-4)
+
+
+def test_stop_gradient_head_trains_only_its_own_weights():
+    """unc_stop_gradient: the uncertainty terms reach the output weights of channel 3 and nothing else; the
+    eval-mode output and the state dict keys are plain DynUNet's (inference and export are unchanged)."""
+    torch.manual_seed(0)
+    net = build_network(PLANS, unc_stop_gradient=True).train()
+    x = torch.randn(1, 4, 32, 32, 32)
+    torch.sigmoid(net(x)[:, 3]).sum().backward()
+    trunk = [n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert trunk == ["output_block.conv.conv.weight", "output_block.conv.conv.bias"], trunk
+    w = net.output_block.conv.conv.weight.grad
+    assert w[:3].abs().sum() == 0 and w[3].abs().sum() > 0
+    plain = build_network(PLANS)
+    assert list(plain.state_dict()) == list(net.state_dict())
+    plain.load_state_dict(net.state_dict())
+    net.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x))
+    # the segmentation channels still train the trunk
+    net.train().zero_grad()
+    torch.sigmoid(net(x)[:, :3]).sum().backward()
+    assert net.input_block.conv1.conv.weight.grad.abs().sum() > 0

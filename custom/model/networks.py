@@ -45,25 +45,38 @@ def plans_topology(plans) -> dict:
     return topo
 
 
-class DeepSupervisionDynUNet(DynUNet):
-    """``DynUNet`` whose training-mode output is nnU-Net's deep-supervision list at NATIVE resolutions.
+class TrainingDynUNet(DynUNet):
+    """``DynUNet`` with the training options of this project; in eval mode (sliding window, export) it is DynUNet.
 
-    MONAI's DynUNet upsamples every supervision head to the full resolution and stacks them; nnU-Net supervises
-    each decoder stage at its own resolution against a downsampled target. In training mode this returns
-    ``[full, 1/2, 1/4, ...]`` logits, one per decoder stage, highest resolution first (``len(strides) - 1``
-    outputs); in eval mode the full-resolution logits only, so inference, export and the state dict keys are
-    those of ``DynUNet(deep_supervision=True)``.
+    - ``deep_supervision``: nnU-Net's deep supervision. MONAI's DynUNet upsamples every supervision head to the full
+      resolution and stacks them; nnU-Net supervises each decoder stage at its own resolution against a downsampled
+      target. In training mode this returns ``[full, 1/2, 1/4, ...]`` logits, one per decoder stage, highest
+      resolution first (``len(strides) - 1`` outputs).
+    - ``unc_stop_gradient``: the uncertainty channel is computed from DETACHED decoder features: its loss trains its
+      own output weights but never the shared network, so the head cannot cost segmentation quality.
+    Neither option adds parameters beyond ``DynUNet(deep_supervision=...)``: the state dict keys are DynUNet's.
     """
 
+    def __init__(self, *args, unc_stop_gradient: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unc_stop_gradient = bool(unc_stop_gradient)
+
+    def _output(self, features):
+        out = self.output_block(features)
+        if not self.unc_stop_gradient:
+            return out
+        unc = self.output_block(features.detach())[:, 3:4]
+        return torch.cat([out[:, :3], unc], dim=1)
+
     def forward(self, x):
-        out = self.output_block(self.skip_layers(x))
+        out = self._output(self.skip_layers(x))
         if self.training and self.deep_supervision:
             return [out] + list(self.heads)
         return out
 
 
 def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, deep_supervision: bool = False,
-                  dropout: float | None = None) -> DynUNet:
+                  dropout: float | None = None, unc_stop_gradient: bool = False) -> DynUNet:
     """nnU-Net 3d_fullres plain conv U-Net (MONAI ``DynUNet``) from a plan.
 
     Args:
@@ -71,8 +84,9 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
         in_channels: input modalities (4: t1c, t1n, t2f, t2w).
         with_uncertainty: 4 output channels (WT, TC, ET, uncertainty logits) if True, else 3.
         deep_supervision: nnU-Net's deep supervision (off by default, as in the paper): a head on every decoder
-            stage; in training mode the network returns the list of :class:`DeepSupervisionDynUNet`.
+            stage; in training mode the network returns the list of :class:`TrainingDynUNet`.
         dropout: dropout probability inside the conv blocks (MC-dropout variant), None for none.
+        unc_stop_gradient: train the uncertainty channel on detached features (:class:`TrainingDynUNet`).
     Returns:
         ``DynUNet`` mapping ``(B, in_channels, X, Y, Z)`` -> ``(B, 4 or 3, X, Y, Z)`` logits.
     """
@@ -84,8 +98,12 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
     num_heads = len(strides) - 2
     if deep_supervision and num_heads < 1:
         raise ValueError(f"deep supervision needs a plan with at least 3 stages, got {len(strides)}")
-    network_class = DeepSupervisionDynUNet if deep_supervision else DynUNet
+    if unc_stop_gradient and not with_uncertainty:
+        raise ValueError("unc_stop_gradient needs the uncertainty channel (with_uncertainty=True)")
+    options = {"unc_stop_gradient": True} if unc_stop_gradient else {}
+    network_class = TrainingDynUNet if (deep_supervision or unc_stop_gradient) else DynUNet
     return network_class(
+        **options,
         spatial_dims=3,
         in_channels=int(in_channels),
         out_channels=4 if with_uncertainty else 3,

@@ -9,6 +9,7 @@ validation round it is seen in.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from ignite.engine import Engine
@@ -49,25 +50,34 @@ def _update_and_gather(store, ids, coords, failure_smoothed, var1shot, device):
     return store.gather_batch(ids, coords, device=device)
 
 
-def error_map_step(store, targets: Mapping, p_wt: torch.Tensor, gt_wt: torch.Tensor, update_store: bool = True):
-    """The shared error-map step of training and validation, all ``(B, 1, ...)``.
+class ErrorMaps(NamedTuple):
+    """The maps of one error-map step, all ``(B, 1, ...)`` float32, untransformed."""
 
-    ``p_WT`` vs GT WT -> failure -> 3x3x3 smoothing, and ``var1shot``; with a store, the EMA step at the
-    case coordinates of ``targets`` (or a plain read when ``update_store`` is False) gives ``error_stable``
-    and ``variance_stable``; without one, they are this observation itself.
-    Returns ``(error_stable, variance_stable, var1shot)``, untransformed.
+    error_stable: torch.Tensor
+    variance_stable: torch.Tensor
+    var1shot: torch.Tensor
+    failure_smoothed: torch.Tensor
+
+
+def error_map_step(store, targets: Mapping, p_wt: torch.Tensor, gt_wt: torch.Tensor,
+                   update_store: bool = True) -> ErrorMaps:
+    """The shared error-map step of training and validation.
+
+    ``p_WT`` vs GT WT -> failure -> 3x3x3 smoothing (``failure_smoothed``), and ``var1shot``; with a store, the
+    EMA step at the case coordinates of ``targets`` (or a plain read when ``update_store`` is False) gives
+    ``error_stable`` and ``variance_stable``; without one, they are this observation itself.
     """
     failure_smoothed = smooth_failure(compute_prediction_failure(p_wt, gt_wt))
     var1shot = compute_prediction_variance(p_wt)
     if store is None:
-        return failure_smoothed, var1shot, var1shot
+        return ErrorMaps(failure_smoothed, var1shot, var1shot, failure_smoothed)
     ids, coords = case_ids(targets), targets["coords"]
     if update_store:
         error_stable, variance_stable = _update_and_gather(store, ids, coords, failure_smoothed, var1shot,
                                                            p_wt.device)
     else:
         error_stable, variance_stable = store.gather_batch(ids, coords, device=p_wt.device)
-    return error_stable, variance_stable, var1shot
+    return ErrorMaps(error_stable, variance_stable, var1shot, failure_smoothed)
 
 
 class ErrorMapHandler:
@@ -75,8 +85,9 @@ class ErrorMapHandler:
 
     Attached at ``IterationEvents.FORWARD_COMPLETED`` of the ``SupervisedTrainer`` (after the forward pass,
     before the loss): ``p_WT = sigmoid(pred[:, 0])`` (detached; the full-resolution output under deep
-    supervision) -> :func:`error_map_step` at the patch's case coordinates -> ``targets["error_stable"]`` and
-    ``targets["variance_stable"]`` (B,1,…) in place, so the loss receives them.
+    supervision) -> :func:`error_map_step` at the patch's case coordinates -> ``targets["error_stable"]``,
+    ``targets["variance_stable"]`` and ``targets["failure_smoothed"]`` (this iteration's smoothed failure, the
+    target of the proper-scoring heads) (B,1,…) in place, so the loss receives them.
 
     Args:
         store: :class:`custom.uncertainty.store.ErrorMapStore` holding the fold's cases.
@@ -110,13 +121,14 @@ class ErrorMapHandler:
             pred = pred[0]
         p_wt = torch.sigmoid(pred[:, 0:1].detach().float())
         gt_wt = targets["label"][:, 0:1].float()
-        error_stable, variance_stable, _ = error_map_step(self.store, targets, p_wt, gt_wt)
+        error_stable, variance_stable, _, failure_smoothed = error_map_step(self.store, targets, p_wt, gt_wt)
         if self.reference is not None:
             ref_error, ref_variance = self.reference.means(self.store, case_ids(targets))
             error_stable = paper_target_transform(error_stable, ref_error)
             variance_stable = paper_target_transform(variance_stable, ref_variance)
         targets["error_stable"] = error_stable
         targets["variance_stable"] = variance_stable
+        targets["failure_smoothed"] = failure_smoothed
 
 
 class ValidationErrorMapHandler:
@@ -160,8 +172,8 @@ class ValidationErrorMapHandler:
         targets = output[Keys.LABEL]
         gt_wt = targets["label"][:, 0:1].float()
         p_wt = probs[:, 0:1]
-        error_stable, variance_stable, var1shot = error_map_step(self.store, targets, p_wt, gt_wt,
-                                                                 self.update_store)
+        error_stable, variance_stable, var1shot, _ = error_map_step(self.store, targets, p_wt, gt_wt,
+                                                                    self.update_store)
         if self.target_transform == "paper":
             error_stable, variance_stable, var1shot = (
                 paper_target_transform(m, case_wt_mean(m, gt_wt)) for m in (error_stable, variance_stable, var1shot))
