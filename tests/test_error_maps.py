@@ -14,6 +14,7 @@ from custom.transforms.array import make_case_coordinates
 from custom.transforms.dictionary import AddCaseCoordinatesd, ForegroundOversampledCropd
 from custom.uncertainty.store import ErrorMapStore
 from custom.uncertainty.targets import (
+    case_wt_mean,
     compute_prediction_error_probability,
     compute_prediction_failure,
     compute_prediction_variance,
@@ -80,13 +81,16 @@ def test_var1shot():
 def test_paper_target_transform_by_hand():
     e = torch.tensor([0.0, 0.2, 0.4, 0.9]).reshape(1, 1, 4, 1, 1)
     m = torch.tensor([0, 1, 1, 0]).reshape(1, 1, 4, 1, 1)
-    out = paper_target_transform(e, m).flatten()
-    mean_wt = 0.3
-    expected = torch.sigmoid(torch.tensor([1e-3 - mean_wt, 0.2 - mean_wt, 0.4 - mean_wt, 0.9 - mean_wt]))
+    mean_wt = case_wt_mean(e, m)
+    torch.testing.assert_close(mean_wt, torch.tensor([0.3]))
+    out = paper_target_transform(e, mean_wt).flatten()
+    expected = torch.sigmoid(torch.tensor([1e-3 - 0.3, 0.2 - 0.3, 0.4 - 0.3, 0.9 - 0.3]))
     torch.testing.assert_close(out, expected)
-    # empty mask: mean 0
-    out0 = paper_target_transform(e, torch.zeros_like(m)).flatten()
+    # empty mask: reference 0
+    out0 = paper_target_transform(e, case_wt_mean(e, torch.zeros_like(m))).flatten()
     torch.testing.assert_close(out0, torch.sigmoid(torch.clamp_min(e.flatten(), 1e-3)))
+    with pytest.raises(ValueError, match="reference"):
+        paper_target_transform(e, torch.tensor([0.1, 0.2]))
 
 
 def test_ema_schedule_pure_function_scripted_visits():

@@ -67,12 +67,33 @@ def test_output_shapes_and_no_uncertainty_variant(net):
         n3 = build_network(PLANS, with_uncertainty=False).eval()
         assert n3(x).shape == (2, 3, 32, 32, 32)
         assert MaskedUncertaintyNetwork(n3, with_uncertainty=False)(x).shape == (2, 3, 32, 32, 32)
-    ds = build_network(PLANS, deep_supervision=True, deep_supr_num=2).train()
+
+
+def test_deep_supervision_is_nnunets_and_trains_every_supervised_head():
+    """Option deep_supervision: one output per decoder stage at its own resolution (nnU-Net), segmentation terms on
+    every output with weight > 0 (each head gets gradient), uncertainty terms on the full-resolution output only."""
+    torch.manual_seed(0)
+    ds = build_network(PLANS, deep_supervision=True).train()
+    x = torch.randn(2, 4, 32, 32, 32)
     out = ds(x)
-    assert out.shape == (2, 3, 4, 32, 32, 32)  # stacked heads in training mode
-    loss = CompositeUncertaintyLoss()(out, {"label": torch.zeros(2, 3, 32, 32, 32),
-                                            "error_stable": torch.zeros(2, 1, 32, 32, 32)})
-    assert torch.isfinite(loss)
+    # 4 stages -> 3 decoder outputs: 32^3, 16^3, 8^3, highest resolution first
+    assert [tuple(o.shape) for o in out] == [(2, 4, 32, 32, 32), (2, 4, 16, 16, 16), (2, 4, 8, 8, 8)]
+    label = torch.zeros(2, 3, 32, 32, 32)
+    label[:, 0, 8:24, 8:24, 8:24] = 1
+    label[:, 1, 12:20, 12:20, 12:20] = 1
+    error = torch.rand(2, 1, 32, 32, 32)
+    loss_fn = CompositeUncertaintyLoss()
+    loss_fn(out, {"label": label, "error_stable": error}).backward()
+    head_grads = [float(h.conv.conv.weight.grad.abs().sum()) for h in ds.deep_supervision_heads]  # (none is None)
+    main_grad = ds.output_block.conv.conv.weight.grad
+    assert main_grad[:3].abs().sum() > 0 and main_grad[3].abs().sum() > 0
+    # weights [2/3, 1/3, 0]: the 16^3 head learns segmentation, the 8^3 head is weighted 0 as in nnU-Net
+    assert head_grads[0] > 0 and head_grads[1] == 0
+    assert ds.deep_supervision_heads[0].conv.conv.weight.grad[3].abs().sum() == 0, "unc trained at 1/2 resolution"
+    # in eval mode (sliding window, export) the network returns the full-resolution logits only
+    ds.eval()
+    with torch.no_grad():
+        assert ds(x).shape == (2, 4, 32, 32, 32)
 
 
 def test_get_cancer_mask_dilation_is_26_neighbourhood():
@@ -152,3 +173,26 @@ def test_torchscript_and_onnx_export(net, tmp_path):
     got = sess.run(None, {"image": x2.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x2).numpy(), atol=1e-4)
+
+
+def test_stop_gradient_head_trains_only_its_own_weights():
+    """unc_stop_gradient: the uncertainty terms reach the output weights of channel 3 and nothing else; the
+    eval-mode output and the state dict keys are plain DynUNet's (inference and export are unchanged)."""
+    torch.manual_seed(0)
+    net = build_network(PLANS, unc_stop_gradient=True).train()
+    x = torch.randn(1, 4, 32, 32, 32)
+    torch.sigmoid(net(x)[:, 3]).sum().backward()
+    trunk = [n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert trunk == ["output_block.conv.conv.weight", "output_block.conv.conv.bias"], trunk
+    w = net.output_block.conv.conv.weight.grad
+    assert w[:3].abs().sum() == 0 and w[3].abs().sum() > 0
+    plain = build_network(PLANS)
+    assert list(plain.state_dict()) == list(net.state_dict())
+    plain.load_state_dict(net.state_dict())
+    net.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x))
+    # the segmentation channels still train the trunk
+    net.train().zero_grad()
+    torch.sigmoid(net(x)[:, :3]).sum().backward()
+    assert net.input_block.conv1.conv.weight.grad.abs().sum() > 0

@@ -330,12 +330,103 @@ def test_error_map_handler_sets_ema_target_in_place(tmp_path):
     handler(_engine({Keys.LABEL: targets, Keys.PRED: right}))
     torch.testing.assert_close(targets["error_stable"], f_s / 2)  # running mean of f_s and 0
     assert float(targets["variance_stable"].max()) > 0
-    paper = ErrorMapHandler(store, target_transform="paper")
+    np.save(tmp_path / "c_seg.npy", label[0, 0:1].numpy().astype(np.uint8))
+    paper = ErrorMapHandler(store, target_transform="paper", case_labels={"c": str(tmp_path / "c_seg.npy")})
     targets = {"label": label, "coords": coords, "case_id": ["c"], "error_stable": None}
     paper(_engine({Keys.LABEL: targets, Keys.PRED: right}))
     assert float(targets["error_stable"].min()) > 0.4, "the paper's transform is a sigmoid around the WT mean"
     with pytest.raises(ValueError, match="target_transform"):
         ErrorMapHandler(store, target_transform="log")
+    with pytest.raises(ValueError, match="case_labels"):
+        ErrorMapHandler(store, target_transform="paper")
+
+
+def _case_with_tumour(n=12):
+    label = torch.zeros(1, 3, n, n, n)
+    label[:, 0, 3:9, 3:9, 3:9] = 1
+    label[:, 1, 4:7, 4:7, 4:7] = 1
+    return label
+
+
+def test_paper_transform_is_one_definition_in_training_and_validation(tmp_path):
+    """target_transform "paper": a case voxel gets the same target from a training patch as from validation
+    (reference = mean over the CASE's GT WT, not the patch's), and the variance maps get the same transform."""
+    from monai.utils import CommonKeys as Keys
+
+    from custom.training.handlers.error_maps import ErrorMapHandler, ValidationErrorMapHandler
+    from custom.transforms.array import make_case_coordinates
+    from custom.uncertainty.store import ErrorMapStore
+
+    n = 12
+    label = _case_with_tumour(n)
+    np.save(tmp_path / "c_seg.npy", label[0, 0:1].numpy().astype(np.uint8))
+    store = ErrorMapStore(tmp_path / "store", ema_window=30).create({"c": (n, n, n)})
+    coords = torch.from_numpy(make_case_coordinates((n, n, n)))[None]
+    # fill the store with an uneven error map: a prediction that misses one corner of the tumour
+    pred = torch.where(label[:, 0:1] > 0, 5.0, -5.0).repeat(1, 4, 1, 1, 1)
+    pred[:, :, 3:6, 3:6, 3:6] = -5.0
+    ErrorMapHandler(store)(_engine({Keys.LABEL: {"label": label, "coords": coords, "case_id": ["c"]},
+                                    Keys.PRED: pred}))
+    # training: a patch holding only part of the case (x in 0..6), after a "perfect" prediction step
+    sl = (slice(None), slice(None), slice(0, 7))
+    patch = {"label": label[sl], "coords": coords[sl], "case_id": ["c"], "error_stable": None}
+    perfect = torch.where(label[sl][:, 0:1] > 0, 5.0, -5.0).repeat(1, 4, 1, 1, 1)
+    ErrorMapHandler(store, target_transform="paper", case_labels={"c": str(tmp_path / "c_seg.npy")})(
+        _engine({Keys.LABEL: patch, Keys.PRED: perfect}))
+    # validation reads the same store (no EMA step) for the whole case
+    probs = torch.sigmoid(torch.where(label[:, 0:1] > 0, 5.0, -5.0)).repeat(1, 4, 1, 1, 1)
+    out = {Keys.LABEL: {"label": label, "coords": coords, "case_id": ["c"]}, Keys.PRED: probs}
+    ValidationErrorMapHandler(store, mask_dilation=3, target_transform="paper", update_store=False)(_engine(out))
+    torch.testing.assert_close(patch["error_stable"], out["error_stable"][sl], rtol=0, atol=1e-6)
+    # the reference is the case mean: a patch-mean transform would differ here
+    e_raw, v_raw = store.gather("c", coords[0])
+    case_mean = float(e_raw[0][label[0, 0] > 0].mean())
+    torch.testing.assert_close(out["error_stable"], torch.sigmoid(torch.clamp_min(e_raw[None], 1e-3) - case_mean))
+    assert abs(case_mean - float(e_raw[0][sl[1:]][label[0, 0][sl[1:]] > 0].mean())) > 0.01
+    # variance maps on the same scale as the target (transformed), so their RMSD against it means something
+    v_case_mean = float(v_raw[0][label[0, 0] > 0].mean())
+    expected_v = torch.sigmoid(torch.clamp_min(v_raw[None], 1e-3) - v_case_mean)
+    inside = get_cancer_mask_for(probs)
+    torch.testing.assert_close(out["variance_stable"][inside], expected_v[inside])
+
+
+def get_cancer_mask_for(probs, dilation=3):
+    from custom.model.masks import get_cancer_mask
+
+    return get_cancer_mask(probs[:, 0:1], dilation=dilation)
+
+
+def test_validation_compares_the_three_maps_on_one_mask(tmp_path):
+    """unc_output, variance_stable and var1shot are all multiplied by the same cancer mask (predicted WT dilated by
+    mask_dilation), the region inference reports; error_stable is not masked (the metrics read it over GT WT)."""
+    from monai.utils import CommonKeys as Keys
+
+    from custom.training.handlers.error_maps import ValidationErrorMapHandler
+    from custom.transforms.array import make_case_coordinates
+    from custom.uncertainty.store import ErrorMapStore
+
+    n = 16
+    label = torch.zeros(1, 3, n, n, n)
+    label[:, 0, 3:13, 3:13, 3:13] = 1  # a tumour the prediction mostly misses: errors beyond the cancer mask
+    probs = torch.full((1, 4, n, n, n), 0.3)  # p_WT 0.3 outside: var1shot 0.84 there, but no predicted tumour
+    probs[:, :, 7:9, 7:9, 7:9] = 0.9  # a small predicted WT
+    probs[:, 3] = 1.0  # unc = 1 everywhere before masking
+    store = ErrorMapStore(tmp_path / "store", ema_window=30).create({"c": (n, n, n)})
+    coords = torch.from_numpy(make_case_coordinates((n, n, n)))[None]
+    out = {Keys.LABEL: {"label": label, "coords": coords, "case_id": ["c"]}, Keys.PRED: probs}
+    ValidationErrorMapHandler(store, mask_dilation=2)(_engine(out))
+    expected_mask = torch.zeros(1, 1, n, n, n, dtype=torch.bool)
+    expected_mask[:, :, 5:11, 5:11, 5:11] = True  # 7..8 dilated by 2
+    for key in ("unc_output", "variance_stable", "var1shot"):
+        assert out[key][~expected_mask].abs().max() == 0, f"{key} is not zero outside the cancer mask"
+        assert out[key][expected_mask].min() > 0, f"{key} is masked beyond the cancer mask"
+    torch.testing.assert_close(out["var1shot"][expected_mask],
+                               (4 * probs[:, 0:1] * (1 - probs[:, 0:1]))[expected_mask])
+    assert out["unc_output"][expected_mask].eq(1.0).all()
+    # error_stable is not masked, and the store received the validation observation (EMA step) for the case
+    assert out["error_stable"][~expected_mask].abs().sum() > 0
+    e_store, _ = store.gather("c", coords[0])
+    torch.testing.assert_close(out["error_stable"][0], e_store)
 
 
 def test_metrics_csv_rewrites_rows_after_resume(tmp_path):

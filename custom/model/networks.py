@@ -45,18 +45,48 @@ def plans_topology(plans) -> dict:
     return topo
 
 
+class TrainingDynUNet(DynUNet):
+    """``DynUNet`` with the training options of this project; in eval mode (sliding window, export) it is DynUNet.
+
+    - ``deep_supervision``: nnU-Net's deep supervision. MONAI's DynUNet upsamples every supervision head to the full
+      resolution and stacks them; nnU-Net supervises each decoder stage at its own resolution against a downsampled
+      target. In training mode this returns ``[full, 1/2, 1/4, ...]`` logits, one per decoder stage, highest
+      resolution first (``len(strides) - 1`` outputs).
+    - ``unc_stop_gradient``: the uncertainty channel is computed from DETACHED decoder features: its loss trains its
+      own output weights but never the shared network, so the head cannot cost segmentation quality.
+    Neither option adds parameters beyond ``DynUNet(deep_supervision=...)``: the state dict keys are DynUNet's.
+    """
+
+    def __init__(self, *args, unc_stop_gradient: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unc_stop_gradient = bool(unc_stop_gradient)
+
+    def _output(self, features):
+        out = self.output_block(features)
+        if not self.unc_stop_gradient:
+            return out
+        unc = self.output_block(features.detach())[:, 3:4]
+        return torch.cat([out[:, :3], unc], dim=1)
+
+    def forward(self, x):
+        out = self._output(self.skip_layers(x))
+        if self.training and self.deep_supervision:
+            return [out] + list(self.heads)
+        return out
+
+
 def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, deep_supervision: bool = False,
-                  dropout: float | None = None, deep_supr_num: int = 1) -> DynUNet:
+                  dropout: float | None = None, unc_stop_gradient: bool = False) -> DynUNet:
     """nnU-Net 3d_fullres plain conv U-Net (MONAI ``DynUNet``) from a plan.
 
     Args:
         plans: ``Plans``, dict or path to plans.json (kernels, strides, filters per stage).
         in_channels: input modalities (4: t1c, t1n, t2f, t2w).
         with_uncertainty: 4 output channels (WT, TC, ET, uncertainty logits) if True, else 3.
-        deep_supervision: DynUNet deep-supervision heads (off by default, as in the paper). In training
-            mode the network then returns ``(B, 1 + deep_supr_num, C, X, Y, Z)``.
+        deep_supervision: nnU-Net's deep supervision (off by default, as in the paper): a head on every decoder
+            stage; in training mode the network returns the list of :class:`TrainingDynUNet`.
         dropout: dropout probability inside the conv blocks (MC-dropout variant), None for none.
-        deep_supr_num: number of extra supervision heads when ``deep_supervision``.
+        unc_stop_gradient: train the uncertainty channel on detached features (:class:`TrainingDynUNet`).
     Returns:
         ``DynUNet`` mapping ``(B, in_channels, X, Y, Z)`` -> ``(B, 4 or 3, X, Y, Z)`` logits.
     """
@@ -64,7 +94,16 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
     if dropout is not None and not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     strides = [list(s) if isinstance(s, (list, tuple)) else [int(s)] * 3 for s in topo["strides"]]
-    return DynUNet(
+    # nnU-Net supervises every decoder stage: DynUNet allows one head per upsampling layer but the last
+    num_heads = len(strides) - 2
+    if deep_supervision and num_heads < 1:
+        raise ValueError(f"deep supervision needs a plan with at least 3 stages, got {len(strides)}")
+    if unc_stop_gradient and not with_uncertainty:
+        raise ValueError("unc_stop_gradient needs the uncertainty channel (with_uncertainty=True)")
+    options = {"unc_stop_gradient": True} if unc_stop_gradient else {}
+    network_class = TrainingDynUNet if (deep_supervision or unc_stop_gradient) else DynUNet
+    return network_class(
+        **options,
         spatial_dims=3,
         in_channels=int(in_channels),
         out_channels=4 if with_uncertainty else 3,
@@ -76,7 +115,7 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
         norm_name=NORM,
         act_name=ACT,
         deep_supervision=bool(deep_supervision),
-        deep_supr_num=int(deep_supr_num),
+        deep_supr_num=max(num_heads, 1),
         res_block=False,
     )
 

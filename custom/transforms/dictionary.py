@@ -46,8 +46,11 @@ class AddCaseCoordinatesd(MapTransform):
     """Add ``data[coords_key]``: float32 ``(3, X, Y, Z)`` case coordinates (index + 1) of ``data[ref_key]``.
 
     Carried through the spatial augmentation with the image, they tell the error-map store which case
-    voxel each patch voxel came from. Spatial transforms must treat ``coords_key`` with ``mode="nearest"``
-    and constant-0 padding (``padding_mode="zeros"``/``"constant"``) so padding reads as invalid (0).
+    voxel each patch voxel came from. Spatial transforms must move ``coords_key`` (and the label) with a nearest
+    mode on the SAME sampling grid as the image's linear mode: ``"nearest"`` for grid-sample transforms
+    (rotation), ``"nearest-exact"`` for resize transforms (zoom; legacy ``"nearest"`` is half a voxel off), and
+    constant-0 padding (``padding_mode="zeros"``/``"constant"``) so padding reads as invalid (0).
+    tests/test_augmentation_alignment.py checks train.json for this.
     If the reference is a MetaTensor the coordinates share its metadata (affine), so MONAI spatial
     transforms treat both identically.
     """

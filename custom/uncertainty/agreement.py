@@ -56,15 +56,26 @@ def weighted_rmsd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float 
     return torch.sqrt(torch.clamp_min(msd, 1e-12)), wsum > 0
 
 
-def weighted_pearson(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, var_eps: float = VARIANCE_EPS):
+def weighted_pearson(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, var_eps: float = VARIANCE_EPS,
+                     x_var_floor: float = 0.0):
     """Per-sample Pearson correlation of ``x`` and ``y`` weighted by ``w`` over all non-batch dims.
 
     ``m_x = sum w x / sum w``, ``cov = sum w (x - m_x)(y - m_y) / sum w``, ``corr = cov / sqrt(var_x var_y)``.
 
+    Args:
+        x, y, w: ``(B, …)``; ``w`` is the mask (0/1).
+        var_eps: a weighted variance at or below this counts as constant.
+        x_var_floor: 0 (the metric) gives the exact correlation, undefined (invalid) when ``x`` or ``y`` is
+            constant. ``> 0`` gives the bounded form the loss trains with: ``corr = cov / sqrt((var_x + floor)
+            var_y)``. Its gradient with respect to ``x`` has norm at most ``2 / sqrt(sum(w) floor)`` whatever the
+            spread of ``x`` (the exact form's grows as ``1 / std(x)``, so a near-constant prediction blows it up),
+            ``|corr| <= 1`` still, and a sample counts as long as its target ``y`` varies.
     Returns:
-        ``(corr (B,), valid (B,) bool)``; ``valid`` is False if the mask is empty or either weighted
-        variance is <= ``var_eps``; invalid entries hold 0 and carry no NaN into gradients.
+        ``(corr (B,), valid (B,) bool)``; ``valid`` is False if the mask is empty or a required variance is
+        <= ``var_eps``; invalid entries hold 0 and carry no NaN into gradients.
     """
+    if x_var_floor < 0:
+        raise ValueError(f"x_var_floor must be >= 0, got {x_var_floor}")
     w = _weights(w, x)
     dims = tuple(range(1, x.ndim))
     wsum = w.sum(dims)
@@ -77,7 +88,10 @@ def weighted_pearson(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, var_eps:
     var_x = (w * dx * dx).sum(dims) / wsum_safe
     var_y = (w * dy * dy).sum(dims) / wsum_safe
     cov = (w * dx * dy).sum(dims) / wsum_safe
-    valid = nonempty & (var_x > var_eps) & (var_y > var_eps)
-    denom = torch.where(valid, torch.sqrt(torch.clamp_min(var_x * var_y, 1e-30)), torch.ones_like(var_x))
+    valid = nonempty & (var_y > var_eps)
+    if x_var_floor == 0:
+        valid = valid & (var_x > var_eps)
+    denom = torch.where(valid, torch.sqrt(torch.clamp_min((var_x + x_var_floor) * var_y, 1e-30)),
+                        torch.ones_like(var_x))
     corr = torch.where(valid, cov / denom, torch.zeros_like(cov))
     return corr, valid

@@ -14,6 +14,9 @@ through the augmentation, and :class:`ErrorMapStore` gathers/scatters through th
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,19 +103,75 @@ def compute_prediction_error_probability(e, n, value, ema_window: int = 30, visi
     return e_new, n_new.astype(n.dtype)
 
 
-@torch.no_grad()
-def paper_target_transform(e: torch.Tensor, wt_mask: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
-    """The paper's rescaling ``sigmoid(max(e, 1e-3) - mean_WT(e))`` (``target_transform: paper``).
+def case_wt_mean(values: torch.Tensor, wt_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a map over the ground-truth WT voxels, per sample: ``(B, 1, …)`` -> ``(B,)``; 0 for an empty WT.
 
-    The mean is taken per sample (dim 0) over the voxels of ``wt_mask``; a sample with an empty mask uses 0.
+    The reference level of :func:`paper_target_transform`. Computed on a whole case it is THE definition; a
+    training patch gets the same number from the store (:class:`CaseWTReference`).
+    """
+    if values.shape != wt_mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and wt_mask {tuple(wt_mask.shape)} must have the same shape")
+    m = (wt_mask > 0.5).to(values.dtype) if wt_mask.dtype != torch.bool else wt_mask.to(values.dtype)
+    dims = tuple(range(1, values.ndim))
+    return (values * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)
+
+
+@torch.no_grad()
+def paper_target_transform(x: torch.Tensor, reference: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """The paper's rescaling ``sigmoid(max(x, 1e-3) - reference)`` (``target_transform: paper``).
 
     Args:
-        e: ``(B, 1, X, Y, Z)`` error_stable.
-        wt_mask: ``(B, 1, X, Y, Z)`` ground-truth WT (0/1 or bool).
+        x: ``(B, 1, X, Y, Z)`` a case-space map (error_stable, variance_stable or var1shot) on a patch or a case.
+        reference: ``(B,)`` the mean of the same map over the CASE's ground-truth WT (:func:`case_wt_mean` on a
+            whole case, :meth:`CaseWTReference.means` for a training patch), so that one case voxel gets the same
+            target in training and in validation, whichever patch it was seen in.
     """
-    if e.shape != wt_mask.shape:
-        raise ValueError(f"e {tuple(e.shape)} and wt_mask {tuple(wt_mask.shape)} must have the same shape")
-    m = (wt_mask > 0.5).to(e.dtype) if wt_mask.dtype != torch.bool else wt_mask.to(e.dtype)
-    dims = tuple(range(1, e.ndim))
-    mean = (e * m).sum(dim=dims, keepdim=True) / m.sum(dim=dims, keepdim=True).clamp_min(1.0)
-    return torch.sigmoid(torch.clamp_min(e, floor) - mean)
+    ref = torch.as_tensor(reference, dtype=x.dtype, device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
+    if ref.shape[0] != x.shape[0]:
+        raise ValueError(f"reference has {ref.shape[0]} values for a batch of {x.shape[0]}")
+    return torch.sigmoid(torch.clamp_min(x, floor) - ref)
+
+
+class CaseWTReference:
+    """:func:`case_wt_mean` of the store's ``error`` and ``variance`` maps of a case, for a training patch.
+
+    A patch sees part of its case; the paper transform's reference level is a property of the case. The store
+    holds the case-space maps and the preprocessed label gives the case's GT WT: the mean is read from the store at
+    the WT voxels' case coordinates (the store's own gather, so it is the same number a whole-case computation
+    gives). WT coordinates are cached per case (at most ``max_cases`` cases).
+
+    Args:
+        label_paths: ``{case_id: preprocessed label .npy}`` (``pp_label`` of the fold items).
+    """
+
+    def __init__(self, label_paths: Mapping[str, str], max_cases: int = 32) -> None:
+        self.label_paths = {str(k): str(v) for k, v in dict(label_paths).items()}
+        self.max_cases = int(max_cases)
+        self._coords: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def wt_coords(self, case_id: str) -> np.ndarray:
+        """float32 ``(3, N, 1, 1)`` case coordinates (index + 1) of the case's GT WT voxels."""
+        if case_id in self._coords:
+            self._coords.move_to_end(case_id)
+            return self._coords[case_id]
+        if case_id not in self.label_paths:
+            raise KeyError(f"CaseWTReference: no preprocessed label for case {case_id!r}")
+        label = np.load(self.label_paths[case_id], mmap_mode="r")
+        label = label.reshape(label.shape[-3:])
+        coords = (np.stack(np.nonzero(label > 0)).astype(np.float32) + 1.0)[:, :, None, None]
+        self._coords[case_id] = coords
+        if len(self._coords) > self.max_cases:
+            self._coords.popitem(last=False)
+        return coords
+
+    def means(self, store, case_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(error_reference (B,), variance_reference (B,))``: the case-WT means of the store's current maps."""
+        err, var = [], []
+        for case_id in case_ids:
+            coords = self.wt_coords(str(case_id))
+            if coords.shape[1] == 0:
+                err.append(0.0), var.append(0.0)
+                continue
+            e, v = store.gather(str(case_id), coords)
+            err.append(float(e.double().mean())), var.append(float(v.double().mean()))
+        return torch.tensor(err, dtype=torch.float32), torch.tensor(var, dtype=torch.float32)
