@@ -274,6 +274,24 @@ def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_cases():
             assert r.flat[f"m.{key}_ci_low"] <= r.flat[f"m.{key}"] <= r.flat[f"m.{key}_ci_high"], key
         widths.append(r.flat["m.auroc_missed_vs_tp_ci_high"] - r.flat["m.auroc_missed_vs_tp_ci_low"])
     assert widths[1] < 0.6 * widths[0]
+    # a 95 % interval of a mean spans about 2 x 1.96 standard errors (a 90 % one would be 16 % narrower)
+    per_case = np.array([row["auroc_missed_vs_tp"] for row in r.per_case])
+    per_case = per_case[np.isfinite(per_case)]
+    assert 0.93 < widths[1] / (2 * 1.96 * per_case.std() / np.sqrt(per_case.size)) < 1.12
+
+
+def test_case_level_figures_agree_with_the_per_case_rows():
+    cal = IsotonicCalibrator.fit(_synthetic_cases(5, 11, prefix="v"))
+    r = evaluate_methods({"m": MethodCases(_synthetic_cases(20, 12), cal)}, n_boot=50)
+    pred = np.array([row["predicted_dice"] for row in r.per_case])
+    true = np.array([row["true_dice"] for row in r.per_case])
+    stats = pytest.importorskip("scipy.stats")
+    assert r.flat["m.spearman_pred_dice"] == pytest.approx(stats.spearmanr(pred, true).statistic, abs=1e-12)
+    assert r.flat["m.aurc"] == pytest.approx(aurc(pred, true), abs=1e-12)
+    assert r.flat["m.aurc_oracle"] == pytest.approx(aurc(true, true), abs=1e-12)
+    assert r.flat["m.aurc_random"] == pytest.approx(np.mean(1 - true), abs=1e-12)
+    assert r.flat["m.excess_aurc"] == pytest.approx(aurc(pred, true) - aurc(true, true), abs=1e-12)
+    assert r.flat["m.aurc_oracle"] <= r.flat["m.aurc"]
 
 
 # ------------------------------------------------------------------------------------------ methods, seeds, report
