@@ -644,7 +644,8 @@ that ring; read the split rows. "Paired" rows score every map against the errors
 segmentation (the reference model's). Calibration: each map is turned into P(error) by isotonic regression fitted
 on out-of-fold validation cases (never the cases scored here); ECE (10 equal-width bins) and Brier are over the
 reporting region's voxels. Raw ECE reads the map itself as P(error) and mostly reflects its scale; compare maps by
-the calibrated rows. Case level: a predicted WT Dice per case from calibrated P(error)
+the calibrated rows: after recalibration ECE is small for any map, and the calibrated Brier score (lower is
+better) is what separates an informative map from a flat one. Case level: a predicted WT Dice per case from calibrated P(error)
 (2E[TP] / (2E[TP] + E[FP] + E[FN])); Spearman with the true Dice; when cases are sent to review worst-predicted
 first, risk = mean (1 - Dice) of the cases kept, AURC = mean risk over coverages 1/n .. 1 (lower is better), the
 oracle sorts by the true Dice, a random order gives the mean (1 - Dice); excess AURC = AURC - oracle."""
@@ -761,7 +762,8 @@ def render_reliability_diagram(reliability: Mapping, path, title: str = "Reliabi
 
 def render_risk_coverage(curves: Mapping, path, title: str = "Cases sent to review worst-predicted first") -> None:
     """PNG at ``path``: risk (mean 1 - Dice of kept cases) vs coverage per method, with the oracle and random
-    levels of the first curve's cases (``SelfAssessment.risk_coverage``)."""
+    levels of the first curve (``SelfAssessment.risk_coverage``). Pass the ``.paired`` curves to compare maps on one
+    segmentation: they share the oracle; curves of different segmentations each have their own."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -770,10 +772,10 @@ def render_risk_coverage(curves: Mapping, path, title: str = "Cases sent to revi
     fig, ax = plt.subplots(figsize=(6.5, 5))
     try:
         for i, (name, c) in enumerate(curves.items()):
-            ax.step(c["coverage"], c["risk"], where="post", label=name)
+            ax.plot(c["coverage"], c["risk"], marker=".", ms=3, label=name)
             if i == 0:
-                ax.step(c["coverage"], c["risk_oracle"], where="post", color="k", ls=":", label="oracle")
-                ax.axhline(c["risk_random"], color="0.6", ls="--", label="random")
+                ax.plot(c["coverage"], c["risk_oracle"], color="k", ls=":", label=f"oracle ({name})")
+                ax.axhline(c["risk_random"], color="0.6", ls="--", label=f"random ({name})")
         ax.set_xlabel("coverage (fraction of cases kept without review)")
         ax.set_ylabel("risk (mean 1 - WT Dice of kept cases)")
         ax.set_xlim(0, 1)
