@@ -40,9 +40,11 @@ def test_configs_are_json_and_layer_on_train():
                          "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond",
                          "RandAdjustContrastd", "RandAdjustContrastd", "RandFlipd", "RandFlipd", "RandFlipd",
                          "LabelToRegionsd", "SelectItemsd"]
+    # label and coordinates on the image's sampling grid: nearest for grid-sample, nearest-exact for resize
+    nearest = {"RandRotated": ["nearest", "nearest"], "RandZoomd": ["nearest-exact", "nearest-exact"]}
     for t in parser["train"]["preprocessing"]["transforms"]:
-        if t["_target_"] in ("RandRotated", "RandZoomd"):
-            assert t["keys"] == ["image", "label", "coords"] and t["mode"][1:] == ["nearest", "nearest"]
+        if t["_target_"] in nearest:
+            assert t["keys"] == ["image", "label", "coords"] and t["mode"][1:] == nearest[t["_target_"]]
     assert parser["validate"]["inferer"]["overlap"] == 0.5 and parser["validate"]["inferer"]["mode"] == "gaussian"
 
 
