@@ -559,10 +559,19 @@ def onnx_server(exported, tiny_checkpoint, tmp_path_factory):
     yield from _served(repo, tmp_path_factory.mktemp("onnx_log") / "serve_triton.log", "--max_restarts", 2)
 
 
+#: the gRPC-only server's time budget per case: far above a 64x64x48 case, far below a 256^3 one on this CPU
+SHORT_CASE_SECONDS = 20
+
+
 @pytest.fixture(scope="module")
 def grpc_only_server(exported, tiny_checkpoint, tmp_path_factory):
-    """The eager reference patch model, gRPC only (``--http false``)."""
+    """The eager reference patch model, gRPC only (``--http false``), with a short time budget per case."""
     repo = _small_repository(exported, tiny_checkpoint, tmp_path_factory, "eager")
+    config = repo / VOLUME_MODEL / "config.pbtxt"
+    text, n = re.subn(r'(key: "max_case_seconds" value: \{ string_value: )"\d+"', rf'\1"{SHORT_CASE_SECONDS}"',
+                      config.read_text())
+    assert n == 1
+    config.write_text(text)
     yield from _served(repo, tmp_path_factory.mktemp("grpc_log") / "serve_triton.log", "--http", "false")
 
 
@@ -618,6 +627,34 @@ def test_grpc_only_mode_closes_http(grpc_only_server, cases, reference):
         seg, unc = client.infer(image, spacing, request_id=case_id)
     assert_matches(seg, unc, reference[case_id], "eager, gRPC only")
     assert "brats_unc_patch: eager" in log
+
+
+def test_time_budget_stops_a_long_case(grpc_only_server):
+    """A case still running after max_case_seconds stops before its next patch-model call: UNAVAILABLE, counted."""
+    rng = np.random.default_rng(0)
+    image = rng.random((4, MAX_VOLUME_EDGE, MAX_VOLUME_EDGE, MAX_VOLUME_EDGE), dtype=np.float32) + 0.1
+    before = _rejected_counts(grpc_only_server.metrics_url)
+    with VolumeClient(grpc_only_server.grpc_url, "grpc", timeout_s=600) as client:
+        with pytest.raises(TritonClientError, match=rf"StatusCode.UNAVAILABLE.*time budget of {SHORT_CASE_SECONDS} s"):
+            client.infer(image, np.ones(3, np.float32), request_id="too-long")
+    after = _rejected_counts(grpc_only_server.metrics_url)
+    assert after["time_budget"] - before.get("time_budget", 0.0) == 1
+
+
+def test_cancelled_request_stops_its_work(server):
+    """When the client gives up (gRPC deadline), the server stops that case at its next patch-model call instead of
+    computing it to the end: counted as cancelled."""
+    rng = np.random.default_rng(1)
+    image = rng.random((4, 160, 160, 160), dtype=np.float32) + 0.1
+    before = _rejected_counts(server.metrics_url).get("cancelled", 0.0)
+    with VolumeClient(server.grpc_url, "grpc", timeout_s=1.0) as client:
+        with pytest.raises(TritonClientError, match="timed out"):
+            client.infer(image, np.ones(3, np.float32), request_id="given-up")
+    deadline = time.monotonic() + 120
+    while _rejected_counts(server.metrics_url).get("cancelled", 0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _rejected_counts(server.metrics_url)["cancelled"] == before + 1
+    assert "given-up: cancelled by the client" in server.log()
 
 
 # -------------------------------------------------------------- the same size cap on the bundle's path
