@@ -1,25 +1,30 @@
-"""Throughput and latency through Triton at several concurrencies against in-process inference, one run.
+"""Throughput and latency through Triton, eager vs exported patch model, against in-process inference, one run.
 
     python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench.json \
-        [--concurrency "[1,2,4,8]"] [--requests_per_level 12] [--rounds 3] [--protocol grpc] [--threads 1]
+        [--variants "[eager,torchscript]"] [--concurrency "[1,2,4,8]"] [--requests_per_level 12] [--rounds 3] \
+        [--protocol grpc] [--threads 1] [--volume_instances 4]
 
 Same cases, same checkpoint, same machine, side by side:
 
 - ``in_process``: ``UncertaintySegmenter.from_checkpoint(CKPT).predict`` one case after another
-  (the bundle's inference path), ``torch.set_num_threads(threads)``.
-- ``triton``: a real ``tritonserver`` on a temporary copy of the model repository (same checkpoint),
-  ``OMP_NUM_THREADS=threads`` per model instance; for each concurrency c, c client threads each send
-  volumes back to back until the level's requests are done.
+  (the bundle's inference path, eager PyTorch), ``torch.set_num_threads(threads)``.
+- one real ``tritonserver`` per variant, all running at once, each on its own temporary repository filled by
+  ``prepare_model_repository`` from the same checkpoint: ``eager`` (the python patch model rebuilding the network
+  from this repository's code), ``torchscript`` / ``onnxruntime`` (the python patch model running the file
+  ``export_model`` wrote), ``pytorch_libtorch`` / ``onnxruntime_onnx`` (Triton's native backends on the same
+  files: NVIDIA's container only). ``OMP_NUM_THREADS=threads`` per model instance. For each concurrency c, c
+  client threads each send volumes back to back until the level's requests are done.
 
-The measurements alternate in rounds (in-process, then each level, ``--rounds`` times) so that a load change
-on a shared machine does not favour one side; throughput = requests / wall time summed over rounds.
-
-Writes one JSON object to ``--out`` (throughput in cases per second, latencies in ms) and prints a one-line
-summary. perf_analyzer's wheels need glibc 2.38, so this is the project's own load generator.
+The measurements alternate in rounds (in-process, then every variant at every level, ``--rounds`` times) so
+that a load change on a shared machine does not favour one side; throughput = requests / wall time summed over
+rounds. Writes one JSON object to ``--out`` (throughput in cases per second, latencies in ms, ratios) and prints
+a one-line summary and the command to repeat it on a GPU. perf_analyzer's wheels need glibc 2.38, so this is the
+project's own load generator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -31,6 +36,15 @@ from pathlib import Path
 
 import fire
 import numpy as np
+
+#: variant -> (Triton backend, python runtime)
+VARIANTS = {
+    "eager": ("python", "eager"),
+    "torchscript": ("python", "torchscript"),
+    "onnxruntime": ("python", "onnxruntime"),
+    "pytorch_libtorch": ("pytorch_libtorch", ""),
+    "onnxruntime_onnx": ("onnxruntime", ""),
+}
 
 
 def _latency_stats(latencies_s) -> dict:
@@ -117,31 +131,32 @@ def bench_triton_level(url, protocol, cases, concurrency: int, requests: int, ti
     return {"wall_s": time.perf_counter() - t0, "latencies_s": latencies, "errors": errors}
 
 
-def _patch_batching(url) -> dict:
+def _patch_batching(server) -> dict:
     """Patch-model counters: BLS requests, patches and executions (fewer executions than requests = merged)."""
-    import tritonclient.http as th
+    import tritonclient.grpc as tg
 
     from custom.deploy.triton_repository import PATCH_MODEL
 
-    client = th.InferenceServerClient(url)
+    client = tg.InferenceServerClient(server.grpc_url)
     try:
-        stats = client.get_inference_statistics(PATCH_MODEL)["model_stats"][0]
+        stats = client.get_inference_statistics(PATCH_MODEL, as_json=True)["model_stats"][0]
     finally:
         client.close()
-    return {"requests": int(stats["inference_stats"]["success"]["count"]),
+    return {"requests": int(stats["inference_stats"]["success"].get("count", 0)),
             "inference_count": int(stats.get("inference_count", 0)),
             "execution_count": int(stats.get("execution_count", 0))}
 
 
-def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), requests_per_level: int = 12,
-         num_cases: int = 4, protocol: str = "grpc", threads: int = 1, timeout_s: float = 600.0,
-         rounds: int = 3) -> None:
+def main(checkpoint: str, input_dir: str, out: str, variants=("eager", "torchscript"), concurrency=(1, 2, 4, 8),
+         requests_per_level: int = 12, num_cases: int = 4, protocol: str = "grpc", threads: int = 1,
+         timeout_s: float = 600.0, rounds: int = 3, volume_instances: int = 4, work_dir: str | None = None) -> None:
     """Run the benchmark; see the module docstring.
 
     Args:
-        checkpoint: training checkpoint (plans.json beside it).
+        checkpoint: training checkpoint (plans.json beside it, else ``work_dir``).
         input_dir: BraTS case folders to send.
         out: JSON output path.
+        variants: patch-model variants served side by side (keys of ``VARIANTS``).
         concurrency: concurrency levels (clients in flight).
         requests_per_level: requests per level over all rounds (per round at least the concurrency), and
             in-process cases timed.
@@ -149,63 +164,92 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
         protocol: grpc or http.
         threads: torch/OpenMP threads for the in-process run and per Triton model instance.
         timeout_s: per-request timeout.
-        rounds: the measurements are split into this many rounds, each running in-process then every level.
+        rounds: the measurements are split into this many rounds, each running in-process then every variant
+            at every level.
+        volume_instances: volume-model instances per server (volumes in flight).
+        work_dir: where plans.json is when it is not beside the checkpoint.
     """
     import torch
 
     from custom.core.atomic import atomic_write_json
+    from custom.deploy.export import export_model
     from custom.deploy.triton_repository import prepare_model_repository
     from custom.deploy.triton_server import TritonServer, free_port
+    from custom.inference.segmenter import UncertaintySegmenter
+    from custom.model.checkpoints import resolve_plans_path
 
     levels = [int(c) for c in (concurrency if isinstance(concurrency, (list, tuple)) else [concurrency])]
+    names = [str(v) for v in (variants if isinstance(variants, (list, tuple)) else [variants])]
     if not levels or min(levels) < 1:
         raise SystemExit(f"[benchmark_triton] concurrency levels must be >= 1, got {concurrency}")
+    if not names or any(v not in VARIANTS for v in names):
+        raise SystemExit(f"[benchmark_triton] variants must be among {sorted(VARIANTS)}, got {variants}")
     if protocol not in ("grpc", "http"):
         raise SystemExit(f"[benchmark_triton] protocol must be grpc or http, got {protocol!r}")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(int(threads))
     cases = _load_cases(input_dir, num_cases)
     shape = list(cases[0][1].shape)
+    plans_path = resolve_plans_path(checkpoint, work_dir)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from custom.inference.segmenter import UncertaintySegmenter
-
-    segmenter = UncertaintySegmenter.from_checkpoint(checkpoint, device=device)
+    segmenter = UncertaintySegmenter.from_checkpoint(checkpoint, plans=plans_path, device=device)
     segmenter.predict(cases[0][1], cases[0][2])  # warm-up: allocator, lazy imports
     per_round = max(1, -(-int(requests_per_level) // int(rounds)))
-    in_process_runs, triton_runs = [], {c: [] for c in levels}
-    counters = {c: {"requests": 0, "inference_count": 0, "execution_count": 0} for c in levels}
-    with tempfile.TemporaryDirectory(prefix="brats-triton-bench-") as tmp:
-        repo = prepare_model_repository(checkpoint, repo_dir=Path(tmp) / "models")
-        volume_config = (repo / "brats_unc_volume" / "config.pbtxt").read_text()
-        with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_stream=None, threads=threads) as server:
-            url = server.grpc_url if protocol == "grpc" else server.http_url
-            bench_triton_level(url, protocol, cases, 1, 1, timeout_s)  # warm-up
-            # rounds alternate in-process and every Triton level, so that a change of load on a shared
-            # machine during the run spreads over all of them instead of favouring one
-            for _ in range(int(rounds)):
-                in_process_runs.append(bench_in_process(segmenter, cases, per_round))
+    in_process_runs = []
+    triton_runs = {v: {c: [] for c in levels} for v in names}
+    counters = {v: {c: {"requests": 0, "inference_count": 0, "execution_count": 0} for c in levels} for v in names}
+    with tempfile.TemporaryDirectory(prefix="brats-triton-bench-") as tmp, contextlib.ExitStack() as stack:
+        exported = export_model(checkpoint, work_dir=work_dir, out_dir=Path(tmp) / "exported", triton_repo=None,
+                                verify=False)
+        servers = {}
+        for v in names:
+            backend, runtime = VARIANTS[v]
+            repo = prepare_model_repository(
+                checkpoint, plans_path=plans_path, repo_dir=Path(tmp) / v, torchscript=exported["torchscript"],
+                onnx=exported["onnx"], backend=backend, runtime=runtime or "torchscript",
+                volume_instances=volume_instances)
+            server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                                  log_stream=None, threads=threads, startup_timeout_s=600)
+            servers[v] = stack.enter_context(server)
+        volume_config = (Path(tmp) / names[0] / "brats_unc_volume" / "config.pbtxt").read_text()
+        urls = {v: (s.grpc_url if protocol == "grpc" else s.http_url) for v, s in servers.items()}
+        for v in names:
+            bench_triton_level(urls[v], protocol, cases, 1, 1, timeout_s)  # warm-up
+        # rounds alternate in-process and every Triton level of every variant, so that a change of load on a
+        # shared machine during the run spreads over all of them instead of favouring one
+        for _ in range(int(rounds)):
+            in_process_runs.append(bench_in_process(segmenter, cases, per_round))
+            for v in names:
                 for c in levels:
-                    before = _patch_batching(server.http_url)
-                    triton_runs[c].append(bench_triton_level(url, protocol, cases, c, max(per_round, c), timeout_s))
-                    after = _patch_batching(server.http_url)
-                    for k in counters[c]:
-                        counters[c][k] += after[k] - before[k]
+                    before = _patch_batching(servers[v])
+                    triton_runs[v][c].append(
+                        bench_triton_level(urls[v], protocol, cases, c, max(per_round, c), timeout_s))
+                    after = _patch_batching(servers[v])
+                    for k in counters[v][c]:
+                        counters[v][c][k] += after[k] - before[k]
     in_process = _summarise(in_process_runs, sw_batch_size=segmenter.inferer.sw_batch_size)
     reference = in_process["throughput_cases_per_s"]
-    triton = []
-    for c in levels:
-        n = counters[c]
-        level = _summarise(triton_runs[c], concurrency=c)
-        level["patches_per_execution"] = round(n["inference_count"] / max(n["execution_count"], 1), 3)
-        level["bls_requests_per_execution"] = round(n["requests"] / max(n["execution_count"], 1), 3)
-        level["throughput_ratio_vs_in_process"] = round(level["throughput_cases_per_s"] / reference, 3)
-        triton.append(level)
-    ratio_c1 = next((t["throughput_ratio_vs_in_process"] for t in triton if t["concurrency"] == 1), None)
-    throughputs = [t["throughput_cases_per_s"] for t in triton]
+    triton, c1 = {}, {}
+    for v in names:
+        triton[v] = []
+        for c in levels:
+            n = counters[v][c]
+            level = _summarise(triton_runs[v][c], concurrency=c)
+            level["patches_per_execution"] = round(n["inference_count"] / max(n["execution_count"], 1), 3)
+            level["bls_requests_per_execution"] = round(n["requests"] / max(n["execution_count"], 1), 3)
+            level["throughput_vs_in_process_ratio"] = round(level["throughput_cases_per_s"] / reference, 3)
+            triton[v].append(level)
+        c1[v] = next((t["throughput_vs_in_process_ratio"] for t in triton[v] if t["concurrency"] == 1), None)
+    if "eager" in triton:  # what serving the exported file instead of the eager network changes, level by level
+        for v in names:
+            for level, eager in zip(triton[v], triton["eager"]):
+                if v != "eager" and eager["throughput_cases_per_s"]:
+                    level["throughput_vs_triton_eager_ratio"] = round(
+                        level["throughput_cases_per_s"] / eager["throughput_cases_per_s"], 3)
     # "must not fall": allow 5 % measurement noise between neighbouring levels
-    non_decreasing = all(b >= 0.95 * a for a, b in zip(throughputs, throughputs[1:]))
+    non_decreasing = {v: all(b["throughput_cases_per_s"] >= 0.95 * a["throughput_cases_per_s"]
+                             for a, b in zip(triton[v], triton[v][1:])) for v in names}
     result = {
         "benchmark": "triton_vs_in_process",
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -217,29 +261,33 @@ def main(checkpoint: str, input_dir: str, out: str, concurrency=(1, 2, 4, 8), re
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "in_process": in_process,
-        "triton_volume_config": {k: v for k, v in re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)"', volume_config)},
-        "triton_volume_instances": int(re.search(r"count:\s*(\d+)", volume_config).group(1)),
+        "triton_volume_config": dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)"', volume_config)),
+        "triton_volume_instances": int(volume_instances),
+        "variants": {v: {"backend": VARIANTS[v][0], "runtime": VARIANTS[v][1]} for v in names},
         "rounds": int(rounds),
         "triton": triton,
-        "throughput_ratio_c1_ratio": ratio_c1,
+        "c1_throughput_vs_in_process_ratio": c1,
         "target_c1_ratio": 0.9,
-        "meets_c1_target": bool(ratio_c1 is not None and ratio_c1 >= 0.9),
-        "throughput_non_decreasing": bool(non_decreasing),
+        "meets_c1_target": {v: bool(r is not None and r >= 0.9) for v, r in c1.items()},
+        "throughput_non_decreasing": non_decreasing,
         "gpu_command": gpu_command(),
     }
     atomic_write_json(out, result)
-    levels_txt = " ".join(f"c{t['concurrency']}={t['throughput_cases_per_s']:.3g}/s" for t in triton)
-    print(f"[benchmark_triton] in-process {reference:.3g} cases/s; triton {protocol} "
-          f"{levels_txt}; c1 ratio {ratio_c1}; non-decreasing {non_decreasing} -> {out}")
+    for v in names:
+        levels_txt = " ".join(f"c{t['concurrency']}={t['throughput_cases_per_s']:.3g}/s" for t in triton[v])
+        print(f"[benchmark_triton] triton {v} ({protocol}): {levels_txt}; c1 ratio {c1[v]}; "
+              f"non-decreasing {non_decreasing[v]}")
+    print(f"[benchmark_triton] in-process {reference:.3g} cases/s -> {out}")
     print(f"[benchmark_triton] on a GPU machine: {gpu_command()}")
 
 
 def gpu_command() -> str:
-    """The one command that repeats this benchmark on a GPU machine (NVIDIA's Triton container)."""
+    """The one command that repeats this benchmark on a GPU machine (NVIDIA's Triton container, whose
+    tritonserver from PATH has the pytorch_libtorch and onnxruntime backends as well)."""
     return ("docker run --rm --gpus all --shm-size=8g -v $PWD:/workspace -w /workspace "
-            "nvcr.io/nvidia/tritonserver:24.08-py3 bash -c \"pip install torch monai==1.6.1 nibabel scipy fire tqdm "
-            "'tritonclient[all]' && pip install --no-deps -e . && python3 scripts/benchmark_triton.py "
-            "--checkpoint CKPT --input_dir CASES --out triton_bench_gpu.json --threads 4\"")
+            "nvcr.io/nvidia/tritonserver:24.10-py3 bash -c \"pip install -r requirements.txt && "
+            "pip install --no-deps -e . && python3 scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES "
+            "--out triton_bench_gpu.json --threads 4 --variants '[eager,torchscript,pytorch_libtorch]'\"")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""Export a trained checkpoint: TorchScript (MONAI ``ckpt_export``, metadata embedded), ONNX, Triton repository.
+"""Export a trained checkpoint: ONE TorchScript (MONAI ``ckpt_export``, metadata embedded), its ONNX twin, and the
+Triton repository that serves it.
 
 The exported module is ``PatchProbabilityNetwork`` (the bundle's ``network_export``): ``(B,4,X,Y,Z) ->
-sigmoid(network) (B,C,X,Y,Z)``, all channels, no masking. It is what the sliding window runs on every
-patch and what Triton's patch model serves; the cancer mask needs the whole volume's WT, so it is applied
-after the sliding window (``custom.inference.postprocess.postprocess_probabilities``), not inside the exported graph.
+sigmoid(network) (B,C,X,Y,Z)`` float32, all channels, no masking: probabilities, not logits, and the TorchScript's
+embedded metadata says so (``exported_output_metadata``). It is what the sliding window runs on every patch and
+what Triton's patch model serves (``model.pt`` there is this TorchScript, byte for byte; or ``model.onnx``); the
+cancer mask needs the whole volume's WT, so it is applied after the sliding window
+(``custom.inference.postprocess.postprocess_probabilities``), not inside the exported graph.
 
 Parity is checked on a real preprocessed patch: PyTorch vs TorchScript vs onnxruntime, max |diff| of the
-probabilities <= ``tolerance`` (default 1e-4); anything else raises ``ExportParityError``.
+probabilities <= ``tolerance`` (default 1e-4), every output finite; anything else raises ``ExportParityError``.
+Non-finite weights are refused before anything is written. Files of another export (a different checkpoint or
+plan) are not overwritten unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -24,27 +29,68 @@ import torch
 from custom.core.atomic import atomic_path, atomic_torch_save, atomic_write_json
 from custom.core.errors import BraTSInputError
 from custom.data.synthetic import make_case
-from custom.deploy.triton_repository import prepare_model_repository
+from custom.deploy.triton_repository import (MODEL_INFO, PATCH_ARTEFACTS, PATCH_INPUT, PATCH_MAX_BATCH_SIZE,
+                                             PATCH_MODEL, PATCH_OUTPUT, VOLUME_MODEL, prepare_model_repository,
+                                             sha256_file)
 from custom.model.checkpoints import checkpoint_out_channels, load_state_dict, load_weights, resolve_plans_path
 from custom.planning.plans import load_plans
 from custom.preprocessing.functional import preprocess_case
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
-
 EXPORT_NET_ID = "network_export"
 
-ONNX_INPUT = "image"
+#: the ONNX graph's tensor names: the Triton patch model's, so that the file is served as it is
+ONNX_INPUT = PATCH_INPUT
 
-ONNX_OUTPUT = "probs"
+ONNX_OUTPUT = PATCH_OUTPUT
 
 ONNX_OPSET = 17
 
 
 class ExportParityError(RuntimeError):
-    """An exported model disagrees with PyTorch by more than the tolerance."""
+    """An exported model disagrees with PyTorch by more than the tolerance, or an output is not finite."""
+
+
+class ExportOverwriteError(BraTSInputError):
+    """Export would replace files written from another checkpoint or plan (``overwrite=False``)."""
+
+
+def check_finite_weights(state, checkpoint) -> None:
+    """Refuse a state dict with NaN or infinite values (an all-NaN network would export and "agree" with itself).
+
+    Raises:
+        BraTSInputError: naming the checkpoint and the first offending tensors.
+    """
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BraTSInputError(f"{checkpoint}: {len(bad)} weight tensors hold NaN or inf (first: {bad[:3]})",
+                              header="cannot export a non-finite network")
+
+
+def exported_output_metadata(out_channels: int) -> dict:
+    """What the exported network outputs, embedded in the TorchScript as ``network_data_format.outputs.pred``."""
+    channels = {
+        "0": "p_WT: sigmoid probability of the whole tumour (labels 1, 2, 3)",
+        "1": "p_TC: sigmoid probability of the tumour core (labels 1, 3)",
+        "2": "p_ET: sigmoid probability of the enhancing tumour (label 3)",
+    }
+    if int(out_channels) == 4:
+        channels["3"] = ("unc_output before the cancer mask: sigmoid of the uncertainty channel; inference multiplies "
+                         "it by the predicted WT dilated by mask_dilation voxels on the whole volume")
+    return {
+        "type": "image",
+        "format": "segmentation",
+        "num_channels": int(out_channels),
+        "spatial_shape": ["32*n", "32*n", "32*n"],
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_patch_data": True,
+        "channel_def": channels,
+        "activation": "sigmoid, inside the exported network: outputs are probabilities, not logits",
+        "description": f"{EXPORT_NET_ID} = custom.model.networks.PatchProbabilityNetwork(network_def): "
+                       f"(B, 4, X, Y, Z) float32 -> (B, {int(out_channels)}, X, Y, Z) float32 probabilities, no mask",
+    }
 
 
 def _parser(config_file, bundle_root, checkpoint, work_dir, meta_file=None):
@@ -115,11 +161,12 @@ def parity_inputs(plans, work_dir=None) -> list[torch.Tensor]:
 
 
 def export_torchscript(config_file, bundle_root, checkpoint, filepath, work_dir=None, meta_file=None,
-                       input_shape=None) -> Path:
+                       input_shape=None, out_channels: int = 4) -> Path:
     """TorchScript of ``network_export`` through ``monai.bundle.ckpt_export`` (metadata + config embedded).
 
     ``ckpt_export`` loads ``{"model": state_dict}`` into the exported module itself; the checkpoint has the bare
-    DynUNet's keys, so the wrapped module's state dict is written to a temporary checkpoint first.
+    DynUNet's keys, so the wrapped module's state dict is written to a temporary checkpoint first. The embedded
+    metadata's ``outputs.pred`` is :func:`exported_output_metadata` (probabilities, this checkpoint's channels).
     """
     from monai.bundle import ckpt_export
 
@@ -132,7 +179,8 @@ def export_torchscript(config_file, bundle_root, checkpoint, filepath, work_dir=
         atomic_torch_save({"model": module.state_dict()}, wrapped_ckpt)
         kwargs = dict(net_id=EXPORT_NET_ID, ckpt_file=str(wrapped_ckpt), config_file=str(config_file),
                       key_in_ckpt="model", bundle_root=str(bundle_root), checkpoint=str(checkpoint),
-                      work_dir=None if work_dir is None else str(work_dir))
+                      work_dir=None if work_dir is None else str(work_dir),
+                      **{"_meta_#network_data_format#outputs#pred": exported_output_metadata(out_channels)})
         if meta_file is not None and Path(meta_file).is_file():
             kwargs["meta_file"] = str(meta_file)
         tmp_ts = tmp_dir / filepath.name
@@ -205,27 +253,37 @@ def check_parity(module, ts_path, onnx_path, inputs: list[torch.Tensor], toleran
     """Max |diff| of probabilities: PyTorch vs TorchScript and vs onnxruntime on each input.
 
     Raises:
-        ExportParityError: any difference above ``tolerance`` (the numbers are in the message).
+        ExportParityError: any output not finite, or any difference above ``tolerance`` (the numbers are in
+            the message). A NaN difference is a failure, never a 0.
     """
     import onnxruntime as ort
 
     ts = torch.jit.load(str(ts_path), map_location="cpu").eval()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    report = {"tolerance": tolerance, "inputs": [], "max_abs_diff_torchscript": 0.0, "max_abs_diff_onnx": 0.0}
+    report = {"tolerance": tolerance, "inputs": []}
+    problems = []
     with torch.no_grad():
         for x in inputs:
-            ref = module(x).float()
-            d_ts = float((ts(x).float() - ref).abs().max())
-            d_onnx = float(np.abs(sess.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0] - ref.numpy()).max())
-            report["inputs"].append({"shape": list(x.shape), "torchscript": d_ts, "onnx": d_onnx})
-            report["max_abs_diff_torchscript"] = max(report["max_abs_diff_torchscript"], d_ts)
-            report["max_abs_diff_onnx"] = max(report["max_abs_diff_onnx"], d_onnx)
-    worst = max(report["max_abs_diff_torchscript"], report["max_abs_diff_onnx"])
-    if not np.isfinite(worst) or worst > tolerance:
+            outputs = {"pytorch": module(x).float().numpy(), "torchscript": ts(x).float().numpy(),
+                       "onnx": sess.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]}
+            for name, out in outputs.items():
+                if not np.isfinite(out).all():
+                    problems.append(f"{name} output on input {list(x.shape)} has {int((~np.isfinite(out)).sum())} "
+                                    f"NaN/inf values")
+            entry = {"shape": list(x.shape)}
+            for name in ("torchscript", "onnx"):
+                entry[name] = float(np.abs(outputs[name] - outputs["pytorch"]).max())
+            report["inputs"].append(entry)
+    for name in ("torchscript", "onnx"):
+        diffs = [i[name] for i in report["inputs"]]
+        # NaN propagates: max() of floats would drop it (max(0.0, nan) == 0.0)
+        report[f"max_abs_diff_{name}"] = float(np.max(diffs))
+    worst = (report["max_abs_diff_torchscript"], report["max_abs_diff_onnx"])
+    if problems or not all(np.isfinite(d) and d <= tolerance for d in worst):
         raise ExportParityError(
             f"export parity FAILED: max |p_torch - p_torchscript| = {report['max_abs_diff_torchscript']:.3g}, "
             f"max |p_torch - p_onnx| = {report['max_abs_diff_onnx']:.3g} (tolerance {tolerance:g}) on inputs "
-            f"{[i['shape'] for i in report['inputs']]}")
+            f"{[i['shape'] for i in report['inputs']]}" + "".join(f"; {p}" for p in problems))
     return report
 
 
@@ -254,13 +312,63 @@ def verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_di
                       **{"_meta_#network_data_format#outputs#pred#num_channels": int(out_channels)})
 
 
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+
+
+def find_overwrites(checkpoint, plans_path, out_dir, triton_repo=None) -> list[str]:
+    """Files an export of ``checkpoint`` would replace that hold something else: a different ``model.pt`` or
+    ``plans.json`` in ``out_dir``, exported files there (``model.ts``, ``model.onnx``) whose ``export.json`` names
+    another checkpoint or plan (or is missing), and a Triton repository filled from another checkpoint."""
+    checkpoint, plans_path, out_dir = Path(checkpoint), Path(plans_path), Path(out_dir)
+    ckpt_sha, plans_sha = sha256_file(checkpoint), sha256_file(plans_path)
+    found = []
+    for src, name in ((checkpoint, "model.pt"), (plans_path, "plans.json")):
+        dst = out_dir / name
+        if dst.is_file() and dst.resolve() != src.resolve() and not _same_bytes(src, dst):
+            found.append(f"{dst}: a different {name} (not {src})")
+    exported = [out_dir / n for n in ("model.ts", "model.onnx") if (out_dir / n).is_file()]
+    if exported:
+        try:
+            previous = json.loads((out_dir / "export.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if (previous.get("checkpoint_sha256"), previous.get("plans_sha256")) != (ckpt_sha, plans_sha):
+            found += [f"{p}: exported from another checkpoint or plan" + ("" if previous else
+                      " (no export.json beside it says which)") for p in exported]
+    if triton_repo:
+        repo = Path(triton_repo)
+        info_path = repo / VOLUME_MODEL / "1" / MODEL_INFO
+        served = [repo / PATCH_MODEL / "1" / n for n in PATCH_ARTEFACTS if (repo / PATCH_MODEL / "1" / n).is_file()]
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            info = None
+        if info is not None and info.get("checkpoint_sha256") != ckpt_sha:
+            found.append(f"{info_path}: the Triton repository serves another checkpoint ({info.get('checkpoint')})")
+        elif info is None and served:
+            found += [f"{p}: a served model of unknown origin (no {info_path})" for p in served]
+    return found
+
+
 def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo="triton_models",
                  bundle_root="bundle", config_file=None, meta_file=None, tolerance: float = 1e-4,
-                 verify: bool = True) -> dict:
+                 verify: bool = True, triton_backend: str = "python", patch_runtime: str = "torchscript",
+                 tensorrt: bool = False, max_batch_size: int = PATCH_MAX_BATCH_SIZE,
+                 volume_instances: int | None = None, overwrite: bool = False) -> dict:
     """Export ``checkpoint`` (see module docstring). Returns the report also written to ``out_dir/export.json``.
 
-    Writes ``out_dir/model.ts``, ``out_dir/model.onnx``, and copies ``model.pt`` + ``plans.json`` to ``out_dir``
-    (so the bundle's default ``checkpoint`` and MONAI Label find them) and into the Triton repository.
+    Writes ``out_dir/model.ts`` (the one exported artefact), ``out_dir/model.onnx`` (its ONNX twin), copies
+    ``model.pt`` + ``plans.json`` to ``out_dir`` (so the bundle's default ``checkpoint`` and MONAI Label find them)
+    and fills the Triton repository ``triton_repo`` for ``triton_backend`` (``python`` with ``patch_runtime``
+    torchscript, onnxruntime or eager; ``pytorch_libtorch``; ``onnxruntime`` [+ ``tensorrt``]):
+    :func:`custom.deploy.triton_repository.prepare_model_repository`.
+
+    Raises:
+        ExportOverwriteError: before writing anything, when files of another export would be replaced
+            (:func:`find_overwrites`) and ``overwrite`` is False.
+        BraTSInputError: checkpoint or plan missing or unreadable, or non-finite weights.
+        ExportParityError: see :func:`check_parity`.
     """
 
     bundle_root = Path(bundle_root)
@@ -268,15 +376,21 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
     meta_file = Path(meta_file) if meta_file else bundle_root / "configs" / "metadata.json"
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir)
-    out_channels = checkpoint_out_channels(load_state_dict(checkpoint))
+    state = load_state_dict(checkpoint)
+    check_finite_weights(state, checkpoint)
+    out_channels = checkpoint_out_channels(state)
     plans_path = resolve_plans_path(checkpoint, work_dir)
     plans = load_plans(plans_path)
+    overwrites = find_overwrites(checkpoint, plans_path, out_dir, triton_repo)
+    if overwrites and not overwrite:
+        raise ExportOverwriteError(overwrites, header=f"refusing to overwrite files that do not come from {checkpoint} "
+                                                      f"(pass --overwrite true to replace them)")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     module = build_export_module(config_file, bundle_root, checkpoint, work_dir)
     inputs = parity_inputs(plans, work_dir)
     ts_path = export_torchscript(config_file, bundle_root, checkpoint, out_dir / "model.ts", work_dir, meta_file,
-                                 input_shape=[1, 4, *plans.patch_size])
+                                 input_shape=[1, 4, *plans.patch_size], out_channels=out_channels)
     onnx_path = export_onnx(module, inputs[0][:1], out_dir / "model.onnx")
     parity = check_parity(module, ts_path, onnx_path, inputs, tolerance)
 
@@ -291,13 +405,20 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
         copied.append(str(dst))
     triton_dir = None
     if triton_repo:
-        triton_dir = str(prepare_model_repository(checkpoint, plans_path=plans_path, repo_dir=triton_repo))
-    report = {"checkpoint": str(checkpoint.resolve()), "plans": str(Path(plans_path).resolve()),
-              "exported_module": "PatchProbabilityNetwork (sigmoid of every channel, no mask)",
-              "out_channels": out_channels, "torchscript": str(ts_path), "onnx": str(onnx_path),
-              "onnx_input": ONNX_INPUT, "onnx_output": ONNX_OUTPUT, "onnx_opset": ONNX_OPSET,
-              "copied": copied, "triton_repository": triton_dir, "verify_net_in_out": bool(verify),
-              "parity": parity}
+        triton_dir = str(prepare_model_repository(
+            checkpoint, plans_path=plans_path, repo_dir=triton_repo, torchscript=ts_path, onnx=onnx_path,
+            backend=triton_backend, runtime=patch_runtime, tensorrt=tensorrt, max_batch_size=max_batch_size,
+            volume_instances=volume_instances))
+    report = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+              "plans": str(Path(plans_path).resolve()), "plans_sha256": sha256_file(plans_path),
+              "exported_module": f"{EXPORT_NET_ID}: PatchProbabilityNetwork (sigmoid of every channel, no mask)",
+              "exported_output": exported_output_metadata(out_channels),
+              "out_channels": out_channels, "torchscript": str(ts_path), "torchscript_sha256": sha256_file(ts_path),
+              "onnx": str(onnx_path), "onnx_input": ONNX_INPUT, "onnx_output": ONNX_OUTPUT, "onnx_opset": ONNX_OPSET,
+              "copied": copied, "overwritten": overwrites, "triton_repository": triton_dir,
+              "triton_backend": triton_backend if triton_repo else None,
+              "patch_runtime": patch_runtime if triton_repo and triton_backend == "python" else None,
+              "verify_net_in_out": bool(verify), "parity": parity}
     atomic_write_json(out_dir / "export.json", report)
     return report
 

@@ -25,6 +25,12 @@ class TritonClientError(RuntimeError):
 class VolumeClient:
     """Send one volume at a time to the volume model over HTTP or gRPC (tritonclient).
 
+    ``pytriton.client.ModelClient("grpc://127.0.0.1:8001", "brats_unc_volume").infer_sample(IMAGE=..., SPACING=...)``
+    also calls this model (tests/test_triton.py does). This client exists for what ModelClient does not do: the
+    request id is the case id (it names the case in the server's log and errors), a server that is down, a model
+    that is not ready, a timeout and a rejected request are told apart (ModelClient reports a refused connection as a
+    timeout), and the server's status (400 for a rejected volume) stays in the message.
+
     Not thread-safe: use one per thread. Args:
         url: ``host:port`` (HTTP default port 8000, gRPC 8001).
         protocol: ``"http"`` or ``"grpc"``.
@@ -119,7 +125,8 @@ class VolumeClient:
                 raise TritonClientError(
                     f"request{what} to {self.model!r} at {self.url} timed out after {self.timeout_s:.0f} s"
                 ) from None
-            raise TritonClientError(f"request{what} rejected by {self.model!r} at {self.url}: {text}") from None
+            status = f" ({err.status()})" if err.status() else ""
+            raise TritonClientError(f"request{what} rejected by {self.model!r} at {self.url}{status}: {text}") from None
         except (OSError, ConnectionError) as err:  # HTTP: socket errors/timeouts surface as OSError subclasses
             raise TritonClientError(f"request{what} to {self.url} failed: {type(err).__name__}: {err}") from None
         return result.as_numpy("SEG"), result.as_numpy("UNC")

@@ -1,4 +1,13 @@
-"""Run a ``tritonserver`` (the ``nvidia-pytriton`` wheel's or one on PATH) as a child process bound to 127.0.0.1."""
+"""Run a ``tritonserver`` (the ``nvidia-pytriton`` wheel's or one on PATH) as a child process bound to 127.0.0.1,
+and keep it running (:meth:`TritonServer.supervise`).
+
+Why not ``pytriton.triton.Triton`` (which can serve this repository through ``TritonConfig(model_repository=...)``):
+it always runs the wheel's own binary (NVIDIA's container, with the GPU backends, has ``tritonserver`` on PATH),
+copies the whole 29 MB server distribution into a new workspace on every start, and stops itself when
+tritonserver exits, where this project restarts it (an upstream crash on one HTTP/JSON request must not end the
+service; see :meth:`TritonServer.supervise`). Readiness is asked through tritonclient (``is_server_ready``,
+``is_model_ready``) over gRPC or HTTP, whichever is enabled.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +24,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,18 +169,30 @@ def _set_pdeathsig():
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def describe_exit(returncode: int | None) -> str:
+    """``"code 1"`` or ``"signal SIGABRT (-6)"`` for a ``Popen.returncode``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-returncode).name} ({returncode})"
+    return f"code {returncode}"
+
+
 class TritonServer:
     """A real ``tritonserver`` process on a model repository; a context manager.
 
     Example::
 
         with TritonServer("triton_models", http_port=8000, grpc_port=8001, metrics_port=8002) as server:
-            print(server.http_url)  # 127.0.0.1:8000
+            print(server.grpc_url)  # 127.0.0.1:8001
 
     Args:
-        model_repository: folder with ``<model>/config.pbtxt`` and ``<model>/1/model.py``.
+        model_repository: folder with ``<model>/config.pbtxt`` (and the files export writes).
         http_port, grpc_port, metrics_port: ports (all bound to ``address``).
         address: interface to bind; ``127.0.0.1`` unless serving others is intended.
+        http: serve HTTP too; ``False`` = gRPC only (``--allow-http=false``), which closes the HTTP/JSON request
+            path that can abort tritonserver 2.51 (a JSON body declaring a huge IMAGE shape: ``std::bad_alloc``).
         models: names whose readiness :meth:`wait_ready` waits for (default: both project models).
         log_stream: where server log lines are forwarded (default ``sys.stderr``; ``None`` keeps them only
             in :attr:`log_tail`).
@@ -185,9 +204,9 @@ class TritonServer:
     """
 
     def __init__(self, model_repository=MODEL_REPOSITORY, http_port: int = 8000, grpc_port: int = 8001,
-                 metrics_port: int = 8002, address: str = "127.0.0.1", models=MODEL_NAMES, log_stream="stderr",
-                 startup_timeout_s: float = 180.0, threads: int | None = None, binary=None, extra_args=(),
-                 log_verbose: int = 0, exit_timeout_s: int = 30):
+                 metrics_port: int = 8002, address: str = "127.0.0.1", http: bool = True, models=MODEL_NAMES,
+                 log_stream="stderr", startup_timeout_s: float = 180.0, threads: int | None = None, binary=None,
+                 extra_args=(), log_verbose: int = 0, exit_timeout_s: int = 30):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"{self.model_repository}: model repository folder not found")
@@ -199,6 +218,7 @@ class TritonServer:
                 raise ValueError(f"port must be in 1..65535, got {port}")
         self.http_port, self.grpc_port, self.metrics_port = int(http_port), int(grpc_port), int(metrics_port)
         self.address = address
+        self.http = bool(http)
         self.models = tuple(models)
         self.log_stream = sys.stderr if log_stream == "stderr" else log_stream
         self.startup_timeout_s = float(startup_timeout_s)
@@ -210,6 +230,9 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.log_tail: deque[str] = deque(maxlen=400)
         self._log_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        #: ``[(time.time(), reason)]`` of every restart done by :meth:`supervise`
+        self.restarts: list[tuple[float, str]] = []
 
     @property
     def http_url(self) -> str:
@@ -224,11 +247,13 @@ class TritonServer:
         return f"http://{self.address}:{self.metrics_port}/metrics"
 
     def command(self, backend_dir) -> list[str]:
+        http = ([f"--http-address={self.address}", f"--http-port={self.http_port}"] if self.http
+                else ["--allow-http=false"])
         return [
             str(self.dist.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={self.address}", f"--http-port={self.http_port}",
+            *http,
             f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
@@ -241,8 +266,8 @@ class TritonServer:
             *self.extra_args,
         ]
 
-    def _forward_logs(self):
-        for line in self.process.stdout:
+    def _forward_logs(self, process):
+        for line in process.stdout:
             self.log_tail.append(line)
             if self.log_stream is not None:
                 with contextlib.suppress(Exception):
@@ -259,13 +284,15 @@ class TritonServer:
         """Start the process and wait until the server and all ``models`` are ready (else stop it and raise)."""
         if self.is_alive():
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
+        self._stopping.clear()
         backend_dir = prepare_backend_dir(self.dist)
         env = server_env(self.dist, threads=self.threads)
         self.process = subprocess.Popen(
             self.command(backend_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             bufsize=1, errors="replace", preexec_fn=_set_pdeathsig,
         )
-        self._log_thread = threading.Thread(target=self._forward_logs, name="tritonserver-logs", daemon=True)
+        self._log_thread = threading.Thread(target=self._forward_logs, args=(self.process,),
+                                            name="tritonserver-logs", daemon=True)
         self._log_thread.start()
         try:
             self.wait_ready(self.startup_timeout_s)
@@ -274,20 +301,28 @@ class TritonServer:
             raise
         return self
 
-    def _get(self, path: str, timeout: float = 2.0) -> int:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout) as resp:
-                return resp.status
-        except urllib.error.HTTPError as err:
-            return err.code
-        except (urllib.error.URLError, OSError):
-            return 0
-
     def ready(self) -> bool:
-        """Server live and every model in ``models`` ready (HTTP ``/v2/health/ready`` and ``/v2/models/M/ready``)."""
-        if self._get("/v2/health/ready") != 200:
+        """Server ready and every model in ``models`` ready, asked through tritonclient (gRPC when HTTP is off)."""
+        from tritonclient.utils import InferenceServerException
+
+        if self.http:
+            import tritonclient.http as tc
+
+            client = tc.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0)
+            kwargs = {}
+        else:
+            import tritonclient.grpc as tc
+
+            client = tc.InferenceServerClient(self.grpc_url)
+            kwargs = {"client_timeout": 2.0}
+        try:
+            return bool(client.is_server_ready(**kwargs)) and all(
+                client.is_model_ready(m, **kwargs) for m in self.models)
+        except (InferenceServerException, OSError, ConnectionError):
             return False
-        return all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models)
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -296,7 +331,7 @@ class TritonServer:
                 if self._log_thread is not None:
                     self._log_thread.join(timeout=2)
                 raise RuntimeError(
-                    f"tritonserver exited with code {self.process.returncode} before becoming ready "
+                    f"tritonserver exited with {describe_exit(self.process.returncode)} before becoming ready "
                     f"(model repository {self.model_repository}); last log lines:\n{''.join(list(self.log_tail)[-40:])}"
                 )
             if self.ready():
@@ -309,6 +344,7 @@ class TritonServer:
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM, wait (Triton drains in-flight requests for ``exit_timeout_s``), then SIGKILL. Returns the exit code."""
+        self._stopping.set()
         if timeout_s is None:
             timeout_s = self.exit_timeout_s + 20
         if self.process is None:
@@ -325,8 +361,48 @@ class TritonServer:
         return self.process.returncode
 
     def wait(self) -> int:
-        """Block until the process exits (serve_triton's foreground mode)."""
+        """Block until the process exits."""
         return self.process.wait()
+
+    def supervise(self, max_restarts: int = 5, window_s: float = 600.0, report=None) -> int:
+        """Block while the server runs; when it exits on its own (a crash), log why and start it again.
+
+        Returns when :meth:`stop` was called (from a signal handler or another thread): the exit code. Gives up,
+        returning the crash's exit code, after ``max_restarts`` restarts within ``window_s`` seconds (a server
+        that cannot stay up is not hidden by an endless loop) or when a restart does not become ready.
+
+        Args:
+            report: ``report(message)`` for each crash and restart (default: a line on stderr).
+        """
+        report = report or (lambda msg: print(f"[serve_triton] {msg}", file=sys.stderr, flush=True))
+        while True:
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return code
+            if self._log_thread is not None:
+                self._log_thread.join(timeout=2)
+            tail = [line.strip() for line in list(self.log_tail)[-60:]]
+            hints = [line for line in tail if any(k in line for k in ("bad_alloc", "terminate called", "Signal (",
+                                                                      "error", "Error"))]
+            reason = f"tritonserver exited on its own with {describe_exit(code)}"
+            if hints:
+                reason += f" ({hints[0][:200]})"
+            now = time.time()
+            recent = [t for t, _ in self.restarts if now - t < window_s]
+            if len(recent) >= int(max_restarts):
+                report(f"{reason}; {len(recent)} restarts in the last {window_s:.0f} s already: giving up")
+                return code if code else 1
+            self.restarts.append((now, reason))
+            report(f"{reason}; restarting ({len(recent) + 1} of at most {max_restarts} in {window_s:.0f} s)")
+            try:
+                self.start()
+            except (RuntimeError, TimeoutError) as err:
+                report(f"restart failed: {err}")
+                return code if code else 1
+            if self._stopping.is_set():  # stopped while restarting
+                self.stop()
+                return self.process.returncode
+            report(f"ready again: pid {self.process.pid}")
 
     def __enter__(self):
         return self.start()
