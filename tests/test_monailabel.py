@@ -496,7 +496,8 @@ def test_server_infer_scoring_strategy(server, model_dir):
 
     # the Slicer-usable task: the label map, with 'uncertain' (4) exactly where unc >= the threshold
     assert 0 < (unc > 0).sum(), "the tiny model gives no uncertainty on this study: the region test is void"
-    threshold = float(np.quantile(unc[unc > 0], 0.5))  # half the nonzero voxels: a region that is neither empty nor all
+    # half the nonzero voxels, and a value the map takes: 'at least the threshold' is checked at the boundary
+    threshold = float(np.quantile(unc[unc > 0], 0.5, method="lower"))
     for params, expected_threshold in (({}, 0.5), ({"uncertain_threshold": threshold}, threshold)):
         reg_img, reg_json = _infer(server, "uncertainty", image_id, params)
         region = np.asarray(reg_img.dataobj)
@@ -633,6 +634,27 @@ def test_server_ignores_model_filename(server, model_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(plain_img.dataobj))
         assert js["model_ts"] == plain_json["model_ts"]
     assert not marker.exists(), "the planted pickle was loaded"
+
+
+def test_server_batch_infer_saves_checked_labels(server):
+    """MONAI Label's batch inference still saves its results as labels (through the checked datastore)."""
+    import requests
+
+    # (the broken unlabeled study is left out: MONAI Label's sequential batch stops at the first failure)
+    r = requests.post(f"{server.url}/batch/infer/segmentation", params={"run_sync": "true"},
+                      json={"images": list(UNLABELED), "device": "cpu", "multi_gpu": False, "max_workers": 1,
+                            "save_label": True, "label_tag": "original"}, timeout=900)
+    assert r.status_code == 200, f"{r.status_code} {r.text[:2000]}\n{server.log()}"
+    plain, _ = _infer(server, "segmentation", UNLABELED[0])
+    for image_id in UNLABELED:
+        saved = server.studies / "labels" / "original" / f"{image_id}.nii.gz"
+        assert saved.exists(), f"batch inference saved no label for {image_id}:\n{server.log()}"
+        if image_id == UNLABELED[0]:
+            np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj), np.asarray(plain.dataobj))
+    assert not (server.studies / "labels" / "original" / f"{BAD_STUDY}.nii.gz").exists()
+    # 'original' labels do not take a study out of the review pool (only final ones do)
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert info["datastore"]["completed"] == 3
 
 
 def test_server_cors_answers_only_configured_origins(server, bare_server):

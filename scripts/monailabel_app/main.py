@@ -68,7 +68,14 @@ class BraTSUncertaintyApp(MONAILabelApp):
         return self.model.scoring_method()
 
     def infer(self, request, datastore=None):
-        return super().infer(check_infer_request(request, self._infers, datastore or self.datastore()), datastore)
+        datastore = datastore or self.datastore()
+        checked = check_infer_request(request, self._infers, datastore)
+        result = super().infer(checked.request, datastore)
+        if checked.save_label_tag and result.get("file"):  # batch inference: the result as a label, checked
+            result["label"] = datastore.save_label(checked.image_id, result["file"], checked.save_label_tag,
+                                                   {"model": checked.request["model"], "params": result["params"]})
+            result["tag"] = checked.save_label_tag
+        return result
 
     def next_sample(self, request):
         check_strategy_request(request, self._strategies)

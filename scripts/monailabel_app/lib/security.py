@@ -9,8 +9,9 @@ unknown image, model or strategy with HTTP 500. The app closes these in four pla
   uploads must be NIfTI studies / BraTS label maps.
 - ``check_infer_request`` (``BraTSUncertaintyApp.infer``): the model must be an infer task (404 otherwise),
   the image a study id in the datastore (400 / 404), and only the task's own options pass (``model_filename``,
-  ``result_extension``, ``save_label``, ``label_tag``, ``timeout``... are dropped); ``check_strategy_request``
-  does the same for active-learning strategies.
+  ``result_extension``, ``timeout``... are dropped; ``save_label``/``label_tag``, which batch inference sends,
+  are taken out and the label is saved through the checked datastore); ``check_strategy_request`` does the
+  same for active-learning strategies.
 - ``RequestGuard``, an ASGI middleware: bodies over the upload cap get 413; query parameters that name a
   study, label or tag (``ID_PARAMS``) must be plain ids and a path may not hold ``.``/``..`` segments (400);
   sessions (arbitrary uploads, archives unpacked on the server) and model uploads/deletions over HTTP are
@@ -31,7 +32,8 @@ import json
 import logging
 import re
 import sys
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Optional
 from urllib.parse import parse_qsl
 
 from fastapi import HTTPException
@@ -39,6 +41,7 @@ from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from custom.core.errors import BraTSInputError
@@ -218,12 +221,22 @@ def secure_server(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, cors_origins=())
     return True
 
 
-def check_infer_request(request: Mapping, infers: Mapping, datastore) -> dict:
+@dataclass
+class InferRequest:
+    """A checked infer request: what MONAI Label runs, and whether to save the result as a label."""
+
+    request: dict  #: ``model``, ``image`` (the study's file in the datastore) and the task's options
+    image_id: str  #: the study id
+    save_label_tag: Optional[str]  #: label tag to save the result under (batch inference), or None
+
+
+def check_infer_request(request: Mapping, infers: Mapping, datastore) -> InferRequest:
     """The infer request MONAI Label may run: a known task, a study of the datastore, the task's own options.
 
-    Returns a new request whose ``image`` is the study's file in the datastore (so that MONAI Label never
-    takes an id for a path on the server's disk). Raises ``HTTPException`` 404 for an unknown model or image,
-    400 for an image that is not a plain study id, and ``BraTSInputError`` for a bad option value.
+    The request's ``image`` becomes the study's file in the datastore, so that MONAI Label never takes an id
+    for a path on the server's disk (and then does not save labels itself: ``save_label_tag`` says whether the
+    caller should). Raises ``HTTPException`` 404 for an unknown model or image, 400 for an image that is not a
+    plain study id, ``StudyIdError`` for a bad label tag and ``BraTSInputError`` for a bad option value.
     """
     model = request.get("model")
     task = infers.get(model) if isinstance(model, str) else None
@@ -243,18 +256,24 @@ def check_infer_request(request: Mapping, infers: Mapping, datastore) -> dict:
     options = task.config()
     allowed = set(INFER_REQUEST_KEYS) | set(options)
     dropped = sorted(set(request) - allowed)
-    if dropped:
-        logger.info(f"infer {model}: ignoring request keys {dropped} (not options of this task)")
+    save = request.get("save_label", False)
+    if not isinstance(save, bool):
+        raise BraTSInputError([f"save_label must be true or false, got {save!r}"], "invalid infer request")
+    tag = check_study_id(str(request.get("label_tag", DefaultLabelTag.ORIGINAL.value)), "label tag") if save else None
+    dropped = sorted(set(dropped) - {"save_label", "label_tag"})
     checked = {k: v for k, v in request.items() if k in allowed}
-    if "device" in checked:
-        devices = options.get("device") or []
-        if checked["device"] not in devices:
-            raise BraTSInputError([f"device must be one of {devices}, got {checked['device']!r}"],
+    if "device" in checked:  # a name the task lists (Slicer sends these), or a torch device (batch inference)
+        devices = list(options.get("device") or [])
+        device = checked["device"]
+        if not (device in devices or (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d{1,2})?", device))):
+            raise BraTSInputError([f"device must be one of {devices}, 'cpu' or 'cuda[:N]', got {device!r}"],
                                   "invalid infer request")
     if "uncertain_threshold" in checked:
         checked["uncertain_threshold"] = check_threshold(checked["uncertain_threshold"])
+    if dropped:
+        logger.info(f"infer {model}: ignoring request keys {dropped} (not options of this task)")
     checked["image"] = uri
-    return checked
+    return InferRequest(checked, image, tag)
 
 
 def check_strategy_request(request: Mapping, strategies: Mapping) -> None:

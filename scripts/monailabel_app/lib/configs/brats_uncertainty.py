@@ -74,7 +74,10 @@ class BraTSUncertainty(TaskConfig):
         self.labels = REVIEW_LABELS
         self.threshold = check_threshold(conf.get("uncertain_threshold", DEFAULT_UNCERTAIN_THRESHOLD))
         self.error_probability = error_probability
-        self.max_upload_mb = float(conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB))
+        try:
+            self.max_upload_mb = float(conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB))
+        except ValueError:
+            self.max_upload_mb = float("nan")
         if not self.max_upload_mb > 0:
             raise BraTSInputError([f"max_upload_mb must be positive, got {self.max_upload_mb}"],
                                   "invalid MONAI Label app conf")
