@@ -764,6 +764,7 @@ def test_server_train_task_publishes_new_model(server, model_dir):
         assert f"TRAIN:: step {step}/4" in log, f"step {step} not logged"
     progress = [line for line in log.splitlines() if "[training]" in line and "Epoch" in line]
     assert progress, f"no training progress in the server log:\n{server.log()}"
+    assert not [line for line in progress if "%|" in line], "a terminal progress bar was written into the log"
 
     # the infer task reloads the published model on its next request
     seg_img, js_after = _infer(server, "segmentation", UNLABELED[1])

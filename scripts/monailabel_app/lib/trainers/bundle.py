@@ -31,6 +31,7 @@ from collections import deque
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
@@ -110,8 +111,6 @@ class BraTSBundleTrainTask(BundleTrainTask):
         return options
 
     def _default_epochs(self) -> int:
-        from monai.bundle import ConfigParser
-
         parser = ConfigParser()
         try:
             parser.read_config(self.config_files())
@@ -124,12 +123,18 @@ class BraTSBundleTrainTask(BundleTrainTask):
                 return value
         return 1
 
-    def epochs_key(self) -> Optional[str]:
-        """The config id that sets the number of epochs (first of ``num_epochs``, ``max_epochs``, trainer's)."""
-        from monai.bundle import ConfigParser
-
+    def _parser(self) -> ConfigParser:
         parser = ConfigParser()
         parser.read_config(self.config_files())
+        return parser
+
+    def has_key(self, key: str) -> bool:
+        """Whether the merged train configs define ``key``."""
+        return self._parser().get(key) is not None
+
+    def epochs_key(self) -> Optional[str]:
+        """The config id that sets the number of epochs (first of ``num_epochs``, ``max_epochs``, trainer's)."""
+        parser = self._parser()
         for key in ("num_epochs", "max_epochs", self.const.key_train_trainer_max_epochs()):
             if parser.get(key) is not None:
                 return key
@@ -208,6 +213,8 @@ class BraTSBundleTrainTask(BundleTrainTask):
         epochs_key = self.epochs_key()
         if max_epochs is not None and epochs_key:
             train += [f"--{epochs_key}", max_epochs]
+        if self.has_key("progress_bar"):  # a log is no terminal: the per-iteration loss lines are the progress
+            train += ["--progress_bar", "false"]
         logger.info(f"TRAIN:: step 3/4: training fold {fold} of {num_folds} "
                     f"({epochs_key}={max_epochs if max_epochs is not None else 'from the config'})")
         self._run(train, "training")
