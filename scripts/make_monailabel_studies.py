@@ -7,48 +7,25 @@
 shape ``(X, Y, Z, 4)`` float32 (channels last, t1c, t1n, t2f, t2w), with the case's affine; with
 ``--labels true`` a ``-seg`` file is copied to ``STUDIES/labels/final/<case_id>.nii.gz`` (cases listed in
 ``--unlabeled`` get none, so they are the ones MONAI Label scores and proposes for review).
+See ``custom.data.studies``.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import fire
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "monailabel_app"))
-
-from lib.studies import case_folder_to_study, find_case_folders  # noqa: E402
-
-from custom.core.errors import BraTSInputError  # noqa: E402
+from custom.core.cli import as_bool, as_list
+from custom.core.errors import BraTSInputError
+from custom.data.studies import make_studies
 
 
-def make_studies(cases, studies, labels: bool = True, unlabeled=(), overwrite: bool = False) -> list:
-    """Convert every case under ``cases`` into ``studies``; returns one record per case.
-
-    Raises ``BraTSInputError`` listing every case that failed; the studies of the others are written.
-    """
-    if isinstance(unlabeled, str):
-        unlabeled = [u.strip() for u in unlabeled.split(",") if u.strip()]
-    unlabeled = set(unlabeled or ())
-    records, problems = [], []
-    for case_dir in find_case_folders(cases):
-        try:
-            records.append(case_folder_to_study(case_dir, studies, with_label=labels and case_dir.name not in unlabeled,
-                                                overwrite=overwrite))
-        except BraTSInputError as exc:
-            problems.extend(exc.problems)
-    unknown = unlabeled - {r["case_id"] for r in records}
-    if unknown:
-        problems.append(f"--unlabeled names cases not found under {cases}: {sorted(unknown)}")
-    if problems:
-        raise BraTSInputError(problems, f"{len(problems)} problem(s) making studies in {studies}")
-    return records
-
-
-def main(cases, studies, labels: bool = True, unlabeled=(), overwrite: bool = False):
+def main(cases, studies, labels=True, unlabeled=(), overwrite=False):
     try:
-        records = make_studies(cases, studies, labels=labels, unlabeled=unlabeled, overwrite=overwrite)
+        records = make_studies(cases, studies, labels=as_bool(labels, "labels"),
+                               unlabeled=as_list(unlabeled, "unlabeled", cast=str) or (),
+                               overwrite=as_bool(overwrite, "overwrite"))
     except BraTSInputError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)

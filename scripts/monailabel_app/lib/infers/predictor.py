@@ -19,6 +19,10 @@ from typing import Optional
 import numpy as np
 
 from custom.core.errors import BraTSInputError
+from custom.data.nifti import spacing_from_affine
+from custom.data.studies import load_study
+from custom.inference.segmenter import UncertaintySegmenter
+from lib.transforms import prediction_summary
 
 logger = logging.getLogger(__name__)
 
@@ -40,29 +44,6 @@ class StudyPrediction:
     affine: np.ndarray
     spacing: tuple
     summary: dict
-
-
-def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:
-    """Numbers an annotator reads next to the maps (the bundle's ``summary.json`` entry, plus a score).
-
-    Args:
-        labels: uint8 ``(X, Y, Z)`` label map (0..3).
-        unc: float32 ``(X, Y, Z)`` uncertainty in [0, 1].
-        spacing: voxel size in mm.
-
-    Returns:
-        ``custom.inference.folders.case_summary`` (``volume_{wt,tc,et}_ml``, ``unc_mean_wt``, ``unc_p95_wt``; None
-        without predicted tumour) plus ``mean_uncertainty_in_tumour`` (``unc_mean_wt``, 0.0 without predicted
-        tumour: the score the review order uses), ``max_uncertainty`` and ``tumour_voxels``.
-    """
-    from custom.inference.folders import case_summary
-
-    summary = case_summary(labels, unc, spacing)
-    mean = summary.get("unc_mean_wt")
-    summary["mean_uncertainty_in_tumour"] = float(mean) if mean is not None else 0.0
-    summary["max_uncertainty"] = float(unc.max()) if unc.size else 0.0
-    summary["tumour_voxels"] = int((labels > 0).sum())
-    return summary
 
 
 class StudyPredictor:
@@ -108,8 +89,6 @@ class StudyPredictor:
                 )
             ts = os.stat(self.model_path).st_mtime
             if self._segmenter is None or ts != self._segmenter_ts:
-                from custom.inference.segmenter import UncertaintySegmenter
-
                 logger.info(f"Loading {self.model_path} (plans: {self.plans_path or 'beside the checkpoint'})")
                 kwargs = dict(self.segmenter_kwargs)
                 if self.plans_path is not None:
@@ -130,11 +109,9 @@ class StudyPredictor:
             affine: ``(4, 4)`` affine of the study.
             spacing: voxel size in mm; derived from ``affine`` when None.
         """
-        from lib.studies import voxel_spacing
-
         image = np.asarray(image, dtype=np.float32)
         affine = np.asarray(affine, dtype=np.float64)
-        spacing = tuple(float(s) for s in (spacing if spacing is not None else voxel_spacing(affine)))
+        spacing = tuple(float(s) for s in (spacing if spacing is not None else spacing_from_affine(affine)))
         with self._lock:
             segmenter = self.segmenter()
             path = Path(image_path)
@@ -160,9 +137,7 @@ class StudyPredictor:
             return result
 
     def predict_file(self, image_path) -> StudyPrediction:
-        """Read a study file (``lib.studies.load_study``) and predict it."""
-        from lib.studies import load_study
-
+        """Read a study file (``custom.data.studies.load_study``) and predict it."""
         image, affine, spacing = load_study(image_path)
         return self.predict(image_path, image, affine, spacing)
 

@@ -4,12 +4,18 @@ MONAI Label hands a train task the labeled studies (``datastore.datalist()``: 4-
 label). The bundle's ``train.json`` trains from a prepared work directory (datalist, plans, preprocessed
 cache; see DESIGN.md), so this task:
 
-1. writes the labeled studies as BraTS case folders (``lib.studies.study_to_case_folder``),
+1. writes the labeled studies as BraTS case folders (``custom.data.studies.study_to_case_folder``),
 2. runs ``scripts/prepare_data.py`` on them (validation, folds, plan, preprocessing),
 3. runs ``python -m monai.bundle run training`` with ``train.json`` (+ any extra configs from the app
    conf, e.g. ``tiny.json``) on that work directory,
 4. publishes ``model.pt`` and ``plans.json`` of the run next to the app's model path (atomically, plans
    first), which the infer tasks pick up on their next request (they reload on a new file time).
+
+Progress: each step is logged (``TRAIN:: step k/4``), and every output line of the two subprocesses is
+logged as it comes (``[prepare_data] ...``, ``[training] ...``: the bundle's per-iteration loss and
+per-epoch validation lines). MONAI Label forwards the train task's output to the server log
+(``logs/app.log``) and keeps its last lines in ``GET /train/``; the full output of each step is also
+written to ``<train_dir>/<step>.log``.
 """
 
 from __future__ import annotations
@@ -21,17 +27,38 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
 from custom.core.atomic import atomic_path, atomic_write_json
 from custom.core.errors import BraTSInputError
-from lib.studies import study_case_id, study_to_case_folder
+from custom.data.studies import study_case_id, study_id_of, study_to_case_folder
 
 logger = logging.getLogger(__name__)
+
+
+#: most epochs a train request may ask for (nnU-Net's full schedule is 1000)
+MAX_EPOCHS = 1000
+
+
+def _number(request, key: str, default, kind, lo, hi):
+    """``request[key]`` as ``kind`` within ``[lo, hi]`` (``default`` when absent); ``BraTSInputError`` otherwise."""
+    value = request.get(key, default)
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise BraTSInputError([f"{key} must be a {kind.__name__}, got {value!r}"], "invalid train request") from None
+    if isinstance(value, bool) or not lo <= number <= hi or (kind is int and number != float(value)):
+        raise BraTSInputError([f"{key} must be a {kind.__name__} in [{lo}, {hi}], got {value!r}"],
+                              "invalid train request")
+    return number
 
 
 class BraTSBundleTrainTask(BundleTrainTask):
@@ -84,8 +111,6 @@ class BraTSBundleTrainTask(BundleTrainTask):
         return options
 
     def _default_epochs(self) -> int:
-        from monai.bundle import ConfigParser
-
         parser = ConfigParser()
         try:
             parser.read_config(self.config_files())
@@ -98,12 +123,18 @@ class BraTSBundleTrainTask(BundleTrainTask):
                 return value
         return 1
 
-    def epochs_key(self) -> Optional[str]:
-        """The config id that sets the number of epochs (first of ``num_epochs``, ``max_epochs``, trainer's)."""
-        from monai.bundle import ConfigParser
-
+    def _parser(self) -> ConfigParser:
         parser = ConfigParser()
         parser.read_config(self.config_files())
+        return parser
+
+    def has_key(self, key: str) -> bool:
+        """Whether the merged train configs define ``key``."""
+        return self._parser().get(key) is not None
+
+    def epochs_key(self) -> Optional[str]:
+        """The config id that sets the number of epochs (first of ``num_epochs``, ``max_epochs``, trainer's)."""
+        parser = self._parser()
         for key in ("num_epochs", "max_epochs", self.const.key_train_trainer_max_epochs()):
             if parser.get(key) is not None:
                 return key
@@ -116,25 +147,32 @@ class BraTSBundleTrainTask(BundleTrainTask):
         raw_dir.mkdir(parents=True)
         mapping: Dict[str, str] = {}
         for index, item in enumerate(sorted(datalist, key=lambda d: d["image"])):
-            name = Path(item["image"]).name
-            study_id = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-            case_id = study_case_id(study_id, index, used=list(mapping))
+            case_id = study_case_id(study_id_of(item["image"]), index, used=list(mapping))
             study_to_case_folder(item["image"], item["label"], raw_dir, case_id)
             mapping[case_id] = item["image"]
         return mapping
 
-    def _run(self, cmd, log_name: str, timeout=None):
-        env = dict(os.environ)
+    def _run(self, cmd, log_name: str) -> None:
+        """Run ``cmd`` from the repository; log each output line as it comes and keep it in ``<log_name>.log``."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(self.repo_root), env.get("PYTHONPATH", "")] if p)
-        logger.info(f"RUNNING:: {' '.join(map(str, cmd))}")
-        proc = subprocess.run([str(c) for c in cmd], cwd=str(self.repo_root), env=env, capture_output=True,
-                              text=True, timeout=timeout)
-        (self.work_root / f"{log_name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"{log_name} failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}"
-            )
-        return proc
+        cmd = [str(c) for c in cmd]
+        logger.info(f"RUNNING:: {' '.join(cmd)}")
+        tail: deque = deque(maxlen=60)
+        with open(self.work_root / f"{log_name}.log", "w") as log, subprocess.Popen(
+            cmd, cwd=str(self.repo_root), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1,
+        ) as proc:
+            for line in proc.stdout:
+                log.write(line)
+                line = line.rstrip()
+                if line:
+                    logger.info(f"[{log_name}] {line}")
+                    tail.append(line)
+            returncode = proc.wait()
+        if returncode != 0:
+            lines = "\n".join(tail)
+            raise RuntimeError(f"{log_name} failed ({returncode}): {' '.join(cmd)}\n{lines}")
 
     def __call__(self, request, datastore: Datastore):
         start = time.time()
@@ -144,15 +182,19 @@ class BraTSBundleTrainTask(BundleTrainTask):
                 [f"{len(datalist)} labeled studies in the datastore; training needs at least 2 "
                  f"(save final labels first)"], "cannot train from MONAI Label"
             )
-        val_split = float(request.get("val_split", 0.5))
-        num_folds = int(request.get("num_folds", 0)) or max(2, min(len(datalist), round(1.0 / max(val_split, 1e-6))))
-        fold = int(request.get("fold", 0))
-        if not 0 <= fold < num_folds:
-            raise BraTSInputError([f"fold {fold} is outside 0..{num_folds - 1}"], "invalid train request")
-        max_epochs = request.get("max_epochs")
+        val_split = _number(request, "val_split", 0.5, float, 0.01, 0.99)
+        # 0: from val_split
+        num_folds = _number(request, "num_folds", 0, int, 0, len(datalist)) or max(
+            2, min(len(datalist), round(1.0 / val_split)))
+        if num_folds < 2:
+            raise BraTSInputError([f"num_folds must be 0 (from val_split) or at least 2, got {num_folds}"],
+                                  "invalid train request")
+        fold = _number(request, "fold", 0, int, 0, num_folds - 1)
+        max_epochs = _number(request, "max_epochs", None, int, 1, MAX_EPOCHS)
 
         self.work_root.mkdir(parents=True, exist_ok=True)
         raw_dir, work_dir = self.work_root / "raw", self.work_root / "work"
+        logger.info(f"TRAIN:: step 1/4: writing {len(datalist)} labeled studies as case folders in {raw_dir}")
         mapping = self.write_cases(datalist, raw_dir)
         if work_dir.exists():
             shutil.rmtree(work_dir)
@@ -161,6 +203,7 @@ class BraTSBundleTrainTask(BundleTrainTask):
                    "--work_dir", work_dir, "--num_folds", num_folds, "--seed", 0]
         for k, v in self.prepare_args.items():
             prepare += [f"--{k}", v]
+        logger.info(f"TRAIN:: step 2/4: prepare_data (fingerprint, plan, {num_folds} folds, preprocessing)")
         self._run(prepare, "prepare_data")
 
         configs = "[" + ",".join(f"'{c}'" for c in self.config_files()) + "]"
@@ -169,10 +212,15 @@ class BraTSBundleTrainTask(BundleTrainTask):
                  "--work_dir", work_dir, "--fold", fold]
         epochs_key = self.epochs_key()
         if max_epochs is not None and epochs_key:
-            train += [f"--{epochs_key}", int(max_epochs)]
+            train += [f"--{epochs_key}", max_epochs]
+        if self.has_key("progress_bar"):  # a log is no terminal: the per-iteration loss lines are the progress
+            train += ["--progress_bar", "false"]
+        logger.info(f"TRAIN:: step 3/4: training fold {fold} of {num_folds} "
+                    f"({epochs_key}={max_epochs if max_epochs is not None else 'from the config'})")
         self._run(train, "training")
 
         run_dir = work_dir / "runs" / self.variant / f"fold{fold}"
+        logger.info(f"TRAIN:: step 4/4: publishing {run_dir / 'model.pt'} to {self.model_path}")
         published = self.publish(run_dir)
         stats = {
             "cases": mapping,

@@ -7,7 +7,7 @@ import logging
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.scoring import UNC_SCORE_KEY
+from lib.scoring.uncertainty import UNC_SCORE_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from custom.core.errors import BraTSInputError
-from lib.predictor import StudyPredictor
+from lib.infers.predictor import StudyPredictor
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+from .most_uncertain import MostUncertain

@@ -1,0 +1,1 @@
+from .brats_uncertainty import BraTSUncertainty

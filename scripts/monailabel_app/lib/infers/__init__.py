@@ -1,0 +1,3 @@
+from .bundle import BraTSBundleInferTask
+from .predictor import StudyPrediction, StudyPredictor
+from .shared import BraTSUncertaintyInfer
