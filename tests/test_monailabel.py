@@ -718,9 +718,6 @@ def test_server_upload_cap_and_labels(bare_server, tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj), np.where(seg == 4, 1, seg))
 
 
-@pytest.mark.xfail(reason="issue 15.5: the cap on the preprocessed voxel count in custom/inference/segmenter.py "
-                          "has not landed on main; without it this request tries to allocate ~3e10 voxels",
-                   run=False)
 def test_server_refuses_a_study_whose_spacing_would_blow_up(server, tmp_path):
     """Issue 15.5: a study whose spacing resamples to an enormous grid is a 4xx naming the problem."""
     import requests

@@ -349,3 +349,20 @@ def test_brats_preprocessd_spacing_key_and_errors(case):
         BraTSPreprocessd(keys="image")
     with pytest.raises(KeyError, match="image_properties"):
         RestoreOriginalGridd(keys="image")({"image": torch.zeros(1, 2, 2, 2)})
+
+
+def test_preprocess_refuses_a_spacing_that_would_blow_up_the_volume():
+    """Issue 15.5: the resampled size is checked from shape and spacing before any work, in the one function every
+    entry point (bundle run, BraTSPreprocessd of MONAI Label's bundle task, Triton, training cache) goes through."""
+    from custom.core.errors import BraTSInputError
+    from custom.preprocessing.functional import MAX_PREPROCESSED_VOXELS, preprocess_case
+
+    plans = tiny_plans()
+    image = np.ones((4, 64, 64, 48), np.float32)
+    with pytest.raises(BraTSInputError, match="voxels, above the limit") as info:
+        preprocess_case(image, (6.0, 6.0, 6.0), plans, name="case-X")
+    assert "case-X" in str(info.value) and "[384, 384, 288]" in str(info.value)
+    # a limit is a parameter; a normal case passes
+    assert 64 * 64 * 48 < MAX_PREPROCESSED_VOXELS
+    with pytest.raises(BraTSInputError):
+        preprocess_case(image, (1.0, 1.0, 1.0), plans, max_voxels=1000)

@@ -37,39 +37,13 @@ from custom.inference.inferer import UncertaintyInferer
 from custom.inference.postprocess import Prediction, postprocess_probabilities
 from custom.model.checkpoints import load_network, resolve_plans_path
 from custom.planning.plans import load_plans
-from custom.preprocessing.functional import preprocess_case
+from custom.preprocessing.functional import MAX_PREPROCESSED_VOXELS, preprocess_case
 from custom.uncertainty.baselines import PatchFn, probability_patch_fn
 
 logger = logging.getLogger(__name__)
 
 
-#: largest preprocessed (resampled) volume a case may become, in voxels: 4x a BraTS case (240x240x155 at 1 mm with
-#: the BraTS plan), far below what a bad SPACING could ask for (64^3 at 6 mm -> 56.6 M voxels, minutes of CPU)
-MAX_PREPROCESSED_VOXELS = 4 * 240 * 240 * 155
-
-
 # ---------------------------------------------------------------------------------------------- segmenter
-def check_preprocessed_size(shape, spacing, target_spacing, max_voxels: int = MAX_PREPROCESSED_VOXELS,
-                            name: str = "image") -> list[int]:
-    """The resampled shape ``round(n * spacing / target)`` of a ``shape`` volume, refused above ``max_voxels``.
-
-    Computed from the uncropped shape before any preprocessing work (an upper bound of what cropping and
-    resampling produce), so that a hostile or mistaken spacing costs nothing.
-
-    Raises:
-        BraTSInputError: naming ``name``, the shape, the spacing, the resampled shape and the limit.
-    """
-    new_shape = [max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target_spacing)]
-    voxels = int(np.prod(new_shape, dtype=np.int64))
-    if voxels > int(max_voxels):
-        raise BraTSInputError(
-            f"{name}: shape {list(shape)} at spacing {list(spacing)} mm resamples to {new_shape} at the plan's "
-            f"{list(target_spacing)} mm = {voxels} voxels, above the limit of {int(max_voxels)} "
-            f"(max_preprocessed_voxels); check the voxel spacing in the file header",
-            header="input volume too large to process")
-    return new_shape
-
-
 def _check_image(image: np.ndarray, spacing) -> tuple[np.ndarray, tuple[float, float, float]]:
     image = np.asarray(image)
     if image.ndim != 4 or image.shape[0] != len(MODALITIES):
@@ -99,7 +73,7 @@ class UncertaintySegmenter:
         mask_dilation: dilation (voxels) of the predicted WT that bounds the uncertainty map.
         overlap, sw_batch_size, tta: sliding-window settings (see ``UncertaintyInferer``).
         inferer: an ``UncertaintyInferer`` to use instead of building one (the bundle passes its ``inferer``).
-        max_preprocessed_voxels: refuse a case whose resampled volume would exceed this (``check_preprocessed_size``).
+        max_preprocessed_voxels: refuse a case whose resampled volume would exceed this (:func:`custom.preprocessing.functional.check_preprocessed_size`).
     """
 
     def __init__(self, network: torch.nn.Module | None, plans, device="cpu", with_uncertainty: bool = True,
@@ -156,9 +130,9 @@ class UncertaintySegmenter:
         """``image (4,X,Y,Z)`` float32 in MODALITIES order, ``spacing`` (mm) -> ``Prediction`` on the same grid."""
 
         image, spacing = _check_image(image, spacing)
-        check_preprocessed_size(image.shape[1:], spacing, self.plans.target_spacing, self.max_preprocessed_voxels, name)
         t0 = time.perf_counter()
-        image_pp, _, properties = preprocess_case(image, spacing, self.plans, name=name)
+        image_pp, _, properties = preprocess_case(image, spacing, self.plans, name=name,
+                                                  max_voxels=self.max_preprocessed_voxels)
         t1 = time.perf_counter()
         probs_pp = self.predict_preprocessed(image_pp, patch_fn)
         t2 = time.perf_counter()

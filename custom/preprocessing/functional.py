@@ -30,6 +30,32 @@ from custom.planning.plans import load_plans
 
 _SPACING_RTOL = 1e-3
 
+#: largest preprocessed (resampled) volume a case may become, in voxels: 4x a BraTS case (240x240x155 at 1 mm with
+#: the BraTS plan), far below what a bad SPACING could ask for (64^3 at 6 mm -> 56.6 M voxels, minutes of CPU)
+MAX_PREPROCESSED_VOXELS = 4 * 240 * 240 * 155
+
+
+# ---------------------------------------------------------------------------------------------- segmenter
+def check_preprocessed_size(shape, spacing, target_spacing, max_voxels: int = MAX_PREPROCESSED_VOXELS,
+                            name: str = "image") -> list[int]:
+    """The resampled shape ``round(n * spacing / target)`` of a ``shape`` volume, refused above ``max_voxels``.
+
+    Computed from the uncropped shape before any preprocessing work (an upper bound of what cropping and
+    resampling produce), so that a hostile or mistaken spacing costs nothing.
+
+    Raises:
+        BraTSInputError: naming ``name``, the shape, the spacing, the resampled shape and the limit.
+    """
+    new_shape = [max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target_spacing)]
+    voxels = int(np.prod(new_shape, dtype=np.int64))
+    if voxels > int(max_voxels):
+        raise BraTSInputError(
+            f"{name}: shape {list(shape)} at spacing {list(spacing)} mm resamples to {new_shape} at the plan's "
+            f"{list(target_spacing)} mm = {voxels} voxels, above the limit of {int(max_voxels)} "
+            f"(max_preprocessed_voxels); check the voxel spacing in the file header",
+            header="input volume too large to process")
+    return new_shape
+
 
 # ------------------------------------------------------------------------------------------------ building blocks
 def _crop(array: np.ndarray, bbox) -> np.ndarray:
@@ -131,7 +157,8 @@ def _validate_inputs(image, spacing, seg, n_channels: int, name: str):
 
 
 # ----------------------------------------------------------------------------------------------------- one case
-def preprocess_case(image, spacing, plans, seg=None, affine=None, name: str = "image"):
+def preprocess_case(image, spacing, plans, seg=None, affine=None, name: str = "image",
+                    max_voxels: int = MAX_PREPROCESSED_VOXELS):
     """Crop to nonzero, z-score over the nonzero mask, resample to the plan's spacing.
 
     Args:
@@ -141,6 +168,8 @@ def preprocess_case(image, spacing, plans, seg=None, affine=None, name: str = "i
         seg: optional (X, Y, Z) labels in 0..3.
         affine: optional (4, 4) voxel-to-world matrix, kept in the properties for writing results.
         name: file or case named in error messages.
+        max_voxels: the largest resampled volume accepted (:func:`check_preprocessed_size`, checked before any
+            work: every entry point, bundle run, Triton, MONAI Label and training, goes through here).
 
     Returns:
         ``(image_pp float32 (4, X', Y', Z'), seg_pp uint8 (X', Y', Z') or None, properties)`` with properties
@@ -148,7 +177,8 @@ def preprocess_case(image, spacing, plans, seg=None, affine=None, name: str = "i
         preprocessed_shape, target_spacing, affine (4x4 list or None), resampled (bool), plan_hash``.
 
     Raises:
-        BraTSInputError: wrong shape/channels, NaN, bad spacing, bad labels, or an all-zero image.
+        BraTSInputError: wrong shape/channels, NaN, bad spacing, bad labels, an all-zero image, or a volume that
+            would resample beyond ``max_voxels``.
     """
     plans = load_plans(plans)
     if isinstance(image, torch.Tensor):
@@ -157,6 +187,7 @@ def preprocess_case(image, spacing, plans, seg=None, affine=None, name: str = "i
         seg = seg.detach().cpu().numpy()
     image, spacing, seg = _validate_inputs(image, spacing, seg, len(plans.modalities), name)
     target = np.asarray(plans.target_spacing, dtype=float)
+    check_preprocessed_size(image.shape[1:], spacing, target, max_voxels, name)
 
     bbox = compute_nonzero_bbox(image, name=name)
     cropped = _crop(image, bbox)

@@ -69,9 +69,26 @@ def _detail(exc: Exception) -> str:
     return str(getattr(exc, "msg", None) or exc)
 
 
+def known_cause(exc: BaseException) -> tuple[BaseException | None, int]:
+    """The first exception of ``exc``'s chain (itself, then ``__cause__``/``__context__``) that
+    :data:`ERROR_STATUS` maps, with its status; ``(None, 500)`` when none does. MONAI wraps an error raised
+    inside a transform or a config expression in a ``RuntimeError``: the input error is its cause."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for kind, code in ERROR_STATUS:
+            if isinstance(exc, kind):
+                return exc, code
+        exc = exc.__cause__ or exc.__context__
+    return None, 500
+
+
 async def _answer_error(request, exc: Exception) -> JSONResponse:
-    status = next(code for kind, code in ERROR_STATUS if isinstance(exc, kind))
-    return JSONResponse({"detail": _detail(exc)}, status_code=status)
+    inner, status = known_cause(exc)
+    if inner is None:  # an unexpected failure: a short answer, the traceback stays in the server log
+        logger.error("request %s failed", request.url.path, exc_info=exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+    return JSONResponse({"detail": _detail(inner)}, status_code=status)
 
 
 async def _send_json(send, status: int, detail: str) -> None:
@@ -214,7 +231,8 @@ def secure_server(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, cors_origins=())
     guard = Middleware(RequestGuard, max_body_bytes=int(float(max_upload_mb) * 2**20))
     others = [m for m in server.user_middleware if m.cls not in (CORSMiddleware, RequestGuard)]
     server.user_middleware = [cors, guard] + others
-    for kind, _ in ERROR_STATUS:
+    # RuntimeError: MONAI's wrapper around an input error raised inside the bundle's transforms
+    for kind in [k for k, _ in ERROR_STATUS] + [RuntimeError]:
         server.add_exception_handler(kind, _answer_error)
     server.middleware_stack = None  # rebuilt from the lists above on the next request
     logger.info(f"request guard installed: upload cap {max_upload_mb} MiB; CORS origins {origins or 'none'}")
