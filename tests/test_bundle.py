@@ -101,21 +101,24 @@ def test_evaluate_config_writes_per_case_metrics(tiny_training_run, prepared_wor
 
 def test_checkpoint_loading_errors_name_the_file(prepared_work_dir, tmp_path):
     from custom.core.errors import BraTSInputError
-    from custom.model.checkpoints import load_model_weights
+    from custom.model.checkpoints import load_weights
     from custom.model.networks import build_network
 
     net = build_network(prepared_work_dir / "plans.json")
-    with pytest.raises(BraTSInputError, match=r"model\.pt: checkpoint not found"):
-        load_model_weights(net, tmp_path / "model.pt")
+    with pytest.raises(BraTSInputError, match=r"model\.pt: checkpoint file not found"):
+        load_weights(net, tmp_path / "model.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(BraTSInputError, match=r"junk\.pt: unreadable checkpoint"):
-        load_model_weights(net, tmp_path / "junk.pt")
+    with pytest.raises(BraTSInputError, match=r"junk\.pt: not a readable PyTorch checkpoint"):
+        load_weights(net, tmp_path / "junk.pt")
     baseline = build_network(prepared_work_dir / "plans.json", with_uncertainty=False)
     torch.save({"model": baseline.state_dict()}, tmp_path / "baseline.pt")
     with pytest.raises(BraTSInputError, match=r"baseline\.pt: weights do not fit"):
-        load_model_weights(net, tmp_path / "baseline.pt")
+        load_weights(net, tmp_path / "baseline.pt")
     torch.save({"model": net.state_dict()}, tmp_path / "ok.pt")
-    assert load_model_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "ok.pt") is not None
+    assert load_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "ok.pt") is not None
+    # the training state checkpoint_last.pt holds the weights under "network": the same loader reads them
+    torch.save({"network": net.state_dict(), "epoch": 1}, tmp_path / "checkpoint_last.pt")
+    assert load_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "checkpoint_last.pt") is not None
 
 
 def test_multi_gpu_config_with_torchrun_gloo_on_cpu(prepared_work_dir, tmp_path):
