@@ -10,14 +10,12 @@ The study is :mod:`custom.workflows.heldout`.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import fire
 
 from custom.core.cli import as_bool, as_list
 from custom.core.errors import BraTSInputError
 from custom.workflows.heldout import evaluate_heldout, summary_line
-from custom.workflows.report import HELDOUT_JSON
+from custom.core.layout import ReportDir
 
 
 def main(work_dir: str, out_dir: str, folds=None, variant: str = "unc", mc_variant: str = "mcdropout",
@@ -54,7 +52,7 @@ def main(work_dir: str, out_dir: str, folds=None, variant: str = "unc", mc_varia
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(summary_line(res) + f" -> {Path(out_dir) / HELDOUT_JSON}")
+    print(summary_line(res) + f" -> {ReportDir(out_dir).heldout}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ What it writes is described in :mod:`custom.workflows.report`.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import fire
 
 from custom.core.cli import as_bool, as_list
 from custom.core.errors import BraTSInputError
-from custom.workflows.report import REPORT_NAME, make_report, summary_line
+from custom.core.layout import ReportDir
+from custom.workflows.report import make_report, summary_line
 
 
 def main(work_dir: str, out_dir: str, last_k: int = 30, folds=None, variants="unc,baseline",
@@ -46,7 +45,7 @@ def main(work_dir: str, out_dir: str, last_k: int = 30, folds=None, variants="un
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(summary_line(res, last_k) + f" -> {Path(out_dir) / REPORT_NAME}")
+    print(summary_line(res, last_k) + f" -> {ReportDir(out_dir).report}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@
       model.pt                                       best EMA pseudo-Dice (nnU-Net's checkpoint_best)
       model_final.pt  FINISHED                       written when the schedule completes
     OUT/ (inference)                                 <case_id>.nii.gz  <case_id>-unc.nii.gz  summary.json
+    R/ (report, held-out study; ReportDir)           report.md  table1.csv  table2.csv  tables.json
+                                                     metrics_fold0_<N>_epochs.png  Comparison_models_6_views.png
+                                                     heldout.json  heldout.md  heldout_per_case.csv
+                                                     heldout_methods_per_case.csv  heldout/fold<k>/pred/
 
 The BraTS case-folder names (``<case_id>/<case_id>-<modality>.nii.gz``) are parsed in
 :mod:`custom.data.cases`; the file name patterns they follow are here (:func:`case_file_name`).
@@ -228,3 +232,62 @@ def preprocessed_paths(pp_dir, case_id: str) -> dict[str, str]:
     pp = Path(pp_dir)
     return {"pp_image": os.fspath(pp / f"{case_id}_image.npy"), "pp_label": os.fspath(pp / f"{case_id}_seg.npy"),
             "pp_properties": os.fspath(pp / f"{case_id}.json")}
+
+
+@dataclass(frozen=True)
+class ReportDir:
+    """The report folder ``R`` that ``scripts/report.py`` and ``scripts/evaluate_heldout.py`` share."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def table1(self) -> Path:
+        return self.path / "table1.csv"
+
+    @property
+    def table2(self) -> Path:
+        return self.path / "table2.csv"
+
+    @property
+    def tables(self) -> Path:
+        return self.path / "tables.json"
+
+    def figure_metrics(self, num_epochs: int) -> Path:
+        """Figure 1 of a fold-0 run with ``num_epochs`` epochs."""
+        return self.path / f"metrics_fold0_{int(num_epochs)}_epochs.png"
+
+    @property
+    def figure_comparison(self) -> Path:
+        """Figure 2 (the name of the paper's figure file)."""
+        return self.path / "Comparison_models_6_views.png"
+
+    @property
+    def heldout(self) -> Path:
+        return self.path / "heldout.json"
+
+    @property
+    def heldout_markdown(self) -> Path:
+        return self.path / "heldout.md"
+
+    @property
+    def heldout_per_case(self) -> Path:
+        return self.path / "heldout_per_case.csv"
+
+    @property
+    def heldout_methods_per_case(self) -> Path:
+        return self.path / "heldout_methods_per_case.csv"
+
+    def heldout_fold(self, fold: int) -> Path:
+        """``R/heldout/fold<k>/``: the fold's evaluation (``per_case.csv``, ``summary.json``) and ``pred/``."""
+        return self.path / "heldout" / f"{_FOLD_PREFIX}{int(fold)}"
+
+    def heldout_predictions(self, fold: int) -> Path:
+        """``R/heldout/fold<k>/pred/``: the final model's ``<case_id>.nii.gz`` and ``<case_id>-unc.nii.gz``."""
+        return self.heldout_fold(fold) / "pred"

@@ -38,7 +38,7 @@ import torch
 from custom.core.atomic import atomic_write_bytes, atomic_write_json
 from custom.core.constants import REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import RunDir, WorkDir, prediction_paths
+from custom.core.layout import ReportDir, RunDir, WorkDir, prediction_paths
 from custom.core.numeric import nanmean
 from custom.data.datalist import fold_split, load_datalist
 from custom.data.nifti import load_case_arrays, save_nifti
@@ -60,14 +60,7 @@ from custom.uncertainty.baselines import (
     with_uncertainty_channel,
 )
 from custom.uncertainty.targets import compute_prediction_variance
-from custom.workflows.report import (
-    HELDOUT_END,
-    HELDOUT_JSON,
-    HELDOUT_START,
-    QUALITY_COLUMNS,
-    REPORT_NAME,
-    render_quality_vs_cost,
-)
+from custom.workflows.report import HELDOUT_END, HELDOUT_START, QUALITY_COLUMNS, render_quality_vs_cost
 
 #: the methods in the order of the quality-vs-cost table
 METHOD_ORDER = ("unc_output", "var1shot", "tta_variance", "mc_dropout", "ensemble")
@@ -188,7 +181,7 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
     Raises:
         BraTSInputError: no requested fold has a finished final model (each run is named).
     """
-    work, out_dir = WorkDir(Path(work_dir).resolve()), Path(out_dir)
+    work, out = WorkDir(Path(work_dir).resolve()), ReportDir(out_dir)
     datalist = load_datalist(work.path)
     num_folds = int(datalist["num_folds"])
     folds = list(range(num_folds)) if folds is None else [int(f) for f in folds]
@@ -219,8 +212,7 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
         seg = fold_models[f]
         _, val = fold_split(datalist, f)
         val = val[: int(max_cases_per_fold)] if max_cases_per_fold else val
-        fold_dir = out_dir / "heldout" / f"fold{f}"
-        pred_dir = fold_dir / "pred"
+        fold_dir, pred_dir = out.heldout_fold(f), out.heldout_predictions(f)
         methods = build_methods(seg, work, f, fold_models, mc_variant, mc_samples, tta, ensemble, device, unavailable)
         for e in val:
             cid = e["case_id"]
@@ -271,15 +263,15 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
                "methods": methods_summary, "unavailable": unavailable,
                "notes": ["each map is scored against the WT errors of its own method's segmentation",
                          "* ensemble members other than the case's own fold model were trained on that case"]}
-    write_rows_csv(out_dir / "heldout_per_case.csv", seg_rows)
-    write_rows_csv(out_dir / "heldout_methods_per_case.csv", method_rows)
-    atomic_write_json(out_dir / HELDOUT_JSON, to_json_safe(heldout))
+    write_rows_csv(out.heldout_per_case, seg_rows)
+    write_rows_csv(out.heldout_methods_per_case, method_rows)
+    atomic_write_json(out.heldout, to_json_safe(heldout))
     md = render_quality_vs_cost(to_json_safe(heldout))
     if any(m["method"].startswith("ensemble") for m in methods_summary):
         md += "\n\\* In cross-validation the other folds' models were trained on these cases: the ensemble row is " \
               "an optimistic bound, not a held-out measurement.\n"
-    atomic_write_bytes(out_dir / "heldout.md", md.encode())
-    replace_heldout_section(out_dir / REPORT_NAME, md)
+    atomic_write_bytes(out.heldout_markdown, md.encode())
+    replace_heldout_section(out.report, md)
     return heldout
 
 

@@ -26,7 +26,7 @@ import torch
 from custom.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from custom.core.constants import MODALITIES, REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import FINAL_MODEL_NAME, MODEL_NAME, RUN_FINISHED, RUN_MISSING, RunDir, WorkDir
+from custom.core.layout import FINAL_MODEL_NAME, MODEL_NAME, RUN_FINISHED, RUN_MISSING, ReportDir, RunDir, WorkDir
 from custom.data.datalist import fold_split, load_datalist
 from custom.evaluation.folder import to_json_safe, write_rows_csv
 from custom.evaluation.runs import DICE_COLUMNS, UNC_METRIC_COLUMNS, collect_runs, fold_average, read_metrics_csv
@@ -37,8 +37,6 @@ from custom.uncertainty.targets import compute_prediction_variance
 
 #: report.md marks around the held-out section (``custom.workflows.heldout`` replaces what lies between them)
 HELDOUT_START, HELDOUT_END = "<!-- heldout:start -->", "<!-- heldout:end -->"
-REPORT_NAME = "report.md"
-HELDOUT_JSON = "heldout.json"
 
 #: the paper's reported numbers (METHOD.md): BraTS 2023, 5 folds, 500 epochs, batch 2
 PAPER_TABLE1 = {"unc": {"val_dice_wt": 0.916, "val_dice_tc": 0.916, "val_dice_et": 0.873, "val_dice_mean": 0.901},
@@ -47,7 +45,6 @@ PAPER_TABLE2 = {"unc": (0.00360, 0.966), "variance_stable": (0.00542, 0.894), "v
 VARIANT_NAMES = {"unc": "with uncertainty", "baseline": "without uncertainty", "mcdropout": "MC dropout variant"}
 MAPS = ("unc", "variance_stable", "var1shot")
 MAP_NAMES = {"unc": "unc_output", "variance_stable": "variance_stable", "var1shot": "var1shot"}
-FIG2_NAME = "Comparison_models_6_views.png"
 
 
 def _fmt(v, nd=3):
@@ -148,7 +145,7 @@ def figure_metrics(metrics_csv, out_dir) -> Path:
             ax.text(0.5, 0.5, "no validation values", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"Fold 0: uncertainty maps vs error_stable over {n_epochs} epochs")
     fig.tight_layout()
-    out = Path(out_dir) / f"metrics_fold0_{n_epochs}_epochs.png"
+    out = ReportDir(out_dir).figure_metrics(n_epochs)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -232,7 +229,7 @@ def figure_comparison(cases: list, out_dir) -> Path:
     cax = fig.add_axes([0.9, 0.15, 0.02, 0.7])
     fig.colorbar(im, cax=cax, label="value (probability scale, 0-1)")
     fig.suptitle(f"Fold 0 validation: error_stable vs uncertainty maps ({n} cases, t2f beneath)")
-    out = Path(out_dir) / FIG2_NAME
+    out = ReportDir(out_dir).figure_comparison
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -325,7 +322,7 @@ def render_report(runs, tables, k, figures: dict, problems: list, heldout=None) 
 def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc", "baseline"),
                 num_cases: int = 6, figures: bool = True) -> dict:
     """Write the tables, figures and report.md into ``out_dir``; returns the tables dict."""
-    work, out_dir = WorkDir(work_dir), Path(out_dir)
+    work, out = WorkDir(work_dir), ReportDir(out_dir)
     if not work.runs.is_dir():
         raise BraTSInputError(f"{work.runs}: no training runs (run scripts/cross_validate.py first)")
     runs = collect_runs(work_dir, variants=tuple(variants), folds=folds, k=int(last_k))
@@ -333,33 +330,32 @@ def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc"
     problems = run_problems(runs)
     for p in problems:
         print(f"WARNING: {p}", file=sys.stderr)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out.path.mkdir(parents=True, exist_ok=True)
     figs = {}
     if figures:
         fold0 = runs.get("unc", {}).get(0)
         if fold0 is None or fold0["status"] == RUN_MISSING:
             figs["figure1"] = figs["figure2"] = "the 'unc' fold-0 run has no metrics.csv"
         else:
-            figs["figure1"] = figure_metrics(RunDir(fold0["dir"]).metrics_csv, out_dir)
+            figs["figure1"] = figure_metrics(RunDir(fold0["dir"]).metrics_csv, out.path)
             try:
-                figs["figure2"] = figure_comparison(fold0_maps(work_dir, fold0["dir"], num_cases), out_dir)
+                figs["figure2"] = figure_comparison(fold0_maps(work_dir, fold0["dir"], num_cases), out.path)
             except BraTSInputError as exc:
                 figs["figure2"] = "; ".join(exc.problems)
                 print(f"WARNING: Figure 2 not made: {figs['figure2']}", file=sys.stderr)
     else:
         figs["figure1"] = figs["figure2"] = "figures disabled (--figures false)"
-    heldout_path = out_dir / HELDOUT_JSON
-    heldout = json.loads(heldout_path.read_text()) if heldout_path.is_file() else None
-    write_rows_csv(out_dir / "table1.csv", tables["table1"])
-    write_rows_csv(out_dir / "table2.csv", tables["table2"])
-    atomic_write_json(out_dir / "tables.json", to_json_safe({
+    heldout = json.loads(out.heldout.read_text()) if out.heldout.is_file() else None
+    write_rows_csv(out.table1, tables["table1"])
+    write_rows_csv(out.table2, tables["table2"])
+    atomic_write_json(out.tables, to_json_safe({
         "last_k": int(last_k), "table1": tables["table1"], "table2": tables["table2"],
         "averages": tables["averages"], "problems": problems,
         "runs": {v: {str(f): {k2: e[k2] for k2 in ("status", "reason", "dir", "num_epochs")} for f, e in fs.items()}
                  for v, fs in runs.items()},
         "paper": {"table1": PAPER_TABLE1, "table2": {m: {"rmsd": r, "corr": c} for m, (r, c) in PAPER_TABLE2.items()}},
         "figures": {k2: (v.name if isinstance(v, Path) else None) for k2, v in figs.items()}}))
-    atomic_write_bytes(out_dir / REPORT_NAME,
+    atomic_write_bytes(out.report,
                        render_report(runs, tables, int(last_k), figs, problems, heldout).encode())
     return {"tables": tables, "problems": problems, "figures": figs}
 
@@ -371,7 +367,7 @@ def summary_line(result: dict, last_k: int) -> str:
              f"{_fmt(avg[v]['val_dice_mean']['last_k_mean'])} (last {last_k} epochs) over folds {avg[v]['folds_used']}"
              for v in avg]
     if result["problems"]:
-        parts.append(f"{len(result['problems'])} run(s) not finished (see {REPORT_NAME})")
+        parts.append(f"{len(result['problems'])} run(s) not finished (see report.md)")
     return " | ".join(parts)
 
 
