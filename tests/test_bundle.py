@@ -99,6 +99,35 @@ def test_evaluate_config_writes_per_case_metrics(tiny_training_run, prepared_wor
         np.testing.assert_array_equal(store.full(cid)["count"], count)
 
 
+def test_config_paths_agree_with_the_layout(tmp_path):
+    """The configs spell the run folder's names as data; they must be custom.core.layout's names."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from custom.core.layout import WorkDir
+
+    work = WorkDir(tmp_path)
+    run = work.run("baseline", 3)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update({"work_dir": str(tmp_path), "fold": 3, "variant": "baseline"})
+    assert Path(parser.get_parsed_content("output_dir")) == run.path
+    assert Path(parser.get_parsed_content("datalist")) == work.datalist
+    assert Path(parser.get_parsed_content("plans_path")) == work.plans
+    assert Path(parser.get_parsed_content("tb_writer#log_dir", instantiate=False)) == run.tensorboard
+    handlers = parser["train"]["core_handlers"]
+    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("MetricsCSVHandler"))
+    assert Path(parser.get_parsed_content(f"train#core_handlers#{i}#path")) == run.metrics_csv
+    assert f"@output_dir + '/{run.store.name}'" in parser["store"]
+    assert any(f"@output_dir + '/{run.train_config.name}'" in x for x in parser["initialize"])
+    evaluate = ConfigParser()
+    evaluate.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    evaluate.update({"work_dir": str(tmp_path), "fold": 3, "variant": "baseline"})
+    assert Path(evaluate.get_parsed_content("checkpoint")) == run.best_model
+    assert f"@output_dir + '/{run.store.name}'" in evaluate["store"]
+
+
 def test_checkpoint_loading_errors_name_the_file(prepared_work_dir, tmp_path):
     from custom.core.errors import BraTSInputError
     from custom.model.checkpoints import load_weights
