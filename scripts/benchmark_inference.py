@@ -18,17 +18,11 @@ passes per case counted by a forward hook. Ratios b/a (target <= 1.02), c/b, d/b
 """
 
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import fire
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 GPU_COMMAND = ("python scripts/benchmark_inference.py --device cuda --threads 8 --real_size true "
                "--real_size_methods all --out bench_inference_gpu.json")

@@ -20,20 +20,16 @@ from pathlib import Path
 
 import fire
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "bundle" / "configs"
+from custom.core.atomic import atomic_write_json
+from custom.core.layout import CONFIG_DIR, REPO_ROOT
+from custom.workflows.prepare import prepare_synthetic
+from custom.workflows.training_benchmark import measure_training
 GPU_CHECK = ("python scripts/benchmark_training.py --out benchmark_training_gpu.json --device cuda "
              "--real_iterations 20 --tiny_iterations 50 --num_workers 8")
 
 
 def _prepare(work: Path, num_cases: int, shape, patch_size, filters, seed: int = 0) -> Path:
-    from custom.data.synthetic import write_dataset
-    from custom.workflows.prepare import prepare_data
-
-    if not (work / "plans.json").is_file():
-        write_dataset(work / "raw", int(num_cases), shape, (1.0, 1.0, 1.0), int(seed), 0.5)
-        prepare_data(work / "raw", work, num_folds=2, seed=int(seed), patch_size=patch_size, filters=filters)
-    return work
+    return prepare_synthetic(work, num_cases, shape, patch_size=patch_size, filters=filters, seed=seed).path
 
 
 def measure(work_dir: str, json_out: str, iterations: int = 4, warmup: int = 1, num_workers: int = 0,
@@ -41,11 +37,8 @@ def measure(work_dir: str, json_out: str, iterations: int = 4, warmup: int = 1, 
     """(internal) one measurement in this process; writes its JSON to JSON_OUT."""
     import torch
 
-    from custom.core.atomic import atomic_write_json
-    from custom.workflows.training_benchmark import measure_training
-
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    files = [CONFIGS / "train.json"] + ([CONFIGS / "tiny.json"] if tiny else [])
+    files = [CONFIG_DIR / "train.json"] + ([CONFIG_DIR / "tiny.json"] if tiny else [])
     out_dir = Path(tempfile.mkdtemp(prefix="bench_run_"))
     overrides = {"work_dir": str(work_dir), "output_dir": str(out_dir), "num_workers": int(num_workers)}
     if device:
@@ -124,8 +117,6 @@ def main(out: str = "benchmark_training.json", work_dir: str | None = None, real
             "real": real,
         })
     result["total_s"] = time.perf_counter() - start
-    from custom.core.atomic import atomic_write_json
-
     atomic_write_json(out, result)
     line = (f"benchmark_training: tiny {result['tiny_iterations_per_s']:.2f} it/s (data {result['tiny_data_ms_per_batch']:.0f} ms"
             f" vs compute {result['tiny_compute_ms_per_batch']:.0f} ms per batch)")

@@ -23,14 +23,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fire
 
-import fire  # noqa: E402
-
-from custom.core.cli import as_bool, as_list  # noqa: E402
-from custom.core.errors import BraTSInputError  # noqa: E402
-from custom.data.nifti import BRATS2023  # noqa: E402
-from custom.evaluation.folder import evaluate_folder  # noqa: E402
+from custom.core.cli import as_bool, as_list
+from custom.core.errors import BraTSInputError
+from custom.data.nifti import BRATS2023
+from custom.evaluation.folder import evaluate_folder
 
 
 def main(pred_dir: str, gt_dir: str, out_dir: str, unc_dir: str | None = None, unc_max: float = 1.0,

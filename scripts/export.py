@@ -17,13 +17,8 @@ Logic: custom/deploy/export.py.
 import json
 import logging
 import sys
-from pathlib import Path
 
 import fire
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def main(checkpoint: str, work_dir: str = None, out_dir: str = "bundle/models", triton_repo: str = "triton_models",

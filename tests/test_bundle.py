@@ -99,23 +99,55 @@ def test_evaluate_config_writes_per_case_metrics(tiny_training_run, prepared_wor
         np.testing.assert_array_equal(store.full(cid)["count"], count)
 
 
+def test_config_paths_agree_with_the_layout(tmp_path):
+    """The configs spell the run folder's names as data; they must be custom.core.layout's names."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from custom.core.layout import WorkDir
+
+    work = WorkDir(tmp_path)
+    run = work.run("baseline", 3)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update({"work_dir": str(tmp_path), "fold": 3, "variant": "baseline"})
+    assert Path(parser.get_parsed_content("output_dir")) == run.path
+    assert Path(parser.get_parsed_content("datalist")) == work.datalist
+    assert Path(parser.get_parsed_content("plans_path")) == work.plans
+    assert Path(parser.get_parsed_content("tb_writer#log_dir", instantiate=False)) == run.tensorboard
+    handlers = parser["train"]["core_handlers"]
+    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("MetricsCSVHandler"))
+    assert Path(parser.get_parsed_content(f"train#core_handlers#{i}#path")) == run.metrics_csv
+    assert f"@output_dir + '/{run.store.name}'" in parser["store"]
+    assert any(f"@output_dir + '/{run.train_config.name}'" in x for x in parser["initialize"])
+    evaluate = ConfigParser()
+    evaluate.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    evaluate.update({"work_dir": str(tmp_path), "fold": 3, "variant": "baseline"})
+    assert Path(evaluate.get_parsed_content("checkpoint")) == run.best_model
+    assert f"@output_dir + '/{run.store.name}'" in evaluate["store"]
+
+
 def test_checkpoint_loading_errors_name_the_file(prepared_work_dir, tmp_path):
     from custom.core.errors import BraTSInputError
-    from custom.model.checkpoints import load_model_weights
+    from custom.model.checkpoints import load_weights
     from custom.model.networks import build_network
 
     net = build_network(prepared_work_dir / "plans.json")
-    with pytest.raises(BraTSInputError, match=r"model\.pt: checkpoint not found"):
-        load_model_weights(net, tmp_path / "model.pt")
+    with pytest.raises(BraTSInputError, match=r"model\.pt: checkpoint file not found"):
+        load_weights(net, tmp_path / "model.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(BraTSInputError, match=r"junk\.pt: unreadable checkpoint"):
-        load_model_weights(net, tmp_path / "junk.pt")
+    with pytest.raises(BraTSInputError, match=r"junk\.pt: not a readable PyTorch checkpoint"):
+        load_weights(net, tmp_path / "junk.pt")
     baseline = build_network(prepared_work_dir / "plans.json", with_uncertainty=False)
     torch.save({"model": baseline.state_dict()}, tmp_path / "baseline.pt")
     with pytest.raises(BraTSInputError, match=r"baseline\.pt: weights do not fit"):
-        load_model_weights(net, tmp_path / "baseline.pt")
+        load_weights(net, tmp_path / "baseline.pt")
     torch.save({"model": net.state_dict()}, tmp_path / "ok.pt")
-    assert load_model_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "ok.pt") is not None
+    assert load_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "ok.pt") is not None
+    # the training state checkpoint_last.pt holds the weights under "network": the same loader reads them
+    torch.save({"network": net.state_dict(), "epoch": 1}, tmp_path / "checkpoint_last.pt")
+    assert load_weights(build_network(prepared_work_dir / "plans.json"), tmp_path / "checkpoint_last.pt") is not None
 
 
 def test_multi_gpu_config_with_torchrun_gloo_on_cpu(prepared_work_dir, tmp_path):

@@ -377,3 +377,38 @@ def test_datalist_folds_do_not_depend_on_folder_creation_order(base_dataset, tmp
     folds = [{e["case_id"]: e["fold"] for e in build_datalist(r, 2, seed=5, progress=False)["training"]}
              for r in (forward, backward)]
     assert folds[0] == folds[1] == assign_folds([case_id_for(i) for i in range(NUM_CASES)], 2, 5)
+
+
+def test_one_case_folder_parser_serves_inference_and_ground_truth(raw, tmp_path):
+    """find_case_files (inference) and find_label_files (evaluation) read folders through read_case_folder:
+    the same names, the same missing-file message as ingestion, the spacing from the affine."""
+    from custom.data.cases import find_case_files, find_label_files, read_case_folder
+    from custom.data.nifti import spacing_from_affine
+
+    cid = case_id_for(1)
+    case = find_case_files(raw / cid)
+    assert case["case_id"] == cid and [Path(p).name for p in case["image"]] == [f"{cid}-{m}.nii.gz" for m in MODALITIES]
+    assert case["label"] == str(case_file(raw, 1, "seg"))
+    # an uncompressed duplicate is an ingestion problem; the .nii.gz file is the one used
+    shutil.copy(case_file(raw, 1, "t1c"), raw / cid / f"{cid}-t1c.nii")
+    assert find_case_files(raw / cid)["image"][0] == str(case_file(raw, 1, "t1c"))
+    assert any("duplicate t1c file" in p for p in read_case_folder(raw / cid).scan_problems)
+    # ground truth: case folders at any depth and loose <id>-seg.nii.gz files
+    nested = raw / "nested"
+    nested.mkdir()
+    shutil.move(str(raw / case_id_for(2)), nested / case_id_for(2))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(case_file(raw, 3, "seg"), loose / f"{case_id_for(3)}-seg.nii.gz")
+    labels = find_label_files(raw)
+    assert sorted(labels) == sorted(case_id_for(i) for i in range(NUM_CASES))
+    assert labels[case_id_for(2)] == (nested / case_id_for(2) / f"{case_id_for(2)}-seg.nii.gz").resolve()
+    assert find_label_files(loose) == {case_id_for(3): loose / f"{case_id_for(3)}-seg.nii.gz"}
+    # a missing image names itself exactly as ingestion does
+    case_file(raw, 4, "t2w").unlink()
+    with pytest.raises(BraTSInputError, match=f"{case_id_for(4)}-t2w.nii.gz: missing t2w image"):
+        find_case_files(raw / case_id_for(4))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BraTSInputError, match="no '<case_id>-seg.nii.gz'"):
+        find_label_files(tmp_path / "empty")
+    np.testing.assert_allclose(spacing_from_affine(make_affine(SHAPE, SPACING)), SPACING)

@@ -1,4 +1,4 @@
-"""Per-case Dice, uncertainty agreement, Ignite metrics and last-K averaging (custom/training/metrics.py)."""
+"""Per-case Dice, uncertainty agreement, the validation metric and its Ignite handler (custom/training/metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
-from ignite.exceptions import NotComputableError
 
-from custom.evaluation.runs import last_k_mean
-from custom.training.metrics import RegionDiceMetric, UncertaintyAgreementMetric, dice_per_region
+from custom.training.handlers.validation import ValidationMetricsHandler
+from custom.training.metrics import ValidationCaseMetric, dice_per_region
 from custom.transforms.array import labels_to_regions
 from custom.uncertainty.agreement import uncertainty_agreement
+from custom.uncertainty.targets import compute_prediction_variance
 
 
 def np_pearson(x, y, w):
@@ -54,17 +54,9 @@ def test_uncertainty_agreement_and_exclusions():
     assert not math.isnan(r1) and math.isnan(c1)
 
 
-def test_last_k_mean():
-    assert last_k_mean([1, 2, 3, 4], 2) == 3.5
-    assert last_k_mean([1, None, 3, float("nan"), 5], 2) == 4.0
-    assert last_k_mean([2.0], 30) == 2.0
-    assert math.isnan(last_k_mean([None, float("nan")], 3))
-    with pytest.raises(ValueError):
-        last_k_mean([1], 0)
-
-
-def _validation_batch(rng):
-    """Two cases: probabilities [p_WT, p_TC, p_ET, unc], GT regions, error/variance stable."""
+def _validation_output(rng, first_case: int = 0):
+    """An evaluator output of two cases: probabilities [p_WT, p_TC, p_ET, unc], the targets dict, and the maps
+    ValidationErrorMapHandler adds (unc_output, var1shot, error_stable, variance_stable)."""
     gt = np.zeros((2, 8, 8, 8), np.uint8)
     gt[0, 2:6, 2:6, 2:6] = 2
     gt[0, 3:5, 3:5, 3:5] = 3
@@ -73,53 +65,50 @@ def _validation_batch(rng):
     pred = torch.from_numpy(rng.random((2, 4, 8, 8, 8)).astype(np.float32))
     error = torch.from_numpy(rng.random((2, 1, 8, 8, 8)).astype(np.float32))
     variance = torch.from_numpy(rng.random((2, 1, 8, 8, 8)).astype(np.float32))
-    return {"pred": pred, "label": label, "error_stable": error, "variance_stable": variance}
+    ids = [f"case{first_case + b}" for b in range(2)]
+    return {"pred": pred, "label": {"label": label, "case_id": ids}, "unc_output": pred[:, 3:4],
+            "var1shot": compute_prediction_variance(pred[:, 0:1]), "error_stable": error,
+            "variance_stable": variance}
 
 
-def test_ignite_metrics_in_an_engine():
+def test_validation_metrics_handler_in_an_engine():
+    """The handler (Ignite) wraps the one metric: case means of Dice and of each map's agreement."""
     rng = np.random.default_rng(1)
-    batches = [_validation_batch(rng) for _ in range(2)]
+    outputs = [_validation_output(rng, 2 * i) for i in range(2)]
     engine = Engine(lambda eng, batch: batch)
-    RegionDiceMetric(region="mean").attach(engine, "dice_mean")
-    RegionDiceMetric(region="WT").attach(engine, "dice_wt")
-    for source in ("unc_output", "variance_stable", "var1shot"):
-        for stat in ("rmsd", "corr"):
-            UncertaintyAgreementMetric(source=source, stat=stat).attach(engine, f"{stat}_{source}")
-    state = engine.run(batches, max_epochs=1)
+    ValidationMetricsHandler(with_uncertainty=True).attach(engine)
+    state = engine.run(outputs, max_epochs=1)
 
-    cases = [{k: v[b] for k, v in batch.items()} for batch in batches for b in range(2)]
+    cases = [{k: (v["label"][b] if k == "label" else v[b]) for k, v in out.items()} for out in outputs
+             for b in range(2)]
     ref_dice = [dice_per_region(c["pred"], c["label"]) for c in cases]
-    assert state.metrics["dice_mean"] == pytest.approx(np.mean([d["mean"] for d in ref_dice]))
-    assert state.metrics["dice_wt"] == pytest.approx(np.mean([d["WT"] for d in ref_dice]))
-    for source in ("unc_output", "variance_stable", "var1shot"):
+    assert state.metrics["val_dice_mean"] == pytest.approx(np.mean([d["mean"] for d in ref_dice]))
+    assert state.metrics["val_dice_wt"] == pytest.approx(np.mean([d["WT"] for d in ref_dice]))
+    for source, stem in (("unc_output", "unc"), ("variance_stable", "variance_stable"), ("var1shot", "var1shot")):
         vals = []
         for c in cases:
             x = {"unc_output": c["pred"][3], "variance_stable": c["variance_stable"][0],
                  "var1shot": 4 * c["pred"][0] * (1 - c["pred"][0])}[source]
             vals.append(uncertainty_agreement(x, c["error_stable"][0], c["label"][0]))
-        assert state.metrics[f"rmsd_{source}"] == pytest.approx(np.mean([v[0] for v in vals]), rel=1e-6)
-        assert state.metrics[f"corr_{source}"] == pytest.approx(np.mean([v[1] for v in vals]), rel=1e-6)
+        assert state.metrics[f"val_rmsd_{stem}"] == pytest.approx(np.mean([v[0] for v in vals]), rel=1e-6)
+        assert state.metrics[f"val_corr_{stem}"] == pytest.approx(np.mean([v[1] for v in vals]), rel=1e-6)
+    assert [r["case_id"] for r in state.per_case_metrics] == ["case0", "case1", "case2", "case3"]
 
 
-def test_metric_accepts_decollated_lists_and_skips_undefined_cases():
+def test_metric_skips_undefined_cases_and_names_missing_maps():
     rng = np.random.default_rng(2)
-    batch = _validation_batch(rng)
-    decollated = [{k: v[b] for k, v in batch.items()} for b in range(2)]
-    decollated[1]["label"] = torch.zeros_like(decollated[1]["label"])  # no tumour: agreement undefined
-    m = UncertaintyAgreementMetric(source="unc_output", stat="corr")
-    m.reset()
-    m.update(decollated)
-    expected = uncertainty_agreement(decollated[0]["pred"][3], decollated[0]["error_stable"], decollated[0]["label"][0])
-    assert m.compute() == pytest.approx(expected[1])
-    assert m.results()["n_cases"] == 2
-    d = RegionDiceMetric(region="ET")
-    d.reset()
-    with pytest.raises(NotComputableError):
-        d.compute()
-    d.update(decollated)
-    assert d.per_case.shape == (2, 3)
-    with pytest.raises(ValueError, match="source"):
-        UncertaintyAgreementMetric(source="entropy")
+    out = _validation_output(rng)
+    out["label"]["label"][1] = 0  # no tumour: agreement undefined for case 1
+    metric = ValidationCaseMetric(with_uncertainty=True)
+    rows = metric.update(out["label"]["case_id"], out["pred"], out["label"]["label"], out)
+    expected = uncertainty_agreement(out["pred"][0, 3], out["error_stable"][0, 0], out["label"]["label"][0, 0])
+    assert math.isnan(rows[1]["corr_unc"]) and metric.aggregate()["val_corr_unc"] == pytest.approx(expected[1])
+    assert len(metric.rows) == 2 and rows[1]["dice_wt"] == 0.0
+    metric.reset()
+    assert metric.rows == [] and math.isnan(metric.aggregate()["val_dice_mean"])
     with pytest.raises(KeyError, match="variance_stable"):
-        mv = UncertaintyAgreementMetric(source="variance_stable")
-        mv.update([{"pred": batch["pred"][0], "label": batch["label"][0], "error_stable": batch["error_stable"][0]}])
+        metric.update(["a", "b"], out["pred"], out["label"]["label"],
+                      {k: v for k, v in out.items() if k != "variance_stable"})
+    no_unc = ValidationCaseMetric(with_uncertainty=False)
+    no_unc.update(["a", "b"], out["pred"][:, :3], out["label"]["label"])
+    assert set(no_unc.aggregate()) == {"val_dice_wt", "val_dice_tc", "val_dice_et", "val_dice_mean"}

@@ -43,14 +43,31 @@ def write_run(work, variant, fold, dice_wt, finished=True, val_every=1, corr_unc
 def test_last_k_uses_only_validation_epochs(tmp_path):
     d = write_run(tmp_path, "unc", 0, [0.1, None, 0.3, None, 0.5, None, 0.7, None])
     rows = read_metrics_csv(d / "metrics.csv")
-    s = last_k_summary(rows, k=2)["val_dice_wt"]
+    s = last_k_summary(rows, k=4)["val_dice_wt"]
     assert s["final"] == pytest.approx(0.7) and s["final_epoch"] == 6
-    assert s["last_k_mean"] == pytest.approx((0.5 + 0.7) / 2)       # epochs 4 and 6, not 6 and 7
-    assert s["num_values"] == 4
+    assert s["last_k_mean"] == pytest.approx((0.5 + 0.7) / 2)       # epochs 4..7: rounds 4 and 6
+    assert s["last_k_epochs"] == [4, 6] and s["num_values"] == 4
+    assert last_k_summary(rows, k=2)["val_dice_wt"]["last_k_mean"] == pytest.approx(0.7)  # epochs 6, 7: round 6
     assert last_k_summary(rows, k=30)["val_dice_wt"]["last_k_mean"] == pytest.approx(0.4)  # fewer than K
     assert last_k_summary(rows, k=2)["val_dice_mean"]["final"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match="k"):
         last_k_summary(rows, k=0)
+
+
+def test_last_k_averages_the_last_k_epochs_not_the_last_k_rounds(tmp_path):
+    """The paper's "last 30 epochs" with validation every 5 epochs: 6 rounds (epochs 75..100 of 100), not the
+    last 30 rounds (which would reach back 150 epochs, here the whole run)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    with open(d / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for e in range(1, 101):                                        # Ignite epochs are 1-based
+            w.writerow([e, 1.0, 0.01, 2.0] + ([e / 100] * 11 if e % 5 == 0 else [""] * 11))
+    s = last_k_summary(read_metrics_csv(d / "metrics.csv"), k=30)["val_dice_wt"]
+    assert s["last_k_epochs"] == [75, 80, 85, 90, 95, 100]
+    assert s["last_k_mean"] == pytest.approx(np.mean([75, 80, 85, 90, 95, 100]) / 100)   # rounds: 0.525
+    assert s["final"] == pytest.approx(1.0) and s["final_epoch"] == 100 and s["num_values"] == 20
 
 
 def test_fold_average_excludes_unfinished_and_missing(tmp_path):
@@ -97,8 +114,8 @@ def test_report_cli_tables_figure1_and_missing_fold(tmp_path):
     tables = json.loads((out / "tables.json").read_text())
     unc = tables["averages"]["unc"]
     assert unc["folds_used"] == [0, 1]
-    # fold 0 validates on even epochs: final = epoch 10, last 3 = epochs 6, 8, 10
-    f0_final, f0_last3 = 0.5 + 0.2, np.mean([0.5 + 0.02 * e for e in (6, 8, 10)])
+    # fold 0 validates on even epochs 0..10 of 0..11: final = epoch 10; the last 3 epochs (9, 10, 11) hold round 10
+    f0_final, f0_last3 = 0.5 + 0.2, 0.5 + 0.02 * 10
     assert unc["val_dice_wt"]["final"] == pytest.approx((f0_final + 0.6) / 2)
     assert unc["val_dice_wt"]["last_k_mean"] == pytest.approx((f0_last3 + 0.6) / 2)
     assert tables["averages"]["baseline"]["folds_used"] == [0]
@@ -113,6 +130,8 @@ def test_report_cli_tables_figure1_and_missing_fold(tmp_path):
     assert "baseline fold 1: UNFINISHED" in md and "excluded from the averages" in md
     assert "0.901" in md and "0.966" in md                          # the paper's numbers beside ours
     assert f"]({fig1.name})" in md and "Figure 2: not made" in md
+    assert md.count(" | 10 |\n") == 2 and "| 9, 10, 11 |" in md      # the epochs each last-K figure averages
+    assert [r["last_k_epochs"] for r in t1 if r["variant"] == "unc"] == ["10", "9 10 11", ""]
 
 
 def test_report_includes_heldout_table(tmp_path):
@@ -166,13 +185,8 @@ def test_cross_validate_plans_skip_resume_and_fresh_runs(tmp_path):
 
 
 def test_cross_validate_spreads_runs_one_per_device(tmp_path):
-    import importlib.util
+    from custom.workflows import cross_validate as cv
 
-    from tests.conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("cross_validate", REPO_ROOT / "scripts" / "cross_validate.py")
-    cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cv)
     trace = tmp_path / "trace.txt"
     # each "training" records its device and start/end times, so overlaps on one device would show
     code = ("import os, time; d = os.environ['CUDA_VISIBLE_DEVICES']; t0 = time.time(); time.sleep(0.4); "
@@ -232,21 +246,10 @@ def finished_runs(prepared_work_dir, tmp_path_factory):
     return work
 
 
-def _load_script(name):
-    import importlib.util
-
-    from tests.conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_figure2_shows_store_maps_and_model_maps_on_tumour_slice(finished_runs, tmp_path):
     from custom.data.datalist import fold_split, load_datalist
 
-    report = _load_script("report")
+    from custom.workflows import report
     run0 = finished_runs / "runs" / "unc" / "fold0"
     cases = report.fold0_maps(finished_runs, run0, num_cases=6)
     _, val = fold_split(load_datalist(finished_runs), 0)
@@ -265,7 +268,9 @@ def test_figure2_shows_store_maps_and_model_maps_on_tumour_slice(finished_runs, 
 
 def test_evaluate_heldout_quality_vs_cost(finished_runs, tmp_path):
     out = tmp_path / "R"
-    _load_script("report").make_report(finished_runs, out, variants=("unc",), figures=False)
+    from custom.workflows.report import make_report
+
+    make_report(finished_runs, out, variants=("unc",), figures=False)
     # the official cross-check inside evaluate_folder is covered in test_evaluation.py; skipped here for time
     proc = run_cmd([sys.executable, "scripts/evaluate_heldout.py", "--work_dir", finished_runs, "--out_dir", out,
                     "--max_cases_per_fold", 1, "--mc_samples", 2, "--crosscheck", "false"], timeout=600)

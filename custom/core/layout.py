@@ -15,9 +15,17 @@
       model.pt                                       best EMA pseudo-Dice (nnU-Net's checkpoint_best)
       model_final.pt  FINISHED                       written when the schedule completes
     OUT/ (inference)                                 <case_id>.nii.gz  <case_id>-unc.nii.gz  summary.json
+    R/ (report, held-out study; ReportDir)           report.md  table1.csv  table2.csv  tables.json
+                                                     metrics_fold0_<N>_epochs.png  Comparison_models_6_views.png
+                                                     heldout.json  heldout.md  heldout_per_case.csv
+                                                     heldout_methods_per_case.csv  heldout/fold<k>/pred/
 
 The BraTS case-folder names (``<case_id>/<case_id>-<modality>.nii.gz``) are parsed in
 :mod:`custom.data.cases`; the file name patterns they follow are here (:func:`case_file_name`).
+
+Two views of a run's state live here and nowhere else: :meth:`RunDir.state` (what the next training
+command does with the folder: skip, resume or start) and :meth:`RunDir.status` (what a report may do
+with it: average it, show it, or name it as missing).
 """
 
 from __future__ import annotations
@@ -38,9 +46,18 @@ DATALIST_NAME = "datalist.json"
 PLANS_NAME = "plans.json"
 FINGERPRINT_NAME = "fingerprint.json"
 PREPROCESSED_DIR = "preprocessed"
+RUNS_DIR = "runs"
+_FOLD_PREFIX = "fold"
 SUMMARY_NAME = "summary.json"
 NIFTI_SUFFIX = ".nii.gz"
 UNC_SUFFIX = "unc"
+#: the weights a run selects (best EMA pseudo-Dice); also the name the bundle ships (``bundle/models/model.pt``)
+MODEL_NAME = "model.pt"
+FINAL_MODEL_NAME = "model_final.pt"
+CHECKPOINT_NAME = "checkpoint_last.pt"
+FINISHED_NAME = "FINISHED"
+METRICS_CSV_NAME = "metrics.csv"
+TRAIN_CONFIG_NAME = "train_config.json"
 
 #: columns of ``metrics.csv``, exactly as bundle/docs/DESIGN.md lists them
 METRICS_CSV_COLUMNS = (
@@ -49,8 +66,10 @@ METRICS_CSV_COLUMNS = (
     "val_rmsd_var1shot", "val_corr_var1shot", "ema_pseudo_dice",
 )
 
-#: run states (:meth:`RunDir.state`)
-RUN_FINISHED, RUN_RESUMABLE, RUN_FRESH = "finished", "resumable", "fresh"
+#: training states (:meth:`RunDir.state`): skip it, resume it (``--resume true``), start it
+RUN_FINISHED, RUN_RESUMABLE, RUN_FRESH = "finished", "resume", "fresh"
+#: report statuses (:meth:`RunDir.status`): only RUN_FINISHED runs enter an average
+RUN_UNFINISHED, RUN_MISSING = "unfinished", "missing"
 
 
 def case_file_name(case_id: str, kind: str) -> str:
@@ -64,6 +83,12 @@ def prediction_paths(out_dir, case_id: str) -> tuple[Path, Path]:
     """``(OUT/<case_id>.nii.gz, OUT/<case_id>-unc.nii.gz)``: the BraTS submission name and the uncertainty map."""
     out_dir = Path(out_dir)
     return out_dir / f"{case_id}{NIFTI_SUFFIX}", out_dir / f"{case_id}-{UNC_SUFFIX}{NIFTI_SUFFIX}"
+
+
+def remove_predictions(out_dir, case_id: str) -> None:
+    """Remove both outputs of a case: a stale result beside a failure would be mistaken for a current one."""
+    for p in prediction_paths(out_dir, case_id):
+        p.unlink(missing_ok=True)
 
 
 def is_temporary_name(name: str) -> bool:
@@ -82,7 +107,7 @@ class RunDir:
 
     @property
     def train_config(self) -> Path:
-        return self.path / "train_config.json"
+        return self.path / TRAIN_CONFIG_NAME
 
     @property
     def plans(self) -> Path:
@@ -90,7 +115,7 @@ class RunDir:
 
     @property
     def metrics_csv(self) -> Path:
-        return self.path / "metrics.csv"
+        return self.path / METRICS_CSV_NAME
 
     @property
     def tensorboard(self) -> Path:
@@ -98,7 +123,7 @@ class RunDir:
 
     @property
     def checkpoint_last(self) -> Path:
-        return self.path / "checkpoint_last.pt"
+        return self.path / CHECKPOINT_NAME
 
     @property
     def store(self) -> Path:
@@ -111,16 +136,16 @@ class RunDir:
     @property
     def best_model(self) -> Path:
         """``model.pt``: the weights at the best EMA pseudo-Dice (nnU-Net's ``checkpoint_best``)."""
-        return self.path / "model.pt"
+        return self.path / MODEL_NAME
 
     @property
     def final_model(self) -> Path:
         """``model_final.pt``: the weights after the last epoch (nnU-Net's ``checkpoint_final``)."""
-        return self.path / "model_final.pt"
+        return self.path / FINAL_MODEL_NAME
 
     @property
     def finished_marker(self) -> Path:
-        return self.path / "FINISHED"
+        return self.path / FINISHED_NAME
 
     @property
     def log(self) -> Path:
@@ -130,14 +155,30 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.finished_marker.exists()
 
+    def has_final_model(self) -> bool:
+        """A finished run with ``model_final.pt``: what the held-out study and the ensemble use."""
+        return self.is_finished() and self.final_model.is_file()
+
     def state(self) -> str:
-        """:data:`RUN_FINISHED` (FINISHED marker), :data:`RUN_RESUMABLE` (``checkpoint_last.pt``, no marker)
-        or :data:`RUN_FRESH`."""
+        """What the next training command does: :data:`RUN_FINISHED` (FINISHED marker: skip),
+        :data:`RUN_RESUMABLE` (``checkpoint_last.pt``, no marker: ``--resume true``) or :data:`RUN_FRESH`."""
         if self.is_finished():
             return RUN_FINISHED
         if self.checkpoint_last.is_file():
             return RUN_RESUMABLE
         return RUN_FRESH
+
+    def status(self) -> tuple[str, str]:
+        """``(status, reason)`` for a report: :data:`RUN_FINISHED` (FINISHED marker and metrics.csv),
+        :data:`RUN_UNFINISHED` (metrics.csv without FINISHED) or :data:`RUN_MISSING` (no metrics.csv);
+        ``reason`` says why a run is not finished (empty when it is)."""
+        if not self.path.is_dir():
+            return RUN_MISSING, f"{self.path}: run folder does not exist"
+        if not self.metrics_csv.is_file():
+            return RUN_MISSING, f"{self.metrics_csv}: missing"
+        if not self.is_finished():
+            return RUN_UNFINISHED, f"{self.path}: no {FINISHED_NAME} marker (training interrupted or still running)"
+        return RUN_FINISHED, ""
 
 
 @dataclass(frozen=True)
@@ -167,20 +208,86 @@ class WorkDir:
 
     def preprocessed_paths(self, case_id: str) -> dict[str, str]:
         """``{"pp_image", "pp_label", "pp_properties"}`` of a case in the preprocessing cache (datalist keys)."""
-        pp = self.preprocessed
-        return {"pp_image": os.fspath(pp / f"{case_id}_image.npy"), "pp_label": os.fspath(pp / f"{case_id}_seg.npy"),
-                "pp_properties": os.fspath(pp / f"{case_id}.json")}
+        return preprocessed_paths(self.preprocessed, case_id)
 
     @property
     def runs(self) -> Path:
-        return self.path / "runs"
+        return self.path / RUNS_DIR
 
     def run(self, variant: str, fold: int) -> RunDir:
-        return RunDir(self.runs / str(variant) / f"fold{int(fold)}")
+        return RunDir(self.runs / str(variant) / f"{_FOLD_PREFIX}{int(fold)}")
 
     def folds_of(self, variant: str) -> list[int]:
         """Fold numbers that have a run folder for ``variant`` (sorted)."""
         base = self.runs / str(variant)
         if not base.is_dir():
             return []
-        return sorted(int(p.name[4:]) for p in base.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
+        n = len(_FOLD_PREFIX)
+        return sorted(int(p.name[n:]) for p in base.glob(f"{_FOLD_PREFIX}*") if p.is_dir() and p.name[n:].isdigit())
+
+
+def preprocessed_paths(pp_dir, case_id: str) -> dict[str, str]:
+    """``{"pp_image", "pp_label", "pp_properties"}``: ``<case_id>_image.npy``, ``<case_id>_seg.npy`` and
+    ``<case_id>.json`` in the cache folder ``pp_dir`` (``W/preprocessed``); the datalist keys of a case."""
+    pp = Path(pp_dir)
+    return {"pp_image": os.fspath(pp / f"{case_id}_image.npy"), "pp_label": os.fspath(pp / f"{case_id}_seg.npy"),
+            "pp_properties": os.fspath(pp / f"{case_id}.json")}
+
+
+@dataclass(frozen=True)
+class ReportDir:
+    """The report folder ``R`` that ``scripts/report.py`` and ``scripts/evaluate_heldout.py`` share."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def table1(self) -> Path:
+        return self.path / "table1.csv"
+
+    @property
+    def table2(self) -> Path:
+        return self.path / "table2.csv"
+
+    @property
+    def tables(self) -> Path:
+        return self.path / "tables.json"
+
+    def figure_metrics(self, num_epochs: int) -> Path:
+        """Figure 1 of a fold-0 run with ``num_epochs`` epochs."""
+        return self.path / f"metrics_fold0_{int(num_epochs)}_epochs.png"
+
+    @property
+    def figure_comparison(self) -> Path:
+        """Figure 2 (the name of the paper's figure file)."""
+        return self.path / "Comparison_models_6_views.png"
+
+    @property
+    def heldout(self) -> Path:
+        return self.path / "heldout.json"
+
+    @property
+    def heldout_markdown(self) -> Path:
+        return self.path / "heldout.md"
+
+    @property
+    def heldout_per_case(self) -> Path:
+        return self.path / "heldout_per_case.csv"
+
+    @property
+    def heldout_methods_per_case(self) -> Path:
+        return self.path / "heldout_methods_per_case.csv"
+
+    def heldout_fold(self, fold: int) -> Path:
+        """``R/heldout/fold<k>/``: the fold's evaluation (``per_case.csv``, ``summary.json``) and ``pred/``."""
+        return self.path / "heldout" / f"{_FOLD_PREFIX}{int(fold)}"
+
+    def heldout_predictions(self, fold: int) -> Path:
+        """``R/heldout/fold<k>/pred/``: the final model's ``<case_id>.nii.gz`` and ``<case_id>-unc.nii.gz``."""
+        return self.heldout_fold(fold) / "pred"

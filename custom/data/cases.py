@@ -1,7 +1,15 @@
-"""BraTS 2023 ingestion: scan case folders, validate every file, assign folds, write and read the datalist.
+"""BraTS 2023 case folders: THE parser of their names, used by ingestion, inference, serving, evaluation and
+the MONAI Label studies.
 
 A case folder ``BraTS-GLI-XXXXX-YYY/`` holds ``BraTS-GLI-XXXXX-YYY-{t1c,t1n,t2f,t2w}.nii.gz`` and, for a
-training case, ``BraTS-GLI-XXXXX-YYY-seg.nii.gz``. A case without a seg file is an inference-only case.
+training case, ``BraTS-GLI-XXXXX-YYY-seg.nii.gz`` (names: :func:`custom.core.layout.case_file_name`; ``.nii``
+is accepted too). A case without a seg file is an inference-only case.
+
+- :func:`read_case_folder`: the files of one folder (missing, extra and duplicate files as problems);
+- :func:`scan_dataset`: every case folder under a data set (ingestion, strict);
+- :func:`list_case_folders` / :func:`find_case_files` / :func:`case_datalist`: the folders to predict and their
+  images (inference, Triton, benchmarks; only missing images are errors);
+- :func:`find_label_files`: ``case_id -> seg file`` of a ground-truth folder (evaluation).
 
 Every problem is reported as ``"<file>: <what is wrong>"``; the checks of ``validate_case`` and
 ``load_case_arrays`` are the same, so a file that passes ingestion also loads at training, inference
@@ -17,6 +25,7 @@ from pathlib import Path
 
 from custom.core.constants import CASE_ID_PATTERN, MODALITIES, SEG_SUFFIX
 from custom.core.errors import BraTSInputError
+from custom.core.layout import case_file_name
 from custom.data.nifti import check_file
 
 logger = logging.getLogger(__name__)
@@ -56,12 +65,28 @@ def _nifti_stem(name: str) -> str | None:
     return None
 
 
-def _scan_case_dir(case_dir: Path) -> CaseFiles:
+def _stem(case_id: str, kind: str) -> str:
+    return _nifti_stem(case_file_name(case_id, kind))
+
+
+def read_case_folder(case_dir) -> CaseFiles:
+    """The files of one case folder ``<case_id>/<case_id>-<modality|seg>.nii[.gz]`` (nothing read yet).
+
+    Hidden files (editors', and unfinished atomic writes) and non-NIfTI files are ignored. ``scan_problems``
+    names each missing modality, unexpected or duplicated NIfTI file, and a folder name that is not a case id;
+    of a duplicate, the ``.nii.gz`` file is used.
+
+    Raises:
+        BraTSInputError: ``case_dir`` is not a folder.
+    """
+    case_dir = Path(case_dir)
     case_id = case_dir.name
-    expected = {f"{case_id}-{m}": m for m in MODALITIES + (SEG_SUFFIX,)}
+    if not case_dir.is_dir():
+        raise BraTSInputError(f"{case_dir}: case folder not found")
+    expected = {_stem(case_id, m): m for m in MODALITIES + (SEG_SUFFIX,)}
     found: dict[str, list[Path]] = {}
     problems = []
-    for entry in sorted(case_dir.iterdir()):
+    for entry in sorted(case_dir.iterdir(), key=lambda e: (not e.name.endswith(NIFTI_SUFFIXES[0]), e.name)):
         # hidden files are editors' and our own temporary files (".name.tmp-<pid>.ext"), never data
         if entry.name.startswith(".") or not entry.is_file():
             continue
@@ -84,12 +109,16 @@ def _scan_case_dir(case_dir: Path) -> CaseFiles:
             images[m] = found[m][0]
         else:
             images[m] = None
-            problems.append(f"{case_dir / f'{case_id}-{m}.nii.gz'}: missing {m} modality file")
+            problems.append(_missing_image(case_dir, case_id, m))
     label = found[SEG_SUFFIX][0] if SEG_SUFFIX in found else None
     if not CASE_ID_PATTERN.match(case_id):
         problems.insert(0, f"{case_dir}: folder holds NIfTI files but its name is not a BraTS case id "
                            "(BraTS-GLI-XXXXX-YYY)")
     return CaseFiles(case_id, case_dir, images, label, tuple(problems))
+
+
+def _missing_image(case_dir: Path, case_id: str, modality: str) -> str:
+    return f"{case_dir / case_file_name(case_id, modality)}: missing {modality} image"
 
 
 def scan_dataset(dataset_dir) -> list[CaseFiles]:
@@ -111,10 +140,10 @@ def scan_dataset(dataset_dir) -> list[CaseFiles]:
         cur = Path(current)
         holds_nifti = any(_nifti_stem(f) is not None and not f.startswith(".") for f in files)
         if CASE_ID_PATTERN.match(cur.name):
-            cases.append(_scan_case_dir(cur))
+            cases.append(read_case_folder(cur))
             dirs[:] = []  # a case folder's subfolders are not cases
         elif holds_nifti:
-            cases.append(_scan_case_dir(cur))  # reported as misnamed; its subfolders are still scanned
+            cases.append(read_case_folder(cur))  # reported as misnamed; its subfolders are still scanned
     by_id: dict[str, list[CaseFiles]] = {}
     for case in cases:
         by_id.setdefault(case.case_id, []).append(case)
@@ -154,12 +183,17 @@ def validate_case(case: CaseFiles) -> list[str]:
     return problems
 
 
-def list_case_folders(input_dir) -> list[Path]:
-    """Case folders under ``input_dir`` (sorted); ``input_dir`` itself if it is one case folder."""
+def list_case_folders(input_dir, header: str = "cannot run inference") -> list[Path]:
+    """Case folders under ``input_dir`` (sorted); ``input_dir`` itself if it is one case folder (named like a
+    case id, or holding its ``<name>-t1c`` image). Sub-folders without NIfTI files are skipped with a warning.
+
+    Raises:
+        BraTSInputError: ``input_dir`` is missing or holds no case folder (``header`` says what failed).
+    """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise BraTSInputError(f"{input_dir}: input folder not found", header="cannot run inference")
-    if any(input_dir.glob(f"*-{MODALITIES[0]}.nii*")):
+        raise BraTSInputError(f"{input_dir}: input folder not found", header=header)
+    if CASE_ID_PATTERN.match(input_dir.name) or any(input_dir.glob(f"*-{MODALITIES[0]}.nii*")):
         return [input_dir]
     cases = []
     for p in sorted(input_dir.iterdir()):
@@ -171,29 +205,24 @@ def list_case_folders(input_dir) -> list[Path]:
         cases.append(p)
     if not cases:
         raise BraTSInputError(f"{input_dir}: no case folders inside (expected <case_id>/<case_id>-t1c.nii.gz ...)",
-                              header="cannot run inference")
+                              header=header)
     return cases
 
 
 def find_case_files(case_dir) -> dict:
     """``{"case_id", "image": [4 paths in MODALITIES order], "label": path or None}`` of a case folder.
 
-    Files are ``<case_id>-<modality>.nii.gz`` (BraTS 2023); a missing one is a ``BraTSInputError`` naming it.
+    Only the four images are required: extra files are ignored here (ingestion reports them).
+
+    Raises:
+        BraTSInputError: naming every missing image file.
     """
-    case_dir = Path(case_dir)
-    case_id = case_dir.name
-    images, missing = [], []
-    for m in MODALITIES:
-        candidates = [case_dir / f"{case_id}-{m}.nii.gz", case_dir / f"{case_id}-{m}.nii"]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            missing.append(f"{candidates[0]}: missing {m} image")
-        else:
-            images.append(found[0])
+    case = read_case_folder(case_dir)
+    missing = [_missing_image(case.case_dir, case.case_id, m) for m, p in zip(MODALITIES, case.image_paths) if p is None]
     if missing:
-        raise BraTSInputError(missing, header=f"case {case_id}: incomplete case folder")
-    seg = case_dir / f"{case_id}-{SEG_SUFFIX}.nii.gz"
-    return {"case_id": case_id, "image": [str(p) for p in images], "label": str(seg) if seg.is_file() else None}
+        raise BraTSInputError(missing, header=f"case {case.case_id}: incomplete case folder")
+    return {"case_id": case.case_id, "image": [str(p) for p in case.image_paths],
+            "label": str(case.label) if case.label is not None else None}
 
 
 def case_datalist(input_dir) -> list[dict]:
@@ -205,3 +234,23 @@ def case_datalist(input_dir) -> list[dict]:
         case = find_case_files(case_dir)
         out.append({"case_id": case["case_id"], "image": case["image"]})
     return out
+
+
+def find_label_files(dataset_dir) -> dict:
+    """``case_id -> seg file`` of a ground-truth folder: case folders ``G/<id>/<id>-seg.nii.gz`` (any depth, as
+    :func:`scan_dataset` finds them) or loose ``G/<id>-seg.nii.gz`` files.
+
+    Raises:
+        BraTSInputError: the folder is missing or holds no seg file.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise BraTSInputError(f"{root}: ground-truth folder does not exist")
+    seg_suffix = case_file_name("X", SEG_SUFFIX)[1:]                     # "-seg.nii.gz"
+    found = {p.name[: -len(seg_suffix)]: p for p in sorted(root.glob(f"*{seg_suffix}")) if not p.name.startswith(".")}
+    for case in scan_dataset(root):
+        if case.label is not None:
+            found.setdefault(case.case_id, case.label)
+    if not found:
+        raise BraTSInputError(f"{root}: no '<case_id>{seg_suffix}' file in it or in its case folders")
+    return found

@@ -152,13 +152,18 @@ def load_case_arrays(image_paths, label_path=None):
     label = None
     if label_path is not None:
         label = np.asarray(arrays.pop(SEG_SUFFIX)).astype(np.uint8)
-    affine = ref.affine
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    return image, label, affine, spacing
+    return image, label, ref.affine, spacing_from_affine(ref.affine)
 
 
 def spacing_from_affine(affine) -> np.ndarray:
-    a = np.asarray(affine, dtype=float)
+    """Voxel size in mm ``(sx, sy, sz)`` float64: the column norms of the affine's 3x3 part (rotation x zoom).
+
+    THE spacing of a case everywhere (loading, preprocessing, MONAI Label studies): the affine, not the header's
+    ``pixdim``, because the affine is what places the voxels (they differ when qform and sform disagree).
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {a.shape}")
     return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from custom.core.errors import BraTSInputError
+from custom.core.layout import prediction_paths, remove_predictions
 from custom.data.cases import find_case_files, list_case_folders
 from custom.data.nifti import load_case, save_nifti
 from custom.deploy.triton_protocol import MAX_VOLUME_EDGE, validate_volume_request
 from custom.deploy.triton_repository import VOLUME_MODEL
-from custom.inference.folders import output_paths, remove_case_outputs
 
 
 # ------------------------------------------------------------------------------------------------ the client
@@ -191,11 +191,11 @@ def infer_case_folders(input_dir, output_dir, url: str = "127.0.0.1:8001", proto
             if seg.shape != image.shape[1:] or unc.shape != image.shape[1:]:
                 raise TritonClientError(f"{case_id}: server returned shapes {seg.shape}/{unc.shape}, "
                                         f"expected {image.shape[1:]}")
-            label_path, unc_path = output_paths(output_dir, case_id)
+            label_path, unc_path = prediction_paths(output_dir, case_id)
             save_nifti(np.asarray(seg, np.uint8), affine, header, label_path)
             save_nifti(np.asarray(unc, np.float32), affine, header, unc_path)
         except BaseException:
-            remove_case_outputs(output_dir, case_id)
+            remove_predictions(output_dir, case_id)
             raise
         return case_id, {"shape": list(seg.shape), "time_s": round(time.perf_counter() - t0, 3)}
 

@@ -8,6 +8,7 @@ from custom.core.atomic import atomic_write_bytes, atomic_write_json
 from custom.core.constants import MODALITIES, REGIONS
 from custom.core.errors import BraTSInputError
 from custom.core.numeric import nanmean
+from custom.data.cases import find_label_files
 from custom.data.nifti import BRATS2023, LABEL_CONVENTIONS, load_label_map
 from custom.evaluation.crosscheck import official_crosscheck
 from custom.evaluation.segmentation import HD95_DEFINITION, evaluate_segmentation
@@ -21,21 +22,6 @@ UNC_COLUMNS = ("auroc_wt_error", "spearman_wt_error", "ece_wt_error", "error_fra
 
 #: uncertainty measures that describe WT errors: written on the WT row only
 WT_ONLY_UNC = ("auroc_wt_error", "spearman_wt_error", "ece_wt_error", "error_fraction_wt")
-
-
-def find_ground_truth(gt_dir) -> dict:
-    """``case_id -> seg path`` of a BraTS dataset folder (``G/<id>/<id>-seg.nii.gz`` or ``G/<id>-seg.nii.gz``)."""
-    from pathlib import Path
-
-    gt_dir = Path(gt_dir)
-    if not gt_dir.is_dir():
-        raise BraTSInputError(f"{gt_dir}: ground-truth folder does not exist")
-    found = {}
-    for p in sorted(gt_dir.glob("*-seg.nii.gz")) + sorted(gt_dir.glob("*/*-seg.nii.gz")):
-        found.setdefault(p.name[: -len("-seg.nii.gz")], p)
-    if not found:
-        raise BraTSInputError(f"{gt_dir}: no '<case_id>-seg.nii.gz' file in it or in its case folders")
-    return found
 
 
 def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> list:
@@ -55,7 +41,7 @@ def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> lis
         raise BraTSInputError(f"{pred_dir}: prediction folder does not exist")
     if unc_dir is not None and not Path(unc_dir).is_dir():
         raise BraTSInputError(f"{unc_dir}: uncertainty folder does not exist")
-    gts = find_ground_truth(gt_dir)
+    gts = find_label_files(gt_dir)
     problems = []
     if case_ids is not None:
         case_ids = list(case_ids)

@@ -1,54 +1,22 @@
-"""Training runs as data: read ``metrics.csv``, run status, last-K summaries and fold averages (the paper's tables)."""
+"""Training runs as data: read ``metrics.csv``, last-K summaries and fold averages (the paper's tables).
+
+"Last K" is the paper's protocol "metrics averaged over the last 30 epochs": the validation rounds whose epoch
+falls in the last K epochs of the run (``epoch > last_epoch - K``). With validation every 5 epochs the last 30
+epochs hold 6 rounds, not 30 (30 rounds would reach back 150 epochs). Every summary names the epochs it averaged.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from custom.core.errors import BraTSInputError
+from custom.core.layout import RUN_FINISHED, RUN_MISSING, WorkDir
 from custom.core.numeric import nanmean
-
-
-def learning_summary(metrics_csv, last_k: int = 1) -> dict:
-    """Validation metrics of a run from its ``metrics.csv``: the mean over the last ``last_k`` validated epochs.
-
-    Returns ``{"val_dice_wt", …, "val_corr_var1shot", "ema_pseudo_dice", "epochs", "validated_epochs"}``;
-    NaN-valued entries (e.g. an undefined correlation) are skipped by :func:`custom.evaluation.runs.last_k_mean`.
-    """
-    import csv
-
-    with open(metrics_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    validated = [r for r in rows if r.get("val_dice_wt", "") != ""]
-    if not validated:
-        raise ValueError(f"{metrics_csv}: no validated epoch yet")
-    out: dict = {"epochs": len(rows), "validated_epochs": [int(r["epoch"]) for r in validated]}
-    for col in rows[0]:
-        if col.startswith("val_") or col == "ema_pseudo_dice":
-            values = [float(r[col]) if r[col] != "" else float("nan") for r in validated]
-            out[col] = float(last_k_mean(values, int(last_k)))
-    return out
-
-
-def read_json(path) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def last_k_mean(values: Sequence, k: int) -> float:
-    """Mean of the last ``k`` defined values (None/NaN entries, e.g. epochs without validation, skipped).
-
-    The paper's protocol: metrics averaged over the last 30 validation epochs. NaN if nothing is defined.
-    """
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    defined = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return float(np.mean(defined[-int(k):])) if defined else math.nan
-
 
 #: metrics.csv validation columns (DESIGN.md) summarised by the report
 DICE_COLUMNS = ("val_dice_wt", "val_dice_tc", "val_dice_et", "val_dice_mean")
@@ -58,17 +26,12 @@ UNC_METRIC_COLUMNS = ("val_rmsd_unc", "val_corr_unc", "val_rmsd_variance_stable"
 
 VAL_COLUMNS = DICE_COLUMNS + UNC_METRIC_COLUMNS
 
-#: run states: only "finished" runs enter the fold averages
-RUN_FINISHED, RUN_UNFINISHED, RUN_MISSING = "finished", "unfinished", "missing"
-
 
 def read_metrics_csv(path) -> list:
     """Rows of a run's metrics.csv as dicts of floats (empty cell -> NaN); ``epoch`` as int.
 
     Raises ``BraTSInputError`` naming the file when it cannot be parsed or lacks ``epoch``.
     """
-    import csv
-
     path = Path(path)
     try:
         with open(path, newline="") as fh:
@@ -94,39 +57,53 @@ def read_metrics_csv(path) -> list:
 
 
 def last_k_summary(rows: list, columns=VAL_COLUMNS, k: int = 30) -> dict:
-    """Per column: value at the final validation epoch and mean over the last ``k`` validation epochs.
+    """Per column: the value at the final validation epoch and the mean over the last ``k`` EPOCHS.
 
-    Epochs without validation (empty cells) are skipped, so "last k" means the last k epochs that have
-    a value. Returns ``{column: {"final", "last_k_mean", "final_epoch", "num_values"}}`` (NaN when the
-    column never has a value); ``k`` must be >= 1.
+    The window is ``epoch > last_epoch - k`` where ``last_epoch`` is the run's last row (the epochs trained so
+    far); within it, the epochs with a value (validation rounds; NaN cells such as an undefined correlation are
+    skipped) are averaged. A run shorter than ``k`` epochs is averaged over all its rounds.
+
+    Returns:
+        ``{column: {"final", "final_epoch", "last_k_mean", "last_k_epochs", "num_values"}}``: ``last_k_epochs``
+        lists the epochs averaged (empty and ``last_k_mean`` NaN when no round falls in the window);
+        ``num_values`` counts every round with a value. ``k`` must be >= 1.
     """
     if int(k) < 1:
-        raise ValueError(f"k (last validation epochs to average) must be >= 1, got {k}")
+        raise ValueError(f"k (last epochs to average) must be >= 1, got {k}")
+    last_epoch = max((int(r["epoch"]) for r in rows), default=0)
+    first_in_window = last_epoch - int(k) + 1
     out = {}
     for c in columns:
-        vals = [(r["epoch"], r.get(c, float("nan"))) for r in rows]
-        vals = [(e, v) for e, v in vals if v is not None and np.isfinite(v)]
-        if not vals:
-            out[c] = {"final": float("nan"), "last_k_mean": float("nan"), "final_epoch": None, "num_values": 0}
-            continue
-        tail = [v for _, v in vals[-int(k):]]
-        out[c] = {"final": float(vals[-1][1]), "last_k_mean": float(np.mean(tail)),
-                  "final_epoch": int(vals[-1][0]), "num_values": len(vals)}
+        vals = [(int(r["epoch"]), r.get(c, float("nan"))) for r in rows]
+        vals = [(e, float(v)) for e, v in vals if v is not None and math.isfinite(v)]
+        window = [(e, v) for e, v in vals if e >= first_in_window]
+        out[c] = {"final": vals[-1][1] if vals else float("nan"),
+                  "final_epoch": vals[-1][0] if vals else None,
+                  "last_k_mean": float(np.mean([v for _, v in window])) if window else float("nan"),
+                  "last_k_epochs": [e for e, _ in window],
+                  "num_values": len(vals)}
     return out
 
 
-def run_status(run_dir) -> tuple:
-    """``(status, reason)`` of a training run folder: finished (FINISHED marker and metrics.csv),
-    unfinished (metrics.csv without FINISHED) or missing (no metrics.csv)."""
+def learning_summary(metrics_csv, last_k_epochs: int = 1) -> dict:
+    """Validation metrics of a run (``scripts/check_learning.py``): each ``val_*`` column and ``ema_pseudo_dice``
+    averaged over the validation rounds of the last ``last_k_epochs`` epochs (:func:`last_k_summary`).
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return RUN_MISSING, f"{run_dir}: run folder does not exist"
-    if not (run_dir / "metrics.csv").is_file():
-        return RUN_MISSING, f"{run_dir / 'metrics.csv'}: missing"
-    if not (run_dir / "FINISHED").exists():
-        return RUN_UNFINISHED, f"{run_dir}: no FINISHED marker (training interrupted or still running)"
-    return RUN_FINISHED, ""
+    Returns ``{"val_dice_wt", …, "ema_pseudo_dice", "epochs", "validated_epochs", "averaged_epochs"}``.
+
+    Raises:
+        ValueError: no epoch has been validated yet.
+    """
+    rows = read_metrics_csv(metrics_csv)
+    columns = [c for c in (rows[0] if rows else {}) if c.startswith("val_") or c == "ema_pseudo_dice"]
+    validated = [r["epoch"] for r in rows if math.isfinite(r.get("val_dice_wt", float("nan")))]
+    if not validated:
+        raise ValueError(f"{metrics_csv}: no validated epoch yet")
+    summary = last_k_summary(rows, columns, k=int(last_k_epochs))
+    out: dict = {"epochs": len(rows), "validated_epochs": validated,
+                 "averaged_epochs": summary["val_dice_wt"]["last_k_epochs"]}
+    out.update({c: summary[c]["last_k_mean"] for c in columns})
+    return out
 
 
 def collect_runs(work_dir, variants=("unc", "baseline"), folds=None, k: int = 30) -> dict:
@@ -136,26 +113,21 @@ def collect_runs(work_dir, variants=("unc", "baseline"), folds=None, k: int = 30
     Returns ``{variant: {fold: {"status", "reason", "dir", "num_epochs", "summary" (None unless
     metrics.csv exists)}}}``. Unfinished runs keep their summary (shown, never averaged).
     """
-    import json
-
-    work_dir = Path(work_dir)
+    work = WorkDir(work_dir)
     if folds is None:
-        dl = work_dir / "datalist.json"
-        if dl.is_file():
-            folds = list(range(int(json.loads(dl.read_text()).get("num_folds", 5))))
+        if work.datalist.is_file():
+            folds = list(range(int(json.loads(work.datalist.read_text()).get("num_folds", 5))))
         else:
-            found = {int(p.name[4:]) for v in variants for p in (work_dir / "runs" / v).glob("fold*")
-                     if p.name[4:].isdigit()}
-            folds = sorted(found)
+            folds = sorted({f for v in variants for f in work.folds_of(v)})
     runs = {}
     for v in variants:
         runs[v] = {}
         for f in folds:
-            d = work_dir / "runs" / v / f"fold{int(f)}"
-            status, reason = run_status(d)
-            entry = {"status": status, "reason": reason, "dir": str(d), "num_epochs": 0, "summary": None}
+            run = work.run(v, f)
+            status, reason = run.status()
+            entry = {"status": status, "reason": reason, "dir": str(run.path), "num_epochs": 0, "summary": None}
             if status != RUN_MISSING:
-                rows = read_metrics_csv(d / "metrics.csv")
+                rows = read_metrics_csv(run.metrics_csv)
                 entry["num_epochs"] = len(rows)
                 entry["summary"] = last_k_summary(rows, k=k)
             runs[v][int(f)] = entry
@@ -175,3 +147,4 @@ def fold_average(fold_entries: dict, columns=VAL_COLUMNS) -> dict:
         out[c] = {stat: nanmean([fold_entries[f]["summary"][c][stat] for f in used])
                   for stat in ("final", "last_k_mean")}
     return out
+

@@ -1,26 +1,10 @@
-"""Inference outputs of one case folder: file names, removal on failure, and the case's ``summary.json`` entry."""
+"""The ``summary.json`` entry of one predicted case (its file names are :func:`custom.core.layout.prediction_paths`)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from custom.core.constants import REGION_LABELS, REGIONS
-
-
-# ------------------------------------------------------------------------------------------- case folders
-def output_paths(out_dir, case_id: str) -> tuple[Path, Path]:
-    """``(OUT/<case_id>.nii.gz, OUT/<case_id>-unc.nii.gz)`` (BraTS submission name + uncertainty map)."""
-    out_dir = Path(out_dir)
-    return out_dir / f"{case_id}.nii.gz", out_dir / f"{case_id}-unc.nii.gz"
-
-
-def remove_case_outputs(out_dir, case_id: str) -> None:
-    """Remove both outputs of a case: a stale result beside a failure would be mistaken for a current one."""
-    for p in output_paths(out_dir, case_id):
-        if p.exists():
-            p.unlink()
 
 
 def case_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:

@@ -8,7 +8,13 @@ import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from custom.core.cli import as_bool
-from custom.uncertainty.baselines import PatchFn, mirror_axes_combinations, probability_patch_fn
+from custom.uncertainty.baselines import (
+    PatchFn,
+    mean_of,
+    mirror_axes_combinations,
+    mirrored_predictions,
+    probability_patch_fn,
+)
 
 
 class UncertaintyInferer(Inferer):
@@ -58,15 +64,13 @@ class UncertaintyInferer(Inferer):
             raise ValueError(f"inputs must be (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
         inputs = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         inputs = inputs.float()
-        total = None
+
+        def sweep(x: torch.Tensor) -> torch.Tensor:
+            p = self.sliding_window(x, patch_fn)
+            return p.as_tensor() if hasattr(p, "as_tensor") else p
+
         with torch.no_grad():
-            for axes in mirror_axes_combinations(self.tta):
-                x = torch.flip(inputs, axes) if axes else inputs
-                p = self.sliding_window(x, patch_fn)
-                p = p.as_tensor() if hasattr(p, "as_tensor") else p
-                p = torch.flip(p, axes) if axes else p
-                total = p if total is None else total + p
-        return total / self.passes_per_volume
+            return mean_of(mirrored_predictions(sweep, inputs, self.tta))
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``network`` returns logits (as ``network_def`` does); sigmoid is applied per patch."""

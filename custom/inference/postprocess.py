@@ -14,6 +14,7 @@ from custom.core.constants import NUM_REGIONS
 from custom.model.masks import get_cancer_mask
 from custom.preprocessing.functional import restore_original_grid
 from custom.transforms.array import regions_to_labels
+from custom.uncertainty.targets import compute_prediction_variance
 
 
 # ------------------------------------------------------------------------------------------ postprocessing
@@ -53,7 +54,7 @@ def masked_uncertainty(probs_pp: torch.Tensor, mask_dilation: int = 3) -> tuple[
     mask = torch.as_tensor(mask).reshape(probs_pp.shape[1:]).to(probs_pp.device, torch.float32)
     if probs_pp.shape[0] > NUM_REGIONS:
         return probs_pp[NUM_REGIONS] * mask, "unc_output"
-    return 4.0 * probs_pp[0] * (1.0 - probs_pp[0]) * mask, "var1shot"
+    return compute_prediction_variance(probs_pp[0]) * mask, "var1shot"
 
 
 def postprocess_probabilities(probs_pp, properties: Mapping, mask_dilation: int = 3) -> Prediction:

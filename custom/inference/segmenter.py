@@ -30,9 +30,10 @@ from custom.core.atomic import atomic_write_json
 from custom.core.cli import as_bool
 from custom.core.constants import MODALITIES, NUM_REGIONS
 from custom.core.errors import BraTSInputError
+from custom.core.layout import SUMMARY_NAME, prediction_paths, remove_predictions
 from custom.data.cases import find_case_files, list_case_folders
 from custom.data.nifti import load_case, save_nifti
-from custom.inference.folders import case_summary, output_paths, remove_case_outputs
+from custom.inference.folders import case_summary
 from custom.inference.inferer import UncertaintyInferer
 from custom.inference.postprocess import Prediction, postprocess_probabilities
 from custom.model.checkpoints import load_network, resolve_plans_path
@@ -151,14 +152,14 @@ class UncertaintySegmenter:
         case = find_case_files(case_dir)
         case_id = case["case_id"]
         out_dir = Path(out_dir)
-        label_path, unc_path = output_paths(out_dir, case_id)
+        label_path, unc_path = prediction_paths(out_dir, case_id)
         try:
             image, affine, spacing, ref_header = load_case(case)
             pred = self.predict(image, spacing, name=case["image"][0])
             save_nifti(pred.labels, affine, ref_header, label_path)
             save_nifti(pred.unc, affine, ref_header, unc_path)
         except BaseException:
-            remove_case_outputs(out_dir, case_id)
+            remove_predictions(out_dir, case_id)
             raise
         entry = case_summary(pred.labels, pred.unc, spacing)
         entry.update({"case_id": case_id, "labels": label_path.name, "unc": unc_path.name,
@@ -191,7 +192,7 @@ class UncertaintySegmenter:
                 logger.error("case failed: %s", msg)
                 tqdm.write(f"FAILED {msg}")
                 summary["failures"][case_dir.name] = str(exc)
-            atomic_write_json(output_dir / "summary.json", summary)
+            atomic_write_json(output_dir / SUMMARY_NAME, summary)
         if summary["failures"] and raise_on_failure:
             raise BraTSInputError(
                 [f"{cid}: {msg}" for cid, msg in summary["failures"].items()],

@@ -1,4 +1,10 @@
-"""THE checkpoint loader: weights (``weights_only=True``) into the network built from the plan that travels with them."""
+"""THE checkpoint loader: weights (``weights_only=True``) into the network built from the plan that travels with them.
+
+Every reader of a checkpoint goes through :func:`load_state_dict` (one ``torch.load``, one set of checks and
+messages): the bundle's inference and evaluation configs, :class:`custom.inference.segmenter.UncertaintySegmenter`,
+export, the Triton models and the held-out study. Training's resume state (optimizer, scheduler, store
+snapshot) is restored by :class:`custom.training.handlers.checkpoint.ResumeHandler`.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +16,10 @@ import torch
 from custom.core.constants import NUM_REGIONS
 from custom.core.dist import unwrap_network
 from custom.core.errors import BraTSInputError
+from custom.core.layout import RunDir, WorkDir
 from custom.model.networks import build_network
 
-
-def load_model_weights(network: torch.nn.Module, checkpoint, map_location="cpu") -> torch.nn.Module:
-    """Load ``model.pt`` / ``model_final.pt`` (``{"model": state_dict}``) or ``checkpoint_last.pt``
-    (``{"network": state_dict, …}``) into ``network`` with ``weights_only=True``.
-
-    Raises:
-        BraTSInputError: missing, unreadable or incompatible checkpoint (named).
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise BraTSInputError(f"{path}: checkpoint not found", header="cannot load model weights")
-    try:
-        state = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise BraTSInputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})",
-                              header="cannot load model weights") from None
-    weights = state.get("model", state.get("network")) if isinstance(state, dict) else None
-    if weights is None:
-        raise BraTSInputError(f"{path}: no 'model' or 'network' entry (keys: {sorted(state) if isinstance(state, dict) else type(state).__name__})",
-                              header="cannot load model weights")
-
-    try:
-        unwrap_network(network).load_state_dict(weights)
-    except RuntimeError as exc:
-        raise BraTSInputError(f"{path}: weights do not fit the network built from the plan ({exc})".splitlines()[0],
-                              header="cannot load model weights") from None
-    return network
+_HEADER = "cannot load the model"
 
 
 # ----------------------------------------------------------------------------------------- checkpoint + plan
@@ -50,12 +31,12 @@ def resolve_plans_path(checkpoint, work_dir=None) -> Path:
     """
     tried = []
     if checkpoint is not None:
-        beside = Path(checkpoint).parent / "plans.json"
+        beside = RunDir(Path(checkpoint).parent).plans
         if beside.is_file():
             return beside
         tried.append(str(beside))
     if work_dir not in (None, ""):
-        in_work = Path(work_dir) / "plans.json"
+        in_work = WorkDir(work_dir).plans
         if in_work.is_file():
             return in_work
         tried.append(str(in_work))
@@ -66,23 +47,29 @@ def resolve_plans_path(checkpoint, work_dir=None) -> Path:
 
 
 def load_state_dict(checkpoint) -> dict:
-    """The network weights of a training checkpoint (``{"model": state_dict}``, or a bare state dict).
+    """The network weights of a checkpoint, read with ``weights_only=True``.
+
+    Accepts ``model.pt`` / ``model_final.pt`` (``{"model": state_dict, ...}``), ``checkpoint_last.pt``
+    (``{"network": state_dict, ...}``) and a bare state dict.
 
     Raises:
         BraTSInputError: missing or unreadable file, or no state dict inside (the file is named).
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise BraTSInputError(f"{path}: checkpoint file not found", header="cannot load the model")
+        raise BraTSInputError(f"{path}: checkpoint file not found", header=_HEADER)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/truncated files raise many different types
         raise BraTSInputError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
-                              header="cannot load the model") from None
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
+                              header=_HEADER) from None
+    state = None
+    if isinstance(obj, Mapping):
+        state = obj.get("model", obj.get("network", obj))
     if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise BraTSInputError(f"{path}: no network state dict (expected {{'model': state_dict}})",
-                              header="cannot load the model")
+        keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+        raise BraTSInputError(f"{path}: no network state dict (expected {{'model': state_dict}}; found {keys})",
+                              header=_HEADER)
     return dict(state)
 
 
@@ -101,13 +88,18 @@ def checkpoint_has_uncertainty(checkpoint) -> bool:
 
 
 def load_weights(network: torch.nn.Module, checkpoint, device="cpu") -> torch.nn.Module:
-    """Load ``checkpoint`` into ``network`` (strict), move it to ``device`` and set eval mode."""
+    """Load ``checkpoint`` into ``network`` (strict; a DDP wrapper is looked through), move it to ``device`` and
+    set eval mode. Returns ``network``.
+
+    Raises:
+        BraTSInputError: the checkpoint is missing, unreadable, or its weights do not fit the network.
+    """
     state = load_state_dict(checkpoint)
     try:
-        network.load_state_dict(state, strict=True)
+        unwrap_network(network).load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BraTSInputError(f"{checkpoint}: weights do not fit the network built from the plan ({exc})",
-                              header="cannot load the model") from None
+        raise BraTSInputError(f"{checkpoint}: weights do not fit the network built from the plan "
+                              f"({str(exc).splitlines()[0]})", header=_HEADER) from None
     return network.to(device).eval()
 
 

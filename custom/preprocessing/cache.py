@@ -12,6 +12,7 @@ from typing import Mapping
 from custom.core.atomic import atomic_save_npy, atomic_write_json
 from custom.core.constants import MODALITIES
 from custom.core.errors import BraTSInputError
+from custom.core.layout import WorkDir, preprocessed_paths
 from custom.core.parallel import map_cases
 from custom.data.datalist import load_datalist
 from custom.planning.fingerprint import compute_fingerprint, read_case
@@ -36,11 +37,6 @@ def _file_signature(paths) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def _case_paths(pp_dir: Path, case_id: str) -> dict:
-    return {"pp_image": str(pp_dir / f"{case_id}_image.npy"), "pp_label": str(pp_dir / f"{case_id}_seg.npy"),
-            "pp_properties": str(pp_dir / f"{case_id}.json")}
-
-
 def _is_cached(paths: Mapping, plan_hash: str, source: str) -> bool:
     if not all(os.path.exists(p) for p in paths.values()):
         return False
@@ -58,7 +54,7 @@ def _preprocess_entry(args) -> tuple[str, bool]:
 
     plans = Plans(plans_dict)
     case_id = entry["case_id"]
-    paths = _case_paths(Path(pp_dir), case_id)
+    paths = preprocessed_paths(pp_dir, case_id)
     source = _file_signature(list(entry["image"]) + [entry["label"]])
     if _is_cached(paths, plans.preprocessing_hash(), source):
         return case_id, False
@@ -99,8 +95,8 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
     Returns:
         the ``Plans`` written to ``W/plans.json``.
     """
-    work_dir = Path(work_dir).resolve()
-    datalist_path = work_dir / "datalist.json"
+    work = WorkDir(Path(work_dir).resolve())
+    datalist_path = work.datalist
     datalist = load_datalist(datalist_path)
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
@@ -114,7 +110,7 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
     # fingerprint (reused when the same raw files are listed)
     signature = hashlib.sha256(json.dumps(
         [[e["case_id"], _file_signature(list(e["image"]) + [e["label"]])] for e in training]).encode()).hexdigest()
-    fp_path = work_dir / "fingerprint.json"
+    fp_path = work.fingerprint
     fingerprint = _cached_fingerprint(fp_path, signature)
     if fingerprint is None:
         fingerprint = compute_fingerprint(datalist, num_workers=num_workers,
@@ -125,7 +121,7 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
     plans = Plans(ExperimentPlanner().plan(fingerprint, gpu_memory_gb=gpu_memory_gb, patch_size=patch_size,
                                            filters=filters))
 
-    pp_dir = work_dir / "preprocessed"
+    pp_dir = work.preprocessed
     pp_dir.mkdir(parents=True, exist_ok=True)
 
     jobs = [(entry, plans.to_dict(), str(pp_dir)) for entry in training]
@@ -134,12 +130,12 @@ def plan_and_preprocess(work_dir, gpu_memory_gb: float = 8, patch_size=None, fil
                 sum(new for _, new in done), pp_dir, sum(not new for _, new in done), plans.preprocessing_hash())
     # plans.json and the datalist's pp_* keys appear only once every case is cached, so that an interrupted or
     # failed run never leaves a plan that points at a half-built cache
-    plans.save(work_dir / "plans.json")
+    plans.save(work.plans)
 
     new_training = []
     for entry in training:
         entry = dict(entry)
-        entry.update(_case_paths(pp_dir, entry["case_id"]))
+        entry.update(work.preprocessed_paths(entry["case_id"]))
         new_training.append(entry)
     datalist = dict(datalist)
     datalist["training"] = new_training

@@ -1,56 +1,50 @@
-"""Validation metrics (METHOD.md, "Metrics"): per-case region Dice and uncertainty agreement."""
+"""Validation metrics (METHOD.md, "Metrics"): per-case region Dice and uncertainty agreement, one implementation.
+
+:class:`ValidationCaseMetric` computes them (``reset`` / ``update`` / ``aggregate``, like a MONAI metric);
+:class:`custom.training.handlers.validation.ValidationMetricsHandler` wraps it for Ignite, as MONAI's ``MeanDice``
+handler wraps ``DiceMetric``. Dice is :func:`custom.evaluation.segmentation.dice` (both empty = 1), agreement is
+:func:`custom.uncertainty.agreement.uncertainty_agreement`.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from ignite.exceptions import NotComputableError
-from ignite.metrics import Metric
-from ignite.metrics.metric import reinit__is_reduced
 
 from custom.core.constants import REGIONS
+from custom.core.numeric import nanmean
+from custom.evaluation.segmentation import dice, region_mask
 from custom.uncertainty.agreement import uncertainty_agreement
 
-#: uncertainty sources compared against error_stable, with their metric-name stems
+#: uncertainty sources compared against error_stable (keys of the validation output), with their column stems
 UNC_SOURCES = (("unc_output", "unc"), ("variance_stable", "variance_stable"), ("var1shot", "var1shot"))
 
-UNCERTAINTY_SOURCES = ("unc_output", "variance_stable", "var1shot")
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
-def _as_regions(x, threshold: float = 0.5) -> torch.Tensor:
-    """Labels ``(X,Y,Z)``/``(1,X,Y,Z)`` or regions/probabilities ``(>=3, X,Y,Z)`` -> bool ``(3, X,Y,Z)``."""
-    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x.detach()
-    if t.ndim == 4 and t.shape[0] == 1:
-        t = t[0]
-    if t.ndim == 3:
-        if t.is_floating_point() and not torch.equal(t, t.round()):
-            raise ValueError("a 3-D input must be a label map (0..3), got non-integer values")
-        t = t.to(torch.int64)
-        return torch.stack([t > 0, (t == 1) | (t == 3), t == 3])
-    if t.ndim == 4 and t.shape[0] >= 3:
-        t = t[:3]
-        return t > threshold if t.is_floating_point() else t > 0
-    raise ValueError(f"expected labels (X,Y,Z) or regions (3,X,Y,Z), got shape {tuple(t.shape)}")
+def region_masks(x, threshold: float = 0.5) -> np.ndarray:
+    """Labels ``(X,Y,Z)``/``(1,X,Y,Z)`` or regions/probabilities ``(>=3, X,Y,Z)`` -> bool ``(3, X,Y,Z)`` [WT, TC, ET].
 
-
-def region_dice(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Hard Dice per sample and region, both empty = 1.
-
-    Args:
-        pred, gt: bool/0-1 ``(B, 3, X, Y, Z)``.
-    Returns:
-        float64 ``(B, 3)``.
+    Probabilities are thresholded (``> threshold``); integer regions count where ``> 0``.
     """
-    if pred.shape != gt.shape:
-        raise ValueError(f"region_dice: pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}")
-    p, g = pred.bool(), gt.bool()
-    dims = tuple(range(2, p.ndim))
-    inter = (p & g).sum(dims).double()
-    total = p.sum(dims).double() + g.sum(dims).double()
-    return torch.where(total > 0, 2.0 * inter / torch.clamp_min(total, 1.0), torch.ones_like(total))
+    a = _numpy(x)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3:
+        if a.dtype.kind == "f" and not np.array_equal(a, np.round(a)):
+            raise ValueError("a 3-D input must be a label map (0..3), got non-integer values")
+        return np.stack([region_mask(a.astype(np.int64), r) for r in REGIONS])
+    if a.ndim == 4 and a.shape[0] >= len(REGIONS):
+        a = a[: len(REGIONS)]
+        return a > threshold if a.dtype.kind == "f" else a > 0
+    raise ValueError(f"expected labels (X,Y,Z) or regions (3,X,Y,Z), got shape {tuple(a.shape)}")
 
 
 def dice_per_region(pred, gt, threshold: float = 0.5) -> dict:
@@ -62,144 +56,77 @@ def dice_per_region(pred, gt, threshold: float = 0.5) -> dict:
     Returns:
         ``{"WT": float, "TC": float, "ET": float, "mean": float}``; both empty -> 1.
     """
-    d = region_dice(_as_regions(pred, threshold)[None], _as_regions(gt, threshold)[None])[0].tolist()
-    out = dict(zip(REGIONS, d))
-    out["mean"] = float(np.mean(d))
+    p, g = region_masks(pred, threshold), region_masks(gt, threshold)
+    if p.shape != g.shape:
+        raise ValueError(f"dice_per_region: pred {p.shape} vs gt {g.shape}")
+    out = {r: dice(p[i], g[i]) for i, r in enumerate(REGIONS)}
+    out["mean"] = float(np.mean([out[r] for r in REGIONS]))
     return out
 
 
-def _samples(output) -> list:
-    """Normalise engine output into a list of per-sample dicts of tensors without batch dim."""
-    if isinstance(output, Mapping):
-        batch = len(output["pred"])
-        return [{k: v[b] for k, v in output.items() if isinstance(v, (torch.Tensor, np.ndarray))}
-                for b in range(batch)]
-    if isinstance(output, Sequence) and not isinstance(output, (str, bytes)):
-        if output and not isinstance(output[0], Mapping):
-            raise TypeError("metric output must be a dict or a list of dicts with keys 'pred', 'label', ...")
-        return list(output)
-    raise TypeError(f"metric output must be a dict or a list of dicts, got {type(output).__name__}")
+class ValidationCaseMetric:
+    """Per-case validation metrics of whole preprocessed cases, and their means.
 
-
-def _tensor(x) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if hasattr(t, "as_tensor"):
-        t = t.as_tensor()
-    return t.detach()
-
-
-class _DictOutputMetric(Metric):
-    """Ignite metric fed the whole (transformed) output, a dict or list of dicts, not ``(y_pred, y)``."""
-
-    @torch.no_grad()
-    def iteration_completed(self, engine) -> None:
-        self.update(self._output_transform(engine.state.output))
-
-
-class RegionDiceMetric(_DictOutputMetric):
-    """Per-case region Dice, averaged over the cases seen since ``reset``.
+    Per case: Dice WT/TC/ET (prediction ``probs[:3] > threshold`` per region) and their mean; with uncertainty,
+    RMSD and weighted Pearson correlation against ``error_stable`` over GT WT for each map of
+    :data:`UNC_SOURCES`. :meth:`aggregate` averages the rows NaN-skipping (a constant map has no correlation)
+    into the ``metrics.csv`` columns ``val_dice_wt, …, val_corr_var1shot``.
 
     Args:
-        region: "WT", "TC", "ET" or "mean" (what :meth:`compute` returns).
-        threshold: on the probabilities in ``pred[:3]``.
-        pred_key, label_key: keys of the output dict.
-    ``per_case`` keeps ``(n_cases, 3)`` Dice values; :meth:`results` returns all regions and the mean.
+        with_uncertainty: also compute the agreement of the three maps (the maps must be passed to ``update``).
+        threshold: on the region probabilities.
     """
 
-    def __init__(self, region: str = "mean", threshold: float = 0.5, pred_key: str = "pred",
-                 label_key: str = "label", output_transform=lambda x: x, device="cpu"):
-        if region not in REGIONS + ("mean",):
-            raise ValueError(f"region must be one of {REGIONS + ('mean',)}, got {region!r}")
-        self.region = region
+    def __init__(self, with_uncertainty: bool = True, threshold: float = 0.5) -> None:
+        self.with_uncertainty = bool(with_uncertainty)
         self.threshold = float(threshold)
-        self.pred_key, self.label_key = pred_key, label_key
-        super().__init__(output_transform=output_transform, device=device)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._values: list = []
-
-    @reinit__is_reduced
-    def update(self, output) -> None:
-        for s in _samples(output):
-            pred = _as_regions(_tensor(s[self.pred_key]), self.threshold)
-            gt = _as_regions(_tensor(s[self.label_key]), self.threshold)
-            self._values.append(region_dice(pred[None], gt[None])[0].cpu())
+        self.rows: list[dict] = []
 
     @property
-    def per_case(self) -> torch.Tensor:
-        return torch.stack(self._values) if self._values else torch.zeros(0, 3, dtype=torch.float64)
+    def keys(self) -> list[str]:
+        """Row keys that :meth:`aggregate` averages (``val_`` + key is the metrics.csv column)."""
+        keys = ["dice_wt", "dice_tc", "dice_et", "dice_mean"]
+        if self.with_uncertainty:
+            keys += [f"{m}_{stem}" for _, stem in UNC_SOURCES for m in ("rmsd", "corr")]
+        return keys
 
-    def results(self) -> dict:
-        if not self._values:
-            raise NotComputableError("RegionDiceMetric needs at least one case")
-        means = self.per_case.mean(0).tolist()
-        out = dict(zip(REGIONS, means))
-        out["mean"] = float(np.mean(means))
-        return out
-
-    def compute(self) -> float:
-        return float(self.results()[self.region])
-
-
-class UncertaintyAgreementMetric(_DictOutputMetric):
-    """RMSD or weighted Pearson correlation of an uncertainty source against error_stable over GT WT.
-
-    Args:
-        source: "unc_output" (``pred[3]``), "variance_stable" (``output["variance_stable"]``) or
-            "var1shot" (``4 p_WT (1 - p_WT)`` from ``pred[0]``).
-        stat: "rmsd" or "corr" (what :meth:`compute` returns; both are accumulated).
-    Per case, then averaged over the cases where the value is defined; NaN if none is.
-    """
-
-    def __init__(self, source: str = "unc_output", stat: str = "rmsd", pred_key: str = "pred",
-                 label_key: str = "label", error_key: str = "error_stable",
-                 variance_key: str = "variance_stable", output_transform=lambda x: x, device="cpu"):
-        if source not in UNCERTAINTY_SOURCES:
-            raise ValueError(f"source must be one of {UNCERTAINTY_SOURCES}, got {source!r}")
-        if stat not in ("rmsd", "corr"):
-            raise ValueError(f"stat must be 'rmsd' or 'corr', got {stat!r}")
-        self.source, self.stat = source, stat
-        self.pred_key, self.label_key = pred_key, label_key
-        self.error_key, self.variance_key = error_key, variance_key
-        super().__init__(output_transform=output_transform, device=device)
-
-    @reinit__is_reduced
     def reset(self) -> None:
-        self._rmsd: list = []
-        self._corr: list = []
+        self.rows = []
 
-    def _source(self, s) -> torch.Tensor:
-        if self.source == "unc_output":
-            pred = _tensor(s[self.pred_key])
-            if pred.shape[0] < 4:
-                raise ValueError(f"source 'unc_output' needs 4 prediction channels, got {tuple(pred.shape)}")
-            return pred[3]
-        if self.source == "variance_stable":
-            if self.variance_key not in s:
-                raise KeyError(f"source 'variance_stable' needs output key '{self.variance_key}'")
-            return _tensor(s[self.variance_key])
-        p = _tensor(s[self.pred_key])[0].double()
-        return 4.0 * p * (1.0 - p)
+    @torch.no_grad()
+    def update(self, case_ids: Sequence[str], probs: torch.Tensor, regions: torch.Tensor,
+               maps: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
+        """Add one row per case of a batch; returns the new rows.
 
-    @reinit__is_reduced
-    def update(self, output) -> None:
-        for s in _samples(output):
-            if self.error_key not in s:
-                raise KeyError(f"UncertaintyAgreementMetric needs output key '{self.error_key}'")
-            label = _tensor(s[self.label_key])
-            wt = _as_regions(label)[0]
-            rmsd, corr = uncertainty_agreement(self._source(s), _tensor(s[self.error_key]), wt)
-            self._rmsd.append(rmsd)
-            self._corr.append(corr)
+        Args:
+            case_ids: ``B`` case ids.
+            probs: ``(B, C>=3, X, Y, Z)`` probabilities [p_WT, p_TC, p_ET, ...].
+            regions: ``(B, 3, X, Y, Z)`` ground-truth regions.
+            maps: with uncertainty, ``error_stable`` and every source of :data:`UNC_SOURCES`, each ``(B, 1, X, Y, Z)``.
+        """
+        if len(case_ids) != probs.shape[0]:
+            raise ValueError(f"{len(case_ids)} case ids for a batch of {probs.shape[0]}")
+        if self.with_uncertainty:
+            needed = ["error_stable"] + [key for key, _ in UNC_SOURCES]
+            missing = [k for k in needed if maps is None or k not in maps]
+            if missing:
+                raise KeyError(f"ValidationCaseMetric(with_uncertainty=True) needs the maps {missing}")
+        new = []
+        for b, case_id in enumerate(case_ids):
+            gt = regions[b].float()
+            d = dice_per_region((probs[b, :3] > self.threshold).float(), gt)
+            row = {"case_id": str(case_id), "dice_wt": d["WT"], "dice_tc": d["TC"], "dice_et": d["ET"],
+                   "dice_mean": d["mean"]}
+            if self.with_uncertainty:
+                wt = gt[0:1] > 0.5
+                for key, stem in UNC_SOURCES:
+                    rmsd, corr = uncertainty_agreement(maps[key][b], maps["error_stable"][b], wt)
+                    row[f"rmsd_{stem}"], row[f"corr_{stem}"] = float(rmsd), float(corr)
+            new.append(row)
+        self.rows.extend(new)
+        return new
 
-    def results(self) -> dict:
-        if not self._rmsd:
-            raise NotComputableError("UncertaintyAgreementMetric needs at least one case")
-        def nanmean(v):
-            d = [x for x in v if not math.isnan(x)]
-            return float(np.mean(d)) if d else math.nan
-        return {"rmsd": nanmean(self._rmsd), "corr": nanmean(self._corr), "n_cases": len(self._rmsd)}
-
-    def compute(self) -> float:
-        return self.results()[self.stat]
+    def aggregate(self, rows: Sequence[Mapping] | None = None) -> dict:
+        """``{"val_<key>": NaN-skipping mean over rows}`` (default rows: those added since :meth:`reset`)."""
+        rows = self.rows if rows is None else rows
+        return {f"val_{key}": nanmean([r.get(key) for r in rows]) for key in self.keys}

@@ -14,11 +14,9 @@ from custom.core.atomic import atomic_write_json
 from custom.core.cli import as_bool
 from custom.core.dist import is_main_process
 from custom.core.errors import BraTSInputError
+from custom.core.layout import WorkDir
 from custom.data.datalist import fold_split, load_datalist
 from custom.uncertainty.store import ErrorMapStore
-
-logger = logging.getLogger(__name__)
-
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +48,17 @@ def check_work_dir(work_dir, datalist_path=None, plans_path=None) -> str:
     Raises:
         BraTSInputError: naming the missing ``datalist.json`` / ``plans.json``.
     """
-    work = Path(work_dir)
-    needed = [Path(datalist_path) if datalist_path else work / "datalist.json",
-              Path(plans_path) if plans_path else work / "plans.json"]
+    work = WorkDir(work_dir)
+    needed = [Path(datalist_path) if datalist_path else work.datalist,
+              Path(plans_path) if plans_path else work.plans]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise BraTSInputError(
             [f"{p}: not found" for p in missing]
-            + [f"run: python scripts/prepare_data.py --dataset_dir <BraTS folder> --work_dir {work}"],
-            header=f"work directory {work} is not prepared for training",
+            + [f"run: python scripts/prepare_data.py --dataset_dir <BraTS folder> --work_dir {work.path}"],
+            header=f"work directory {work.path} is not prepared for training",
         )
-    return str(work)
+    return str(work.path)
 
 
 def load_fold_data(datalist_path, fold: int) -> tuple[list[dict], list[dict]]:

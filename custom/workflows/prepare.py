@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from custom.core.layout import WorkDir
 from custom.data.datalist import build_datalist, write_datalist
+from custom.data.synthetic import write_dataset
 from custom.preprocessing.cache import plan_and_preprocess
 
 
@@ -45,9 +47,24 @@ def prepare_data(
         "skipped": datalist["invalid"],
     }
     if plan:
-        # planning belongs to another module; imported here so that ingestion works without it
-
         plan_and_preprocess(path.parent, gpu_memory_gb=gpu_memory_gb, patch_size=patch_size,
                             filters=filters, num_workers=num_workers)
-        summary["plans"] = str(path.parent / "plans.json")
+        summary["plans"] = str(WorkDir(path.parent).plans)
     return summary
+
+
+def prepare_synthetic(work_dir, num_cases: int, shape: Sequence[int], patch_size: Sequence[int] | None = None,
+                      filters: Sequence[int] | None = None, seed: int = 0, label_noise: float = 0.5,
+                      num_folds: int = 2, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                      anatomy: str = "blob") -> WorkDir:
+    """A work directory on synthetic data (learning check, benchmarks): ``W/raw`` with ``num_cases`` cases of
+    ``shape`` at ``spacing`` (mm) from the ``anatomy`` generator (:func:`custom.data.synthetic.write_dataset`), then
+    :func:`prepare_data` with the given plan overrides. Kept when ``W/plans.json`` exists already (a prepared W
+    is reused as is)."""
+    work = WorkDir(work_dir)
+    if not work.plans.is_file():
+        write_dataset(work.path / "raw", int(num_cases), [int(s) for s in shape], [float(s) for s in spacing],
+                      int(seed), float(label_noise), anatomy=str(anatomy))
+        prepare_data(work.path / "raw", work.path, num_folds=int(num_folds), seed=int(seed), patch_size=patch_size,
+                     filters=filters)
+    return work

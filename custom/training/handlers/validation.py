@@ -9,33 +9,37 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.utils import CommonKeys as Keys
 
 from custom.core.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from custom.core.dist import dist_ready, is_main_process, unwrap_network
-from custom.core.numeric import nanmean
+from custom.core.layout import RunDir
 from custom.training.handlers.error_maps import case_ids
-from custom.training.metrics import UNC_SOURCES, dice_per_region
-from custom.uncertainty.agreement import uncertainty_agreement
+from custom.training.metrics import ValidationCaseMetric
 
 logger = logging.getLogger(__name__)
 
 
 class ValidationMetricsHandler:
-    """Per-case validation metrics (custom.metrics) and their case means in ``engine.state.metrics``.
+    """Ignite wrapper of :class:`custom.training.metrics.ValidationCaseMetric` (as MONAI's ``MeanDice`` wraps
+    ``DiceMetric``).
 
-    Per case: Dice WT/TC/ET (prediction ``probs > 0.5`` per region) and their mean; with uncertainty, RMSD and
-    weighted Pearson correlation against ``error_stable`` over GT WT for ``unc_output``, ``variance_stable``
-    and ``var1shot``. At ``EPOCH_COMPLETED`` the per-case rows (gathered over ranks) are averaged
-    (NaN-skipping, e.g. a constant map has no correlation) into ``val_dice_wt, …, val_corr_var1shot``;
-    the rows stay in ``engine.state.per_case_metrics``.
+    ``EPOCH_STARTED``: reset; ``ITERATION_COMPLETED``: the metric's ``update`` with the evaluator output (``pred``
+    probabilities, the targets dict's ``label`` regions and ``case_id``; with uncertainty the maps that
+    :class:`~custom.training.handlers.error_maps.ValidationErrorMapHandler` put into the output);
+    ``EPOCH_COMPLETED``: the per-case rows, gathered over ranks and sorted by case id, go to
+    ``engine.state.per_case_metrics`` and their means (``val_dice_wt, …, val_corr_var1shot``) to
+    ``engine.state.metrics``.
     """
 
     def __init__(self, with_uncertainty: bool = True) -> None:
-        self.with_uncertainty = bool(with_uncertainty)
-        self._rows: list[dict] = []
+        self.metric = ValidationCaseMetric(with_uncertainty=with_uncertainty)
+
+    @property
+    def with_uncertainty(self) -> bool:
+        return self.metric.with_uncertainty
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -43,46 +47,26 @@ class ValidationMetricsHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.compute)
 
     def reset(self, engine: Engine) -> None:
-        self._rows = []
+        self.metric.reset()
 
-    @torch.no_grad()
     def update(self, engine: Engine) -> None:
-        from monai.utils import CommonKeys as Keys
-
         output = engine.state.output
         probs = output[Keys.PRED].float()
         targets = output[Keys.LABEL]
         regions = targets["label"] if isinstance(targets, dict) else targets
         ids = case_ids(targets) if isinstance(targets, dict) else [
             str(c) for c in (engine.state.batch.get("case_id") or [f"case{engine.state.iteration}"])]
-        for b in range(probs.shape[0]):
-            gt = regions[b].float()
-            pred_regions = (probs[b, :3] > 0.5).float()
-            dice = dice_per_region(pred_regions, gt)
-            row = {"case_id": ids[b], "dice_wt": float(dice["WT"]), "dice_tc": float(dice["TC"]),
-                   "dice_et": float(dice["ET"])}
-            row["dice_mean"] = float(np.mean([row["dice_wt"], row["dice_tc"], row["dice_et"]]))
-            if self.with_uncertainty:
-                wt = gt[0:1] > 0.5
-                e = output["error_stable"][b]
-                for key, stem in UNC_SOURCES:
-                    rmsd, corr = uncertainty_agreement(output[key][b], e, wt)
-                    row[f"rmsd_{stem}"], row[f"corr_{stem}"] = float(rmsd), float(corr)
-            self._rows.append(row)
+        self.metric.update(ids, probs, regions, output if self.with_uncertainty else None)
 
     def compute(self, engine: Engine) -> None:
-        rows = self._rows
+        rows = self.metric.rows
         if dist_ready():
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         rows = sorted(rows, key=lambda r: r["case_id"])
         engine.state.per_case_metrics = rows
-        keys = ["dice_wt", "dice_tc", "dice_et", "dice_mean"]
-        if self.with_uncertainty:
-            keys += [f"{m}_{stem}" for _, stem in UNC_SOURCES for m in ("rmsd", "corr")]
-        for key in keys:
-            engine.state.metrics[f"val_{key}"] = nanmean([r.get(key) for r in rows])
+        engine.state.metrics.update(self.metric.aggregate(rows))
 
 
 class PseudoDiceCheckpointHandler:
@@ -95,11 +79,11 @@ class PseudoDiceCheckpointHandler:
     """
 
     def __init__(self, network: torch.nn.Module, output_dir, metric_name: str = "val_dice_mean",
-                 alpha: float = 0.9, filename: str = "model.pt") -> None:
+                 alpha: float = 0.9) -> None:
         if not 0.0 <= float(alpha) < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         self.network = network
-        self.path = Path(output_dir) / filename
+        self.path = RunDir(output_dir).best_model
         self.metric_name = metric_name
         self.alpha = float(alpha)
         self.ema: float | None = None

@@ -44,8 +44,8 @@ class TritonPythonModel:
         from custom.deploy.triton_protocol import MAX_VOLUME_EDGE
         from custom.deploy.triton_repository import MODEL_INFO, read_model_parameters
         from custom.inference.segmenter import UncertaintySegmenter
-        from custom.preprocessing.functional import MAX_PREPROCESSED_VOXELS
         from custom.planning.plans import load_plans
+        from custom.preprocessing.functional import MAX_PREPROCESSED_VOXELS
 
         self.model_config = json.loads(args["model_config"])
         params = read_model_parameters(self.model_config)
