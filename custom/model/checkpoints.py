@@ -73,6 +73,10 @@ def load_state_dict(checkpoint) -> dict:
     return dict(state)
 
 
+#: state-dict keys of DynUNet's deep-supervision heads (training only; inference networks have none)
+DEEP_SUPERVISION_PREFIX = "deep_supervision_heads."
+
+
 def checkpoint_out_channels(state: Mapping[str, torch.Tensor]) -> int:
     """Output channels of a DynUNet state dict (4 = regions + unc_output, 3 = segmentation only)."""
     keys = [k for k in state if k.endswith("output_block.conv.conv.weight")]
@@ -95,8 +99,12 @@ def load_weights(network: torch.nn.Module, checkpoint, device="cpu") -> torch.nn
         BraTSInputError: the checkpoint is missing, unreadable, or its weights do not fit the network.
     """
     state = load_state_dict(checkpoint)
+    target = unwrap_network(network)
+    if not any(k.startswith(DEEP_SUPERVISION_PREFIX) for k in target.state_dict()):
+        # a network trained with deep supervision: its extra heads have no use in a network without them
+        state = {k: v for k, v in state.items() if not k.startswith(DEEP_SUPERVISION_PREFIX)}
     try:
-        unwrap_network(network).load_state_dict(state, strict=True)
+        target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BraTSInputError(f"{checkpoint}: weights do not fit the network built from the plan "
                               f"({str(exc).splitlines()[0]})", header=_HEADER) from None
