@@ -73,8 +73,10 @@ def load_state_dict(checkpoint) -> dict:
     return dict(state)
 
 
-#: state-dict keys of DynUNet's deep-supervision heads (training only; inference networks have none)
-DEEP_SUPERVISION_PREFIX = "deep_supervision_heads."
+def is_deep_supervision_key(key: str) -> bool:
+    """A state-dict key of DynUNet's deep-supervision heads (``deep_supervision_heads.*``, registered a second
+    time as ``...super_head.*`` in the skip layers); inference networks have none."""
+    return key.startswith("deep_supervision_heads.") or ".super_head." in key
 
 
 def checkpoint_out_channels(state: Mapping[str, torch.Tensor]) -> int:
@@ -100,9 +102,9 @@ def load_weights(network: torch.nn.Module, checkpoint, device="cpu") -> torch.nn
     """
     state = load_state_dict(checkpoint)
     target = unwrap_network(network)
-    if not any(k.startswith(DEEP_SUPERVISION_PREFIX) for k in target.state_dict()):
+    if not any(is_deep_supervision_key(k) for k in target.state_dict()):
         # a network trained with deep supervision: its extra heads have no use in a network without them
-        state = {k: v for k, v in state.items() if not k.startswith(DEEP_SUPERVISION_PREFIX)}
+        state = {k: v for k, v in state.items() if not is_deep_supervision_key(k)}
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
