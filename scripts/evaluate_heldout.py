@@ -1,8 +1,9 @@
-"""Held-out evaluation: each fold's FINAL model on its validation cases, and uncertainty quality vs cost.
+"""Held-out evaluation of the self-assessment: each fold's FINAL model on its validation cases, every uncertainty
+method by voxel type, calibrated out of fold, at case level, with its cost and bootstrap intervals.
 
     python scripts/evaluate_heldout.py --work_dir W --out_dir R [--folds "[0,1]"] [--variant unc]
         [--mc_variant mcdropout] [--mc_samples 10] [--tta true] [--ensemble true] [--crosscheck true]
-        [--max_cases_per_fold N] [--device cpu]
+        [--max_cases_per_fold N] [--device cpu] [--n_boot 1000] [--seed 0]
 
 The study is :mod:`custom.workflows.heldout`.
 """
@@ -10,23 +11,26 @@ The study is :mod:`custom.workflows.heldout`.
 from __future__ import annotations
 
 import sys
+
 import fire
 
 from custom.core.cli import as_bool, as_list
 from custom.core.errors import BraTSInputError
-from custom.workflows.heldout import evaluate_heldout, summary_line
 from custom.core.layout import ReportDir
+from custom.workflows.heldout import evaluate_heldout, summary_line
 
 
 def main(work_dir: str, out_dir: str, folds=None, variant: str = "unc", mc_variant: str = "mcdropout",
          mc_samples: int = 10, tta: bool = True, ensemble: bool = True, crosscheck: bool = True,
-         max_cases_per_fold: int | None = None, device: str = "cpu"):
+         max_cases_per_fold: int | None = None, device: str = "cpu", n_boot: int = 1000, seed: int = 0):
     """Score each fold's final model on its validation cases and every uncertainty method against its cost.
 
-    Writes R/heldout.json, R/heldout_per_case.csv (segmentation per case and region), R/heldout_methods_per_case.csv
-    (uncertainty quality and seconds per case and method), R/heldout.md, R/heldout/fold<k>/ (the predicted files
-    and their evaluation), and replaces the held-out section of R/report.md when it exists. Prints a one-line
-    summary; exit status 2 when no fold has a finished final model.
+    Writes R/heldout.json (flat keys <method>.<metric>: AUROC/AUPRC by voxel type, calibrated ECE and Brier,
+    Spearman of the predicted Dice, AURC, cost, each with a 95% bootstrap interval), R/heldout.md,
+    R/reliability.png, R/risk_coverage.png, R/heldout_per_case.csv (segmentation per case and region),
+    R/heldout_methods_per_case.csv, R/heldout/fold<k>/ (the predicted files and their evaluation), and replaces the
+    held-out section of R/report.md when it exists. Each case is calibrated by an isotonic fit on the other folds'
+    cases, so at least two folds must be finished. Prints a one-line summary; exit status 2 on a named error.
 
     Args:
         work_dir: the work directory W with finished runs (W/runs/<variant>/fold<k>/model_final.pt and FINISHED).
@@ -42,13 +46,16 @@ def main(work_dir: str, out_dir: str, folds=None, variant: str = "unc", mc_varia
         crosscheck: compare the segmentation metrics with the organisers' brats_evaluation where it is installed.
         max_cases_per_fold: evaluate only the first N validation cases of each fold (quick checks).
         device: "cpu" or "cuda".
+        n_boot: bootstrap resamples of the cases for the 95% intervals.
+        seed: seed of the bootstrap.
     """
     try:
         res = evaluate_heldout(work_dir, out_dir, folds=as_list(folds, "folds", cast=int),
                                variant=variant, mc_variant=mc_variant or None, mc_samples=int(mc_samples),
                                tta=as_bool(tta, "tta"), ensemble=as_bool(ensemble, "ensemble"),
                                crosscheck=as_bool(crosscheck, "crosscheck"),
-                               max_cases_per_fold=max_cases_per_fold, device=device)
+                               max_cases_per_fold=max_cases_per_fold, device=device, n_boot=int(n_boot),
+                               seed=int(seed))
     except BraTSInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -196,3 +196,18 @@ def test_stop_gradient_head_trains_only_its_own_weights():
     net.train().zero_grad()
     torch.sigmoid(net(x)[:, :3]).sum().backward()
     assert net.input_block.conv1.conv.weight.grad.abs().sum() > 0
+
+
+def test_a_deep_supervision_checkpoint_loads_for_inference(tmp_path):
+    """Inference builds the network without deep-supervision heads; the one loader drops their weights."""
+    from custom.model.checkpoints import load_weights
+
+    torch.manual_seed(0)
+    trained = build_network(PLANS, deep_supervision=True)
+    torch.save({"model": trained.state_dict()}, tmp_path / "model.pt")
+    plain = load_weights(build_network(PLANS), tmp_path / "model.pt")
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained.eval()(x))
+    # a network WITH heads still loads strictly (nothing dropped)
+    load_weights(build_network(PLANS, deep_supervision=True), tmp_path / "model.pt")

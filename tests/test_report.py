@@ -134,21 +134,18 @@ def test_report_cli_tables_figure1_and_missing_fold(tmp_path):
     assert [r["last_k_epochs"] for r in t1 if r["variant"] == "unc"] == ["10", "9 10 11", ""]
 
 
-def test_report_includes_heldout_table(tmp_path):
+def test_report_includes_heldout_section(tmp_path):
+    """report.md embeds R/heldout.md (the held-out study's own rendering) between its marks."""
     work, out = tmp_path / "W", tmp_path / "R"
     write_run(work, "unc", 0, [0.5, 0.6])
     out.mkdir()
-    (out / "heldout.json").write_text(json.dumps({
-        "num_cases": 3, "folds": [0],
-        "methods": [{"method": "unc_output", "forward_passes": 1, "seconds_per_case": 1.5, "dice_wt": 0.8,
-                     "auroc_wt_error": 0.91, "spearman_wt_error": 0.4, "ece_wt_error": 0.1,
-                     "qubrats_WT": 0.7, "qubrats_TC": 0.6, "qubrats_ET": 0.5}],
-        "unavailable": {"mc_dropout": "no mcdropout run"}}))
+    (out / "heldout.md").write_text("## Self-assessment (cross-validation)\n\n| method | x |\n|---|---|\n| `tta` | 8 |\n")
     run_cmd([sys.executable, "scripts/report.py", "--work_dir", work, "--out_dir", out, "--folds", "[0]",
              "--variants", "[unc]", "--figures", "false"], timeout=300)
     md = (out / "report.md").read_text()
-    assert "### Quality vs cost" in md and "| unc_output | 1 | 1.50 | 0.800 | 0.910 |" in md
-    assert "mc_dropout: not measured — no mcdropout run" in md
+    start, end = md.index("<!-- heldout:start -->"), md.index("<!-- heldout:end -->")
+    assert "## Self-assessment (cross-validation)" in md[start:end] and "| `tta` | 8 |" in md[start:end]
+    assert "Not run yet" not in md
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path):
@@ -266,34 +263,46 @@ def test_figure2_shows_store_maps_and_model_maps_on_tumour_slice(finished_runs, 
     assert out.name == "Comparison_models_6_views.png" and out.stat().st_size > 20_000
 
 
-def test_evaluate_heldout_quality_vs_cost(finished_runs, tmp_path):
+def test_evaluate_heldout_self_assessment(finished_runs, tmp_path):
+    """Both folds' final models on their validation cases: every method by voxel type, calibrated out of fold
+    (each case by a fit on the other fold), at case level, with cost and intervals; the product's files evaluated."""
     out = tmp_path / "R"
     from custom.workflows.report import make_report
 
     make_report(finished_runs, out, variants=("unc",), figures=False)
     # the official cross-check inside evaluate_folder is covered in test_evaluation.py; skipped here for time
     proc = run_cmd([sys.executable, "scripts/evaluate_heldout.py", "--work_dir", finished_runs, "--out_dir", out,
-                    "--max_cases_per_fold", 1, "--mc_samples", 2, "--crosscheck", "false"], timeout=600)
-    assert "2 held-out cases" in proc.stdout
+                    "--max_cases_per_fold", 2, "--mc_samples", 2, "--crosscheck", "false", "--n_boot", 50],
+                   timeout=900)
+    assert "4 held-out cases (cross_validation)" in proc.stdout
     res = json.loads((out / "heldout.json").read_text())
-    assert res["folds"] == [0, 1] and res["num_cases"] == 2
-    methods = {m["method"].split(" ")[0]: m for m in res["methods"]}
-    assert [m["method"].split(" ")[0] for m in res["methods"]] == ["unc_output", "var1shot", "tta_variance",
-                                                                   "mc_dropout", "ensemble"]
-    passes = {k: m["forward_passes"] for k, m in methods.items()}
-    assert passes == {"unc_output": 1, "var1shot": 1, "tta_variance": 8, "mc_dropout": 2, "ensemble": 2}
-    for m in methods.values():
-        assert m["num_cases"] == 2 and m["seconds_per_case"] > 0
-        assert m["ece_wt_error"] is None or 0 <= m["ece_wt_error"] <= 1
+    meta = res["meta"]
+    assert meta["folds"] == [0, 1] and meta["num_cases"] == 4
+    passes = {k: m["forward_passes"] for k, m in meta["methods"].items()}
+    assert passes == {"unc": 1, "var1shot": 1, "tta": 8, "ensemble": 2, "mc_dropout": 2}
+    for key in passes:
+        assert res[f"{key}.forward_passes"] == passes[key] and res[f"{key}.seconds_per_case"] > 0
+        assert res[f"{key}.n_cases"] == 4
+        # counts by voxel type add up to the region (+ missed outside it) of the method's own segmentation
+        n = res[f"{key}.n_tp"] + res[f"{key}.n_fp"] + res[f"{key}.n_tn_region"] + res[f"{key}.n_missed"]
+        assert n > 0
+        for metric in ("auroc_fp_vs_tn", "brier_calibrated", "spearman_pred_dice", "paired_auroc_overall"):
+            v, lo, hi = (res.get(f"{key}.{metric}{s}") for s in ("", "_ci_low", "_ci_high"))
+            assert v is None or lo is None or lo - 1e-9 <= v <= hi + 1e-9, (key, metric, v, lo, hi)
+    # the reference of the paired figures is the evaluated model's own segmentation: same numbers for unc
+    assert res["unc.paired_auroc_overall"] == res["unc.auroc_overall"]
     assert res["segmentation"]["regions"]["WT"]["legacy_dice"] is not None
     # the product's files were written and evaluated like any tool's output
     for f in (0, 1):
         fold_dir = out / "heldout" / f"fold{f}"
-        assert len(list((fold_dir / "pred").glob("*-unc.nii.gz"))) == 1
+        assert len(list((fold_dir / "pred").glob("*-unc.nii.gz"))) == 2
         with open(fold_dir / "per_case.csv") as fh:
-            assert len(list(csv.DictReader(fh))) == 3
+            assert len(list(csv.DictReader(fh))) == 6
+    for name in ("heldout.md", "reliability.png", "risk_coverage.png", "heldout_methods_per_case.csv"):
+        assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
-    assert "### Quality vs cost" in md and "| tta_variance | 8 |" in md and "Not run yet" not in md
+    assert "Self-assessment (cross-validation)" in md and "| `tta` | mirroring TTA variance | 8 |" in md
+    assert "Not run yet" not in md
 
 
 def test_evaluate_heldout_without_finished_models_names_the_runs(tmp_path):

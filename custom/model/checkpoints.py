@@ -73,6 +73,12 @@ def load_state_dict(checkpoint) -> dict:
     return dict(state)
 
 
+def is_deep_supervision_key(key: str) -> bool:
+    """A state-dict key of DynUNet's deep-supervision heads (``deep_supervision_heads.*``, registered a second
+    time as ``...super_head.*`` in the skip layers); inference networks have none."""
+    return key.startswith("deep_supervision_heads.") or ".super_head." in key
+
+
 def checkpoint_out_channels(state: Mapping[str, torch.Tensor]) -> int:
     """Output channels of a DynUNet state dict (4 = regions + unc_output, 3 = segmentation only)."""
     keys = [k for k in state if k.endswith("output_block.conv.conv.weight")]
@@ -95,8 +101,12 @@ def load_weights(network: torch.nn.Module, checkpoint, device="cpu") -> torch.nn
         BraTSInputError: the checkpoint is missing, unreadable, or its weights do not fit the network.
     """
     state = load_state_dict(checkpoint)
+    target = unwrap_network(network)
+    if not any(is_deep_supervision_key(k) for k in target.state_dict()):
+        # a network trained with deep supervision: its extra heads have no use in a network without them
+        state = {k: v for k, v in state.items() if not is_deep_supervision_key(k)}
     try:
-        unwrap_network(network).load_state_dict(state, strict=True)
+        target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BraTSInputError(f"{checkpoint}: weights do not fit the network built from the plan "
                               f"({str(exc).splitlines()[0]})", header=_HEADER) from None

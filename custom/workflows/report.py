@@ -9,14 +9,13 @@ Reads ``W/runs/<variant>/fold<k>/metrics.csv`` (DESIGN.md columns) and writes in
 - ``Comparison_models_6_views.png`` (Figure 2: error_stable, unc_output, variance_stable, var1shot on six
   fold-0 validation cases, axial slice through the tumour over the t2f image, shared colour bar);
 - ``report.md`` (tables beside the paper's numbers, figures, run states, and the held-out
-  "quality vs cost" table when ``R/heldout.json`` exists).
+  self-assessment section when ``R/heldout.md`` exists).
 Only FINISHED runs enter the fold averages; missing and unfinished runs are listed in report.md and on
 stderr.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from custom.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json
-from custom.core.constants import MODALITIES, REGIONS
+from custom.core.constants import MODALITIES
 from custom.core.errors import BraTSInputError
 from custom.core.layout import FINAL_MODEL_NAME, MODEL_NAME, RUN_FINISHED, RUN_MISSING, ReportDir, RunDir, WorkDir
 from custom.data.datalist import fold_split, load_datalist
@@ -237,7 +236,7 @@ def figure_comparison(cases: list, out_dir) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- markdown
-def render_report(runs, tables, k, figures: dict, problems: list, heldout=None) -> str:
+def render_report(runs, tables, k, figures: dict, problems: list, heldout_markdown: str | None = None) -> str:
     avg = tables["averages"]
     lines = ["# Uncertainty-aware nnU-Net: cross-validation report", ""]
     lines += ["## Runs", "", "| variant | fold | state | epochs | note |", "|---|---|---|---|---|"]
@@ -313,7 +312,7 @@ def render_report(runs, tables, k, figures: dict, problems: list, heldout=None) 
             lines += [f"![{caption}]({f.name})", "", caption, ""]
         else:
             lines += [f"{caption.split(':')[0]}: not made — {f}", ""]
-    lines += [HELDOUT_START, render_quality_vs_cost(heldout) if heldout else
+    lines += [HELDOUT_START, heldout_markdown.rstrip() if heldout_markdown else
               "## Held-out evaluation\n\nNot run yet (`scripts/evaluate_heldout.py --work_dir W --out_dir R`).",
               HELDOUT_END, ""]
     return "\n".join(lines)
@@ -345,7 +344,8 @@ def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc"
                 print(f"WARNING: Figure 2 not made: {figs['figure2']}", file=sys.stderr)
     else:
         figs["figure1"] = figs["figure2"] = "figures disabled (--figures false)"
-    heldout = json.loads(out.heldout.read_text()) if out.heldout.is_file() else None
+    # the held-out section is custom.workflows.heldout's own rendering (one source: R/heldout.md)
+    heldout_md = out.heldout_markdown.read_text() if out.heldout_markdown.is_file() else None
     write_rows_csv(out.table1, tables["table1"])
     write_rows_csv(out.table2, tables["table2"])
     atomic_write_json(out.tables, to_json_safe({
@@ -356,7 +356,7 @@ def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc"
         "paper": {"table1": PAPER_TABLE1, "table2": {m: {"rmsd": r, "corr": c} for m, (r, c) in PAPER_TABLE2.items()}},
         "figures": {k2: (v.name if isinstance(v, Path) else None) for k2, v in figs.items()}}))
     atomic_write_bytes(out.report,
-                       render_report(runs, tables, int(last_k), figs, problems, heldout).encode())
+                       render_report(runs, tables, int(last_k), figs, problems, heldout_md).encode())
     return {"tables": tables, "problems": problems, "figures": figs}
 
 
@@ -369,64 +369,3 @@ def summary_line(result: dict, last_k: int) -> str:
     if result["problems"]:
         parts.append(f"{len(result['problems'])} run(s) not finished (see report.md)")
     return " | ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------- held-out section
-QUALITY_COLUMNS = ("auroc_wt_error", "spearman_wt_error", "ece_wt_error", "qubrats_WT", "qubrats_TC", "qubrats_ET")
-
-
-def render_quality_vs_cost(heldout: dict) -> str:
-    """Markdown section of a ``heldout.json``: segmentation, cross-check and the quality-vs-cost table."""
-
-    def f(v, nd=3):
-        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{nd}f}"
-
-    lines = ["## Held-out evaluation (final models on their validation cases)", ""]
-    seg = heldout.get("segmentation", {}).get("regions", {})
-    if seg:
-        lines += [f"Cases: {heldout.get('num_cases', '?')} (folds {heldout.get('folds', [])}).", "",
-                  "| region | legacy Dice | legacy HD95 (mm) | lesion-wise Dice | lesion-wise HD95 (mm) | TP | FP | FN |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in REGIONS:
-            s = seg.get(r, {})
-            lines.append(f"| {r} | {f(s.get('legacy_dice'))} | {f(s.get('legacy_hd95'), 2)} | {f(s.get('lesionwise_dice'))} "
-                         f"| {f(s.get('lesionwise_hd95'), 2)} | {f(s.get('num_tp'), 2)} | {f(s.get('num_fp'), 2)} "
-                         f"| {f(s.get('num_fn'), 2)} |")
-        lines += ["", "Metrics of the BraTS 2023 ranking code (BraTS-2023-Metrics). Legacy HD95: the robust Hausdorff "
-                  "distance, the larger of the two directed 95th percentiles of surface distances weighted by surfel "
-                  "area, in mm (374 when one mask is empty). Lesion-wise (GLI): the same HD95 per lesion; ground truth "
-                  "dilated 3 times with the 18-neighbourhood, lesions of <= 50 mm^3 dropped, false positives Dice 0 / "
-                  "HD95 374. TP/FP/FN are means per case.", ""]
-    cc = heldout.get("crosscheck")
-    if cc:
-        if cc.get("available"):
-            parts = []
-            for key, name in (("legacy_dice", "legacy Dice"),
-                              ("pooled_hd95", "HD95 pooled over both directions' border voxels (the tool's definition, "
-                                              "not the BraTS 2023 HD95 of the table)"),
-                              ("lesions", "matched-lesion Dice and TP count")):
-                s = cc.get(key, {})
-                parts.append(f"{name}: {s.get('agree', 0)}/{s.get('compared', 0)} agree "
-                             f"(max |diff| {f(s.get('max_abs_diff'), 6)})")
-            lines += [f"Cross-check against {cc.get('tool')}: " + "; ".join(parts) + ". Compared only where the "
-                      "definitions coincide (lesions: one GT component per lesion, one matching prediction, nothing "
-                      "dropped or false-positive).", ""]
-        else:
-            lines += [f"Cross-check against brats_evaluation not available: {cc.get('error')}", ""]
-    methods = heldout.get("methods", [])
-    if methods:
-        lines += ["### Quality vs cost", "",
-                  "Each map is scored against the WT errors of the segmentation that comes with it, inside the "
-                  "dilated union of predicted and true WT (AUROC, Spearman; ECE reads the map as P(error), 10 bins); "
-                  "QU-BraTS per region with the map scaled to [0, 100]. Every map is bounded by the same cancer mask "
-                  "(predicted WT dilated by 3 voxels). Seconds per case = preprocessing + forward passes + "
-                  "postprocessing, measured side by side in one run on this machine.", "",
-                  "| method | forward passes | s / case | Dice WT | AUROC | Spearman | ECE | QU-BraTS WT | TC | ET |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for m in methods:
-            lines.append(f"| {m['method']} | {m.get('forward_passes', '–')} | {f(m.get('seconds_per_case'), 2)} "
-                         f"| {f(m.get('dice_wt'))} | " + " | ".join(f(m.get(c)) for c in QUALITY_COLUMNS) + " |")
-        lines.append("")
-    for name, why in (heldout.get("unavailable") or {}).items():
-        lines.append(f"- {name}: not measured — {why}")
-    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,354 @@
+"""The self-assessment study (``scripts/study_uncertainty.py``; issue 13): which way of training the uncertainty head
+predicts the errors of cases the model never saw, against the usual baselines, over several training seeds.
+
+Steps, each skipped when its output exists with the same settings (the command is resumable; ``study_settings.json``
+records them and a different setting is refused, naming it):
+
+1. data: a training set and a separately seeded set of unseen test cases with their own case ids
+   (:func:`custom.data.synthetic.write_dataset`, ``anatomy`` "mni152" = real brain anatomy by default), or the user's
+   ``dataset_dir`` and ``test_dir`` (real BraTS: hold out a folder of labelled cases);
+2. ``prepare_data`` on the training set (``num_folds`` folds; fold 0's validation cases are the calibration set);
+3. training, fold 0, one run per (variant, seed) through ``python -m monai.bundle run training`` (``parallel`` at a
+   time): the no-head ``baseline``, each candidate head (``unc_loss``: paper, ring, two_region, proper) and the
+   dropout-trained ``mcdropout``;
+4. per seed, :func:`custom.workflows.heldout.score_test_set`: every map calibrated on fold 0's validation cases and
+   scored on the test cases, paired against the default (``paper``) model's segmentation; Dice with and without
+   the head on the test cases;
+5. ``study.json`` (flat keys: ``seed<k>.<method>.<metric>``, ``seed_mean.``, ``seed_sd.``; ``dice.*``), ``study.md``.
+
+Methods: ``unc_<head>`` (the head of each candidate, 1 pass), ``var1shot`` and ``tta`` (the no-head baseline model:
+1 and 8 passes), ``mc_dropout`` (the dropout model, N passes), ``ensemble`` (the baseline models of all seeds, one
+pass each; the same in every seed's column).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from custom.core.atomic import atomic_write_bytes, atomic_write_json
+from custom.core.constants import REGIONS
+from custom.core.errors import BraTSInputError
+from custom.core.layout import CONFIG_DIR, REPO_ROOT, RUN_FINISHED, RUN_RESUMABLE, ReportDir, WorkDir
+from custom.data.cases import find_case_files, list_case_folders
+from custom.data.datalist import fold_split, load_datalist
+from custom.data.synthetic import write_dataset
+from custom.evaluation.bootstrap import bootstrap_indices, percentile_interval
+from custom.evaluation.folder import to_json_safe
+from custom.evaluation.self_assessment import combine_seeds, render_seed_markdown
+from custom.inference.segmenter import UncertaintySegmenter
+from custom.workflows.cross_validate import training_command
+from custom.workflows.heldout import (
+    ensemble_method,
+    head_method,
+    mc_dropout_method,
+    render_heldout_markdown,
+    run_dropout,
+    score_test_set,
+    tta_method,
+    var1shot_method,
+    write_result,
+)
+from custom.workflows.prepare import prepare_data
+
+#: training variants of the study: extra config file and bundle overrides
+STUDY_VARIANTS = {
+    "baseline": {"config": "baseline.json", "overrides": {}},
+    "paper": {"config": None, "overrides": {"unc_loss": "paper"}},
+    "ring": {"config": None, "overrides": {"unc_loss": "ring"}},
+    "two_region": {"config": None, "overrides": {"unc_loss": "two_region"}},
+    "proper": {"config": None, "overrides": {"unc_loss": "proper"}},
+    "mcdropout": {"config": "mcdropout.json", "overrides": {}},
+}
+HEADS = ("paper", "ring", "two_region", "proper")
+#: the default model: its segmentation is the reference of the paired figures
+REFERENCE_VARIANT = "paper"
+#: headline metrics of study.md
+STUDY_METRICS = ("auroc_missed_vs_tp", "paired_auroc_missed_vs_tp", "auroc_fp_vs_tn", "paired_auroc_fp_vs_tn",
+                 "paired_auroc_overall", "brier_calibrated", "paired_brier_calibrated", "ece_calibrated",
+                 "spearman_pred_dice", "paired_spearman_pred_dice", "excess_aurc", "paired_excess_aurc",
+                 "forward_passes", "seconds_per_case")
+
+_HEADER = "cannot run the uncertainty study"
+
+
+def run_name(variant: str, seed: int) -> str:
+    """The run folder's variant name: ``<variant>-s<seed>`` (``W/runs/<variant>-s<seed>/fold0``)."""
+    return f"{variant}-s{int(seed)}"
+
+
+def _settings_guard(path: Path, settings: Mapping) -> None:
+    """Refuse to continue a study folder made with different settings (naming each differing one)."""
+    settings = json.loads(json.dumps(settings))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} in {path}, {settings.get(k)!r} now" for k in sorted(set(old) | set(settings))
+                if k not in ("seeds", "variants", "parallel", "device", "n_boot") and old.get(k) != settings.get(k)]
+        if diff:
+            raise BraTSInputError(diff + ["use a new --out_dir, or the settings the folder was made with"],
+                                  header=f"{path.parent} holds a study made with other settings")
+    atomic_write_json(path, settings)
+
+
+def _case_entries(case_dir) -> list[dict]:
+    """``[{"case_id", "image": [4 paths], "label"}]`` of the labelled case folders under ``case_dir``."""
+    entries = []
+    for d in list_case_folders(case_dir, header=_HEADER):
+        case = find_case_files(d)
+        if not case.get("label"):
+            raise BraTSInputError(f"{d}: no seg file; the test cases must be labelled", header=_HEADER)
+        entries.append(case)
+    return entries
+
+
+def _count_cases(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+
+
+def make_data(out: Path, settings: Mapping) -> tuple[Path, Path]:
+    """The training and test folders (generated into ``out/raw`` unless the user gave them)."""
+    if settings["dataset_dir"]:
+        return Path(settings["dataset_dir"]), Path(settings["test_dir"])
+    train, test = out / "raw" / "train", out / "raw" / "test"
+    shape, spacing = settings["shape"], settings["spacing"]
+    if _count_cases(train) != settings["num_train"]:
+        write_dataset(train, settings["num_train"], shape, spacing, settings["data_seed"],
+                      settings["label_noise"], anatomy=settings["anatomy"])
+    if _count_cases(test) != settings["num_test"]:
+        # a separately seeded draw, its ids after the training ids (no case id in both sets)
+        write_dataset(test, settings["num_test"], shape, spacing, settings["data_seed"] + 10_000,
+                      settings["label_noise"], anatomy=settings["anatomy"], id_offset=settings["num_train"])
+    return train, test
+
+
+def plan_runs(work: WorkDir, settings: Mapping, seeds: Sequence[int], variants: Sequence[str]) -> list[dict]:
+    """One job per (variant, seed): fold 0, the study's schedule, ``--variant <variant>-s<seed> --seed <seed>``."""
+    jobs = []
+    for seed in seeds:
+        for v in variants:
+            spec = STUDY_VARIANTS[v]
+            files = [CONFIG_DIR / "train.json"] + ([CONFIG_DIR / spec["config"]] if spec["config"] else [])
+            if settings["plan"] == "tiny":
+                files.append(CONFIG_DIR / "tiny.json")
+            name = run_name(v, seed)
+            run = work.run(name, 0)
+            overrides = {"variant": name, "seed": int(seed), "num_epochs": settings["num_epochs"],
+                         "iterations_per_epoch": settings["iterations_per_epoch"],
+                         "val_interval": settings["val_interval"], "checkpoint_interval": settings["val_interval"],
+                         "progress_bar": "false", **spec["overrides"]}
+            if settings["plan"] == "tiny":
+                overrides["num_workers"] = 0
+            state = run.state()
+            if state == RUN_RESUMABLE:
+                overrides["resume"] = "true"
+            jobs.append({"variant": v, "seed": int(seed), "run": run, "state": state, "log": str(run.log),
+                         "cmd": training_command(files, work.path, 0, overrides)})
+    return jobs
+
+
+def run_trainings(jobs: Sequence[dict], parallel: int, device: str) -> None:
+    """Run the unfinished jobs, ``parallel`` at a time (one CPU thread each on CPU); a failure is raised at the end,
+    naming the run and its log."""
+    todo = [j for j in jobs if j["state"] != RUN_FINISHED]
+    lock, queue, failed = threading.Lock(), list(todo), []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # parallel runs share the cores instead of oversubscribing them
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                job = queue.pop(0)
+            Path(job["log"]).parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with open(job["log"], "a") as log:
+                log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, job['cmd']))}\n")
+                log.flush()
+                rc = subprocess.call(job["cmd"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            job["seconds"] = round(time.time() - t0, 1)
+            print(f"[study] {job['variant']} seed {job['seed']}: " + ("done" if rc == 0 else f"FAILED ({rc})")
+                  + f" in {job['seconds']} s", flush=True)
+            if rc != 0:
+                with lock:
+                    failed.append(f"{job['run'].path}: training failed (exit {rc}), see {job['log']}")
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, int(parallel)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise BraTSInputError(failed, header="study runs failed")
+
+
+def _bootstrap_mean(values: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
+    boot = np.nanmean(values[idx], axis=1)
+    lo, hi = percentile_interval(boot, 95.0)
+    return float(np.nanmean(values)), float(lo), float(hi)
+
+
+def dice_figures(test: Mapping, case_ids: Sequence[str], n_boot: int, seed: int) -> dict:
+    """Test-set Dice per region of each segmentation, and each head's difference to the no-head baseline
+    (``var1shot``'s segmentation: the baseline model's single pass), paired over cases, with 95% intervals."""
+    idx = bootstrap_indices(len(case_ids), int(n_boot), int(seed))
+    out = {}
+    segs = {k: c for k, c in test.items() if k.startswith("unc_") or k == "var1shot"}
+    for key, c in segs.items():
+        name = "baseline" if key == "var1shot" else key[len("unc_"):]
+        for r in REGIONS:
+            vals = np.array([c.dice[cid][r] for cid in case_ids], dtype=float)
+            m, lo, hi = _bootstrap_mean(vals, idx)
+            out[f"dice.{name}.{r}"], out[f"dice.{name}.{r}_ci_low"], out[f"dice.{name}.{r}_ci_high"] = m, lo, hi
+            if key != "var1shot" and "var1shot" in segs:
+                base = np.array([segs["var1shot"].dice[cid][r] for cid in case_ids], dtype=float)
+                m, lo, hi = _bootstrap_mean(vals - base, idx)
+                out[f"dice.{name}_minus_baseline.{r}"] = m
+                out[f"dice.{name}_minus_baseline.{r}_ci_low"] = lo
+                out[f"dice.{name}_minus_baseline.{r}_ci_high"] = hi
+    return out
+
+
+def evaluate_seed(work: WorkDir, out: Path, settings: Mapping, seed: int, seeds: Sequence[int],
+                  test_entries: Sequence[Mapping], device: str) -> dict:
+    """One seed's held-out figures (``out/seed<k>/heldout.json``): every map on the test cases."""
+    def model(variant, s=seed):
+        run = work.run(run_name(variant, s), 0)
+        if not run.has_final_model():
+            raise BraTSInputError(f"{run.final_model}: missing (train the study first)", header=_HEADER)
+        return run, UncertaintySegmenter.from_checkpoint(run.final_model, work_dir=work.path, device=device)
+
+    variants = settings["variants"]
+    methods = []
+    heads = [v for v in HEADS if v in variants]
+    if REFERENCE_VARIANT not in heads:
+        raise BraTSInputError(f"the study needs the {REFERENCE_VARIANT!r} variant (the reference segmentation)",
+                              header=_HEADER)
+    segmenters = {}
+    for v in heads:
+        _, segmenters[v] = model(v)
+        methods.append(head_method(segmenters[v], key=f"unc_{v}", label=f"unc_output of the '{v}' head"))
+    plans = segmenters[REFERENCE_VARIANT].plans
+    if "baseline" in variants:
+        _, base = model("baseline")
+        methods += [var1shot_method(base), tta_method(base)]
+        if len(seeds) >= 2:
+            members = [model("baseline", s)[1] for s in seeds]
+            methods.append(ensemble_method(members, label=f"ensemble of the {len(members)} seeds' baseline models "
+                                                          "(the same in every seed's column)"))
+    if "mcdropout" in variants:
+        run, mc = model("mcdropout")
+        methods.append(mc_dropout_method(mc, run.final_model, run_dropout(run), settings["mc_samples"], device))
+    datalist = load_datalist(work.path)
+    _, calibration = fold_split(datalist, 0)
+    result, test, _ = score_test_set(methods, plans, calibration, test_entries, reference_key=f"unc_{REFERENCE_VARIANT}",
+                                     n_boot=settings["n_boot"], seed=int(seed))
+    case_ids = list(result.case_ids)
+    dice = dice_figures(test, case_ids, settings["n_boot"], int(seed))
+    by_key = {m.key: m for m in methods}
+    setup = (f"Seed {seed}: models trained on fold 0 of {settings['num_train']} training cases, calibrated on its "
+             f"{len(calibration)} validation cases, scored on {len(case_ids)} unseen test cases "
+             f"({settings['data']}). Reference segmentation of the paired figures: the '{REFERENCE_VARIANT}' model's.")
+    md = render_heldout_markdown(result, by_key, f"Self-assessment, seed {seed}", setup)
+    extra = {**dice, "meta": {"setup": "test_set", "seed": int(seed), "num_cases": len(case_ids),
+                              "num_calibration_cases": len(calibration),
+                              "methods": {k: {"label": m.label, "forward_passes": m.passes} for k, m in by_key.items()}}}
+    return write_result(ReportDir(out / f"seed{int(seed)}"), result, extra, md)
+
+
+def render_study_markdown(combined: Mapping, settings: Mapping, seeds: Sequence[int], timing: Mapping) -> str:
+    """study.md: what was run, the seed table of the headline figures, and Dice with and without the head."""
+
+    def f(v, nd=3):
+        return "–" if v is None or not np.isfinite(v) else f"{v:.{nd}f}"
+
+    lines = ["# Self-assessment study", "",
+             f"Data: {settings['data']}. Training: fold 0 of {settings['num_train']} cases ({settings['num_folds']} "
+             f"folds), {settings['num_epochs']} epochs x {settings['iterations_per_epoch']} iterations, plan "
+             f"'{settings['plan']}'; seeds {list(seeds)}. Scored on {settings['num_test']} unseen test cases, "
+             "calibrated on fold 0's validation cases (never on a scored case).", "",
+             "Each cell: mean over seeds ± sd across seeds. Per-seed values with 95% bootstrap intervals over cases "
+             "are in `seed<k>/heldout.md`. `paired_` figures score every map against the errors of one segmentation "
+             f"(the '{REFERENCE_VARIANT}' model's), so they compare maps, not segmenters.", "",
+             render_seed_markdown({k: v for k, v in combined.items() if ".dice." not in k},
+                                  metrics=STUDY_METRICS).rstrip(), "",
+             "## Dice on the test cases (mean over seeds; per seed with 95% intervals in study.json)", "",
+             "| segmentation | WT | TC | ET | WT minus baseline |", "|---|---|---|---|---|"]
+    names = sorted({k.split(".")[2] for k in combined if k.startswith("seed_mean.dice.") and
+                    "_minus_" not in k.split(".")[2]})
+    for name in names:
+        def mean(key):
+            return combined.get(f"seed_mean.dice.{key}")
+        diff = "" if name == "baseline" else f"{f(mean(f'{name}_minus_baseline.WT'))}"
+        lines.append(f"| {name} | {f(mean(f'{name}.WT'))} | {f(mean(f'{name}.TC'))} | {f(mean(f'{name}.ET'))} | {diff} |")
+    lines += ["", f"Time: {timing}", ""]
+    return "\n".join(lines)
+
+
+def study(out_dir, seeds=(0, 1, 2), variants=tuple(STUDY_VARIANTS), anatomy: str = "mni152", num_train: int = 24,
+          num_test: int = 12, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0), label_noise: float = 0.5,
+          data_seed: int = 0, num_folds: int = 4, plan: str = "tiny", patch_size=(32, 32, 32),
+          filters=(8, 16, 32, 64), num_epochs: int = 60, iterations_per_epoch: int = 25, val_interval: int = 10,
+          mc_samples: int = 10, n_boot: int = 1000, parallel: int = 2, device: str = "cpu",
+          dataset_dir=None, test_dir=None, train_only: bool = False) -> dict:
+    """Run (or continue) the study in ``out_dir`` (module docstring); returns the combined ``study.json`` dict."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in seeds]
+    variants = list(variants)
+    unknown = [v for v in variants if v not in STUDY_VARIANTS]
+    if unknown or plan not in ("tiny", "real") or (dataset_dir is None) != (test_dir is None):
+        raise BraTSInputError(
+            [f"unknown variant {v!r} (known: {sorted(STUDY_VARIANTS)})" for v in unknown]
+            + ([f"plan must be 'tiny' or 'real', got {plan!r}"] if plan not in ("tiny", "real") else [])
+            + (["give both --dataset_dir and --test_dir (real data), or neither (synthetic)"]
+               if (dataset_dir is None) != (test_dir is None) else []), header=_HEADER)
+    data = (f"user data {dataset_dir} (test: {test_dir})" if dataset_dir else
+            f"synthetic, anatomy '{anatomy}', {list(shape)} voxels at {list(spacing)} mm, label noise {label_noise}")
+    settings = {"data": data, "anatomy": anatomy, "num_train": int(num_train), "num_test": int(num_test),
+                "shape": [int(s) for s in shape], "spacing": [float(s) for s in spacing],
+                "label_noise": float(label_noise), "data_seed": int(data_seed), "num_folds": int(num_folds),
+                "plan": plan, "patch_size": [int(p) for p in patch_size] if plan == "tiny" else None,
+                "filters": [int(f) for f in filters] if plan == "tiny" else None, "num_epochs": int(num_epochs),
+                "iterations_per_epoch": int(iterations_per_epoch), "val_interval": int(val_interval),
+                "mc_samples": int(mc_samples), "n_boot": int(n_boot), "dataset_dir": dataset_dir,
+                "test_dir": test_dir, "variants": variants, "seeds": seeds, "parallel": int(parallel),
+                "device": device}
+    _settings_guard(out / "study_settings.json", settings)
+    timing = {}
+    t0 = time.perf_counter()
+    train_dir, test_dir_path = make_data(out, settings)
+    work = WorkDir(out / "work")
+    if not work.plans.is_file():
+        prepare_data(train_dir, work.path, num_folds=int(num_folds), seed=int(data_seed),
+                     patch_size=settings["patch_size"], filters=settings["filters"])
+    timing["data_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    jobs = plan_runs(work, settings, seeds, variants)
+    run_trainings(jobs, parallel, device)
+    timing["training_s"] = round(time.perf_counter() - t0, 1)
+    if train_only:
+        return {"meta": {"trained": [str(j["run"].path) for j in jobs], "timing": timing}}
+    t0 = time.perf_counter()
+    test_entries = _case_entries(test_dir_path)
+    per_seed = {}
+    for s in seeds:
+        path = ReportDir(out / f"seed{s}").heldout
+        per_seed[s] = json.loads(path.read_text()) if path.is_file() else evaluate_seed(
+            work, out, settings, s, seeds, test_entries, device)
+        per_seed[s] = {k: v for k, v in per_seed[s].items() if k != "meta" and v is not None}
+    timing["evaluation_s"] = round(time.perf_counter() - t0, 1)
+    combined = combine_seeds(per_seed)
+    result = {**combined, "meta": {"settings": settings, "timing": timing,
+                                   "date": time.strftime("%Y-%m-%d"), "reference_variant": REFERENCE_VARIANT}}
+    atomic_write_json(out / "study.json", to_json_safe(result))
+    atomic_write_bytes(out / "study.md", render_study_markdown(combined, settings, seeds, timing).encode())
+    return result
