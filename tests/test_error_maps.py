@@ -418,12 +418,12 @@ def test_open_cases_are_bounded(tmp_path):
     fds_before = len(os.listdir("/proc/self/fd"))
     for round_ in range(2):
         for case_id in cases:
-            s.scatter(case_id, coords, ones * (round_ + 1), ones)
+            s.scatter(case_id, coords, ones * (round_ + 1) / 2, ones)
     assert len(s._maps) == 2 and len(s._lock_fds) == 2
     assert len(os.listdir("/proc/self/fd")) - fds_before <= 2 * 4
     for case_id in cases:  # evicted cases were flushed and reopen with their state
         full = s.full(case_id)
-        assert (full["count"] == 2).all() and full["error"] == pytest.approx(np.full((4, 4, 4), 1.5))
+        assert (full["count"] == 2).all() and full["error"] == pytest.approx(np.full((4, 4, 4), 0.75))
     with pytest.raises(ValueError, match="max_open_cases"):
         ErrorMapStore(tmp_path / "x", max_open_cases=0)
 
@@ -510,3 +510,166 @@ def test_numba_general_path_rejects_bad_coords_without_writing(tmp_path):
     assert s.scatter("c", c, ones, ones) == len(np.unique(c[:, (c > 0).all(0)], axis=1).T)
     assert s.full("c")["count"].max() == 1
     assert not s._work["nb_slotmap"].any()
+
+
+# ----------------------------------------------------------------------------------------- slices kernel
+def _mirrored_crops(rng, n, pad_last=True):
+    cc = make_case_coordinates(CASE)
+    for step in range(n):
+        x0, y0, z0 = rng.integers(0, 17), rng.integers(0, 21), rng.integers(0, 13)
+        c = cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + 19]  # 19: rows that are not a multiple of the SIMD width
+        for axis in range(3):
+            if rng.random() < 0.5:
+                c = np.flip(c, axis + 1)
+        if pad_last and step == n - 1:
+            c = np.pad(c, [(0, 0), (2, 1), (0, 3), (1, 0)])
+        yield np.ascontiguousarray(c)
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
+def test_numba_slices_path_equals_torch_fallback_exactly(tmp_path):
+    """The compiled slices kernel (crop + mirroring, padding) gives the torch path's bits: torch's lerp_ with its
+    fused multiply-add, through both branches of the rate (W = 3: 1, 1/2 then 1/3)."""
+    rng = np.random.default_rng(4)
+    kernel = ErrorMapStore(tmp_path / "numba", ema_window=3).create({"c": CASE})
+    torch_ = ErrorMapStore(tmp_path / "torch", ema_window=3).create({"c": CASE})
+    torch_.use_numba = False
+    for step, c in enumerate(_mirrored_crops(rng, 9)):
+        assert kernel._analyse("c", c)[0] == "slices" == torch_._analyse("c", c)[0]
+        f = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        v = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        if step % 2:
+            got = kernel.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+            want = torch_.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        else:
+            assert kernel.scatter("c", c, f, v) == torch_.scatter("c", c, f, v)
+            got, want = kernel.gather("c", c), torch_.gather("c", c)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    full_k, full_t = kernel.full("c"), torch_.full("c")
+    assert full_k["count"].max() >= 4
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(full_k[kind], full_t[kind])
+    # the fma matters: the plain two-operation lerp differs in the last bit somewhere
+    e, t = rng.random(4096).astype(np.float32), rng.random(4096).astype(np.float32)
+    a = np.float32(1) / rng.integers(1, 40, 4096).astype(np.float32)
+    d = t - e
+    plain = np.where(a < 0.5, e + a * d, t - d * (np.float32(1) - a))
+    assert not np.array_equal(plain, torch.from_numpy(e).lerp_(torch.from_numpy(t), torch.from_numpy(a)).numpy())
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("path", ["slices", "general"])
+def test_non_finite_values_never_reach_the_store(tmp_path, numba, path):
+    """A NaN var1shot (non-finite prediction) or a value above 1 is refused with a ValueError; the case keeps
+    finite values in [0, 1] (the voxels with bad values are not written)."""
+    from custom.uncertainty.store_kernels import HAVE_NUMBA
+
+    if numba and not HAVE_NUMBA:
+        pytest.skip("numba not importable")
+    s = ErrorMapStore(tmp_path / "st").create({"c": CASE})
+    s.use_numba = numba
+    rng = np.random.default_rng(0)
+    c = next(_mirrored_crops(rng, 1, pad_last=False)) if path == "slices" else _random_affine_coords(rng, CASE, PATCH, 1.2)
+    assert s._analyse("c", c)[0] == path
+    ones = np.ones(c.shape[1:], np.float32) * 0.5
+    s.scatter("c", c, ones, ones)
+    before = s.full("c")
+    for bad_value in (np.nan, np.inf, 1.5):
+        v = ones.copy()
+        valid = np.argwhere((c > 0).all(0))
+        v[tuple(valid[len(valid) // 2])] = bad_value
+        with pytest.raises(ValueError, match=r"variance has 1 values outside \[0, 1\]"):
+            s.update_and_gather("c", c, ones, v)
+        full = s.full("c")
+        for kind in ("error", "variance"):
+            assert np.isfinite(full[kind]).all() and full[kind].max() <= 1.0
+        bad_voxel = tuple(int(k) - 1 for k in c[(slice(None),) + tuple(valid[len(valid) // 2])])
+        assert full["count"][bad_voxel] == before["count"][bad_voxel]
+
+
+# ----------------------------------------------------------------------------------------- damaged store files
+def _store_with_state(tmp_path):
+    s = ErrorMapStore(tmp_path / "st", ema_window=5).create({"c1": (6, 7, 8), "c2": (5, 5, 5)})
+    s.scatter("c1", make_case_coordinates((6, 7, 8)), np.full((6, 7, 8), 0.25, np.float32),
+              np.full((6, 7, 8), 0.5, np.float32))
+    s.close()
+    return tmp_path / "st"
+
+
+def _damage(path, how):
+    import json
+
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:-100])
+    elif how == "nan":
+        mm = np.load(path, mmap_mode="r+")
+        mm[1, 2, 3] = np.nan
+        mm.flush()
+    elif how == "above_one":
+        mm = np.load(path, mmap_mode="r+")
+        mm[0, 0, 1] = 3.0
+        mm.flush()
+    elif how == "shape":
+        np.save(path, np.zeros((6, 7, 9), np.float32))
+    elif how == "dtype":
+        np.save(path, np.zeros((6, 7, 8), np.float64))
+    elif how == "not_npy":
+        path.write_bytes(b"garbage" * 10)
+    elif how == "index":
+        path.write_text('{"cases": {"c1": [6, 7')
+    elif how == "index_shape":
+        index = json.loads(path.read_text())
+        index["cases"]["c1"] = [6, 7, 80]
+        path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how,kind,expect", [
+    ("truncated", "error", "truncated"), ("nan", "error", r"value nan at voxel \[1, 2, 3\] is outside \[0, 1\]"),
+    ("above_one", "variance", r"value 3\.0 at voxel \[0, 0, 1\]"), ("shape", "variance", "differs from .*index.json"),
+    ("dtype", "error", "float64 values, expected float32"), ("not_npy", "count", "not a readable .npy"),
+    ("truncated", "count", "truncated"), ("index", None, "not valid JSON"), ("index_shape", None, "differs from"),
+])
+def test_damaged_store_files_are_refused_by_name(tmp_path, how, kind, expect):
+    """Every damage is named with its file: before, a truncated .npy was zero-extended by memmap r+, NaN and
+    out-of-range values were used, a shape that differs from index.json let the kernel write past the map."""
+    from custom.core.errors import BraTSInputError
+
+    root = _store_with_state(tmp_path)
+    target = root / ("index.json" if kind is None else f"c1.{kind}.npy")
+    _damage(target, how)
+    size = target.stat().st_size
+    s = ErrorMapStore(root, ema_window=5)
+    coords = make_case_coordinates((6, 7, 8))
+    with pytest.raises(BraTSInputError, match=expect) as err:
+        s.update_and_gather("c1", coords, np.zeros((6, 7, 8), np.float32), np.zeros((6, 7, 8), np.float32))
+    assert str(target) in str(err.value)
+    assert target.stat().st_size == size, "the damaged file was changed"
+    if kind is not None:
+        assert s.gather("c2", make_case_coordinates((5, 5, 5)))[0].shape == (1, 5, 5, 5)  # other cases still work
+        # a snapshot names the damaged live file; restoring from a damaged snapshot names the snapshot file
+        with pytest.raises(BraTSInputError, match=expect):
+            s.snapshot(tmp_path / "snap")
+        assert not (tmp_path / "snap").exists()
+        fresh = ErrorMapStore(tmp_path / "fresh", ema_window=5).create({"c1": (6, 7, 8), "c2": (5, 5, 5)})
+        with pytest.raises(BraTSInputError, match=expect) as err:
+            fresh.restore(root)
+        assert str(target) in str(err.value)
+        assert not fresh.full("c1")["count"].any(), "a refused restore changed the store"
+
+
+def test_snapshot_carries_meta_and_restore_checks_values(tmp_path):
+    root = _store_with_state(tmp_path)
+    s = ErrorMapStore(root, ema_window=5)
+    snap = s.snapshot(tmp_path / "snap", meta={"epoch": 3, "token": "abc"})
+    import json
+
+    assert json.loads((snap / "epoch.json").read_text()) == {"epoch": 3, "token": "abc"}
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        ["index.json", "epoch.json"] + [f"{c}.{k}.npy" for c in ("c1", "c2") for k in ("error", "variance", "count")])
+    s.scatter("c1", make_case_coordinates((6, 7, 8)), np.ones((6, 7, 8), np.float32), np.ones((6, 7, 8), np.float32))
+    s.restore(snap)
+    assert s.full("c1")["error"].max() == pytest.approx(0.25) and s.full("c1")["count"].max() == 1
+    s.reset()
+    assert not any(s.full(c)[k].any() for c in ("c1", "c2") for k in ("error", "variance", "count"))

@@ -1,7 +1,22 @@
-"""Compiled (numba) kernels of :class:`custom.uncertainty.store.ErrorMapStore`'s general path.
+"""Compiled (numba) kernels of :class:`custom.uncertainty.store.ErrorMapStore`.
 
-``gather_kernel`` and ``scatter_kernel`` are None when numba cannot be imported; the store then runs its
-torch fallback, which computes bit-identical results (tests/test_error_maps.py).
+Every kernel is None when numba cannot be imported (``HAVE_NUMBA`` False); the store then runs its torch
+fallback, which computes bit-identical results (tests/test_error_maps.py).
+
+Two update paths, each with the arithmetic the store has always used for it:
+
+- the **slices** path (an axis-aligned, possibly mirrored crop of the case): ``slices_verify`` proves
+  that the coordinates are exactly such a box (one read-only pass over them, early exit), then
+  ``slices_update`` walks the case box once, in case order, and for each voxel reads and writes count,
+  error and variance and writes the two gathered targets: one pass over every byte the step must
+  touch. The EMA is ``torch.lerp``'s formula with a fused multiply-add (``fma(a, f - e, e)``, or
+  ``fma(a - 1, f - e, f)`` for ``a >= 0.5``), which is what torch's vectorised ``lerp_`` computes on
+  AVX2/AVX-512 CPUs and hence what the torch fallback computes there.
+- the **general** path (rotated or zoomed patches): ``scatter_kernel`` in three passes (below), with
+  the lerp written as two separate float32 operations (no fma), like the torch fallback's.
+
+Values outside [0, 1] (NaN included) are refused before they reach the case: the kernels return a
+status instead (see :func:`scatter_kernel`), and the store raises.
 """
 
 from __future__ import annotations
@@ -13,25 +28,71 @@ import numpy as np
 # compiled kernel does the whole scatter in three passes, instead of a dozen indexed numpy/torch passes
 # with temporaries: (1) patch voxels in order -> case index from the coordinates, a slot per touched
 # case voxel (through a case-sized int32 slot map that is left all zero), float32 sums and hits per
-# slot; (2) slots -> count, rate, EMA of error and variance, the new values kept in the slot;
-# (3) optionally patch voxels -> the new values from their slot (the fused update_and_gather, without a
-# second random pass over the case). The arithmetic is the torch fallback's (`_scatter_general`) float32
-# arithmetic, operation for operation and with duplicates summed in patch order, so both give
-# bit-identical stores and gathers (tests/test_error_maps.py checks it). Numba is optional: without it
-# the torch fallback runs. Compiled lazily on the first general-path call (about 1-3 s; benchmarks warm
-# up first) and cached in __pycache__ next to this module, so later processes load it in well under 1 s.
+# slot; (2) slots -> count, rate, EMA of error and variance, the new values kept in the slot; (3)
+# optionally patch voxels -> the new values from their slot (the fused update_and_gather, without a
+# second random pass over the case). Pass 2 prefetches the case voxels of the slot 32 ahead (software
+# prefetch: the hardware cannot guess the next random address; -20% on rotated patches). Measured and
+# not kept: a case-ordered pass 2 (through a sort, x-plane
+# buckets or case-sized accumulators instead of slots: the transposition moves, it does not go away),
+# and clearing the slot map by rows of the bounding box (a zoomed-out patch's box is the whole case). The arithmetic is the torch fallback's
+# (`_scatter_general`) float32 arithmetic, operation for operation and with duplicates summed in patch
+# order, so both give bit-identical stores and gathers (tests/test_error_maps.py checks it). Numba is
+# optional: without it the torch fallback runs. Compiled lazily on the first call (a few seconds;
+# benchmarks warm up first) and cached in __pycache__ next to this module.
 try:  # pragma: no branch
     import numba as _numba
 except Exception:  # noqa: BLE001 - any import failure (missing, broken llvmlite) means: use torch
     _numba = None
 
 
-#: whether the compiled general path is available (``ErrorMapStore.use_numba`` defaults to it)
+#: whether the compiled kernels are available (``ErrorMapStore.use_numba`` defaults to it)
 HAVE_NUMBA = _numba is not None
+
+#: kernel status codes (negative: nothing in the case was changed)
+STATUS_BEYOND_CASE = -1  # a coordinate beyond the case shape
+STATUS_NOT_INDEX = -2  # a valid coordinate below 1 (not an integer index)
+STATUS_BAD_VALUE = -3  # a failure or var1shot value outside [0, 1] (NaN included)
 
 
 if HAVE_NUMBA:
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
     _njit = _numba.njit(cache=True, nogil=True)
+
+    @_intrinsic
+    def _fma32(typingctx, a, b, c):
+        """``a * b + c`` with one rounding (LLVM's ``llvm.fma.f32``: exact on every CPU, fused or not)."""
+        sig = _types.float32(_types.float32, _types.float32, _types.float32)
+
+        def codegen(context, builder, signature, args):
+            flt = _ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma", [flt], _ir.FunctionType(flt, [flt, flt, flt]))
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @_intrinsic
+    def _prefetch(typingctx, arr, index):
+        """Hint the CPU to load ``arr[index]`` (1-D array) into the caches for writing (``llvm.prefetch``)."""
+        sig = _types.void(arr, index)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            i8p = _ir.IntType(8).as_pointer()
+            i32 = _ir.IntType(32)
+            fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
+                                                  _ir.FunctionType(_ir.VoidType(), [i8p, i32, i32, i32]))
+            ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+            # rw = 1 (write), locality = 3 (keep in all caches), cache type = 1 (data)
+            builder.call(fn, [ptr, _ir.Constant(i32, 1), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    #: slots ahead whose case voxels pass 2 prefetches
+    _PREFETCH_DISTANCE = 32
 
     @_numba.njit(cache=True, nogil=True, inline="always")
     def _nb_lerp(e, target, a):
@@ -41,6 +102,34 @@ if HAVE_NUMBA:
         if a < np.float32(0.5):
             return e + a * d
         return target - d * (np.float32(1.0) - a)
+
+    @_numba.njit(cache=True, nogil=True, inline="always")
+    def _nb_lerp_fma(e, target, a):
+        # torch's vectorised lerp_: fma(coeff, target - e, base), coeff = a or a - 1, base = e or target
+        d = target - e
+        if a < np.float32(0.5):
+            return _fma32(a, d, e)
+        return _fma32(a - np.float32(1.0), d, target)
+
+    @_numba.njit(cache=True, nogil=True, inline="always")
+    def _nb_lerp_fma_select(e, target, a):
+        # the same value as _nb_lerp_fma, as selects instead of a branch (vectorises)
+        d = target - e
+        small = a < np.float32(0.5)
+        return _fma32(a if small else a - np.float32(1.0), d, e if small else target)
+
+    @_numba.njit(cache=True, nogil=True, inline="always")
+    def _in_unit(x):
+        return (x >= np.float32(0.0)) & (x <= np.float32(1.0))  # False for NaN
+
+    @_numba.njit(cache=True, nogil=True)
+    def _rate_table(rate_min, max_count):
+        # a = max(1/n, 1/W) by visit count after the visit (one division per possible count, not per voxel)
+        rates = np.empty(max_count + 1, dtype=np.float32)
+        rates[0] = 1.0
+        for n in range(1, max_count + 1):
+            rates[n] = max(np.float32(1.0) / np.float32(n), rate_min)
+        return rates
 
     @_njit
     def gather_kernel(c, s0, s1, s2, err, var, out_e, out_v, check):
@@ -69,13 +158,14 @@ if HAVE_NUMBA:
 
     @_njit
     def scatter_kernel(c, f, v, s0, s1, s2, err, var, cnt, slotmap, touched, pslot, sum_f, sum_v, hits, rate_min,
-                    max_count, out_e, out_v, gather):
+                       max_count, out_e, out_v, gather):
         """EMA update of ``err``/``var``/``cnt`` (flat case arrays) from the patch values ``f``/``v`` at
         the coordinates ``c (3, N)``; optionally gather the updated values into ``out_e``/``out_v``.
 
         ``slotmap`` (int32 per case voxel) must be zero and is left zero; ``touched``, ``pslot`` (int32)
         and ``sum_f``, ``sum_v``, ``hits`` (float32) are work arrays of at least N entries. Returns the
-        number of case voxels updated, or -1 / -2 (see :func:`gather_kernel`) before anything in the case
+        number of case voxels updated, or a negative status (``STATUS_*``: a coordinate beyond the case,
+        a valid coordinate below 1, a value outside [0, 1] at a valid voxel) before anything in the case
         was changed."""
         s12 = s1 * s2
         nt = 0
@@ -96,19 +186,24 @@ if HAVE_NUMBA:
                 if ix < 0 or iy < 0 or iz < 0:
                     status = -2
                     break
+                fi = f[i]
+                vi = v[i]
+                if not (_in_unit(fi) & _in_unit(vi)):  # bitwise: no extra branches
+                    status = -3
+                    break
                 j = ix * s12 + iy * s2 + iz
                 slot = slotmap[j]
                 if slot == 0:
                     touched[nt] = j
-                    sum_f[nt] = np.float32(0.0) + f[i]
-                    sum_v[nt] = np.float32(0.0) + v[i]
+                    sum_f[nt] = np.float32(0.0) + fi
+                    sum_v[nt] = np.float32(0.0) + vi
                     hits[nt] = 1.0
                     nt += 1
                     slotmap[j] = nt
                     pslot[i] = nt
                 else:
-                    sum_f[slot - 1] += f[i]
-                    sum_v[slot - 1] += v[i]
+                    sum_f[slot - 1] += fi
+                    sum_v[slot - 1] += vi
                     hits[slot - 1] += np.float32(1.0)
                     pslot[i] = slot
             else:
@@ -119,12 +214,14 @@ if HAVE_NUMBA:
             return status
         # pass 2, slots: one visit of each touched case voxel with the mean of its patch values; the
         # slot keeps the updated values
-        # a = max(1/n, 1/W) by visit count after the visit (one division per possible count, not per voxel)
-        rates = np.empty(max_count + 1, dtype=np.float32)
-        rates[0] = 1.0
-        for n in range(1, max_count + 1):
-            rates[n] = max(np.float32(1.0) / np.float32(n), rate_min)
+        rates = _rate_table(rate_min, max_count)
         for t in range(nt):
+            if t + _PREFETCH_DISTANCE < nt:
+                ahead = touched[t + _PREFETCH_DISTANCE]
+                _prefetch(err, ahead)
+                _prefetch(var, ahead)
+                _prefetch(cnt, ahead)
+                _prefetch(slotmap, ahead)
             j = touched[t]
             slotmap[j] = 0
             fm = sum_f[t]
@@ -156,5 +253,155 @@ if HAVE_NUMBA:
                     out_e[i] = sum_f[slot - 1]
                     out_v[i] = sum_v[slot - 1]
         return nt
+
+    # -------------------------------------------------------------------- slices (crop + mirroring)
+    @_njit
+    def slices_verify(c, lo, hi, first, step):
+        """True when ``c (3, X, Y, Z)`` is exactly an axis-aligned box: inside the patch box
+        ``[lo, hi)`` channel k equals ``first[k] + step[k] * (index_k - lo[k])`` (case index + 1, step
+        +-1), and outside the box all three channels are 0. Read-only; stops at the first bad row."""
+        n0, n1, n2 = c.shape[1], c.shape[2], c.shape[3]
+        z0 = np.float32(first[2] - step[2] * lo[2])  # channel 2 at z is z0 + step * z (exact small integers)
+        dz = np.float32(step[2])
+        for x in range(n0):
+            in_x = lo[0] <= x < hi[0]
+            cx = np.float32(first[0] + step[0] * (x - lo[0]))
+            for y in range(n1):
+                in_xy = in_x and lo[1] <= y < hi[1]
+                cy = np.float32(first[1] + step[1] * (y - lo[1]))
+                r0 = c[0, x, y]
+                r1 = c[1, x, y]
+                r2 = c[2, x, y]
+                bad = False
+                # branch-free inner loops (vectorised); one test per row
+                if in_xy:
+                    for z in range(lo[2]):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                    for z in range(lo[2], hi[2]):
+                        bad |= (r0[z] != cx) | (r1[z] != cy) | (r2[z] != z0 + dz * np.float32(z))
+                    for z in range(hi[2], n2):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                else:
+                    for z in range(n2):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                if bad:
+                    return False
+        return True
+
+    @_njit
+    def slices_update(err, var, cnt, case_lo, f, v, patch_lo, size, flips, rate_min, max_count, out_e, out_v,
+                      gather):
+        """EMA update of the case box ``case_lo + [0, size)`` of ``err``/``var``/``cnt`` (3-D case arrays)
+        from the patch box ``patch_lo + [0, size)`` of ``f``/``v`` (mirrored on the axes of ``flips``),
+        walking the case box in memory order, row by row (each row in a few branch-free passes over
+        L1-resident row buffers); with ``gather`` the updated values go to the same patch voxels of
+        ``out_e``/``out_v`` (and 0 everywhere outside the box). Returns the number of voxels updated, or
+        ``STATUS_BAD_VALUE`` after leaving every voxel whose value lies outside [0, 1] unchanged."""
+        rates = _rate_table(rate_min, max_count)
+        bad = 0
+        n2 = size[2]
+        f_row = np.empty(n2, np.float32)
+        v_row = np.empty(n2, np.float32)
+        a_row = np.empty(n2, np.float32)
+        e_new = np.empty(n2, np.float32)
+        w_new = np.empty(n2, np.float32)
+        if gather:
+            p0, p1, p2 = out_e.shape
+            # zero outside the box (the patch's padding)
+            for x in range(p0):
+                inside_x = patch_lo[0] <= x < patch_lo[0] + size[0]
+                for y in range(p1):
+                    if inside_x and patch_lo[1] <= y < patch_lo[1] + size[1]:
+                        out_e[x, y, :patch_lo[2]] = 0.0
+                        out_v[x, y, :patch_lo[2]] = 0.0
+                        out_e[x, y, patch_lo[2] + n2:] = 0.0
+                        out_v[x, y, patch_lo[2] + n2:] = 0.0
+                    else:
+                        out_e[x, y, :] = 0.0
+                        out_v[x, y, :] = 0.0
+        pz = patch_lo[2]
+        cz = case_lo[2]
+        for i in range(size[0]):
+            cx = case_lo[0] + i
+            px = patch_lo[0] + (size[0] - 1 - i if flips[0] else i)
+            for k in range(size[1]):
+                cy = case_lo[1] + k
+                py = patch_lo[1] + (size[1] - 1 - k if flips[1] else k)
+                f_src = f[px, py, pz:pz + n2]
+                v_src = v[px, py, pz:pz + n2]
+                if flips[2]:
+                    for m in range(n2):
+                        f_row[m] = f_src[n2 - 1 - m]
+                        v_row[m] = v_src[n2 - 1 - m]
+                else:
+                    for m in range(n2):
+                        f_row[m] = f_src[m]
+                        v_row[m] = v_src[m]
+                ok = True
+                for m in range(n2):
+                    ok &= _in_unit(f_row[m]) & _in_unit(v_row[m])
+                c_row = cnt[cx, cy, cz:cz + n2]
+                e_row = err[cx, cy, cz:cz + n2]
+                w_row = var[cx, cy, cz:cz + n2]
+                if ok:
+                    for m in range(n2):
+                        n = min(c_row[m], max_count - 1) + 1
+                        c_row[m] = n
+                        a_row[m] = rates[n]
+                    for m in range(n2):
+                        r = _nb_lerp_fma_select(e_row[m], f_row[m], a_row[m])
+                        e_row[m] = r
+                        e_new[m] = r
+                    for m in range(n2):
+                        r = _nb_lerp_fma_select(w_row[m], v_row[m], a_row[m])
+                        w_row[m] = r
+                        w_new[m] = r
+                else:  # a row with bad values: update the others, leave those unchanged
+                    for m in range(n2):
+                        if _in_unit(f_row[m]) and _in_unit(v_row[m]):
+                            n = min(c_row[m], max_count - 1) + 1
+                            c_row[m] = n
+                            a = rates[n]
+                            e_row[m] = _nb_lerp_fma(e_row[m], f_row[m], a)
+                            w_row[m] = _nb_lerp_fma(w_row[m], v_row[m], a)
+                        else:
+                            bad += 1
+                        e_new[m] = e_row[m]
+                        w_new[m] = w_row[m]
+                if gather:
+                    oe = out_e[px, py, pz:pz + n2]
+                    ov = out_v[px, py, pz:pz + n2]
+                    if flips[2]:
+                        for m in range(n2):
+                            oe[n2 - 1 - m] = e_new[m]
+                            ov[n2 - 1 - m] = w_new[m]
+                    else:
+                        for m in range(n2):
+                            oe[m] = e_new[m]
+                            ov[m] = w_new[m]
+        if bad:
+            return -3
+        return size[0] * size[1] * size[2]
+
+    @_njit
+    def sample_not_index(c, stride):
+        """True when a sampled coordinate (every ``stride``-th voxel of ``c (3, N)``) is not a non-negative
+        integer: coordinate channels resampled with anything but ``mode="nearest"`` (the general path's
+        check; the slices path compares every voxel with its exact box)."""
+        for i in range(0, c.shape[1], stride):
+            for k in range(3):
+                x = c[k, i]
+                if not (x >= np.float32(0.0)) or np.float32(np.int64(x)) != x:
+                    return True
+        return False
+
+    # -------------------------------------------------------------------- validation of store files
+    @_njit
+    def first_outside_unit(x):
+        """Flat index of the first value outside [0, 1] (NaN included), or -1."""
+        for i in range(x.size):
+            if not _in_unit(x[i]):
+                return i
+        return -1
 else:
-    gather_kernel = scatter_kernel = None
+    gather_kernel = scatter_kernel = slices_verify = slices_update = sample_not_index = first_outside_unit = None
