@@ -206,7 +206,7 @@ def copy_store_checked(src_dir, dst_dir, meta: Mapping | None = None, meta_name:
     index = read_index(src_dir)
     dst_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_dir.with_name(f".{dst_dir.name}.tmp-{os.getpid()}")
-    old = dst_dir.with_name(f".{dst_dir.name}.old-{os.getpid()}")
+    old = dst_dir.with_name(f".{dst_dir.name}.tmp-old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
