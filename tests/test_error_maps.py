@@ -513,11 +513,12 @@ def test_numba_general_path_rejects_bad_coords_without_writing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- slices kernel
-def _mirrored_crops(rng, n, pad_last=True):
+def _mirrored_crops(rng, n, pad_last=True, depth=19):
+    """Crops with random mirroring; ``depth`` 19: rows that are not a multiple of the SIMD width."""
     cc = make_case_coordinates(CASE)
     for step in range(n):
         x0, y0, z0 = rng.integers(0, 17), rng.integers(0, 21), rng.integers(0, 13)
-        c = cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + 19]  # 19: rows that are not a multiple of the SIMD width
+        c = cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + depth]
         for axis in range(3):
             if rng.random() < 0.5:
                 c = np.flip(c, axis + 1)
@@ -673,3 +674,93 @@ def test_snapshot_carries_meta_and_restore_checks_values(tmp_path):
     assert s.full("c1")["error"].max() == pytest.approx(0.25) and s.full("c1")["count"].max() == 1
     s.reset()
     assert not any(s.full(c)[k].any() for c in ("c1", "c2") for k in ("error", "variance", "count"))
+
+
+# ----------------------------------------------------------------------------------------- the device store
+def _device_stores(tmp_path, mode, device="cpu", window=3):
+    from custom.uncertainty.store_device import DeviceErrorMapStore
+
+    ref = ErrorMapStore(tmp_path / "ref", ema_window=window).create({"c": CASE, "d": (8, 9, 10)})
+    dev = DeviceErrorMapStore(ErrorMapStore(tmp_path / f"dev_{mode}", ema_window=window).create(
+        {"c": CASE, "d": (8, 9, 10)}), device, mode=mode)
+    return ref, dev
+
+
+def _mixed_patches(rng, n):
+    """Crops with mirroring and padding, rotated/zoomed patches (zoom-in duplicates), scattered invalid voxels."""
+    crops = _mirrored_crops(rng, n)
+    for step in range(n):
+        if step % 3 == 0:
+            yield next(crops)
+        else:
+            c = _random_affine_coords(rng, CASE, PATCH, [1.4, 0.8, 2.2][step % 3])
+            c[:, rng.random(PATCH) < 0.05] = 0
+            yield c
+
+
+def _compare_device_with_cpu(ref, dev, rng, device):
+    for step, c in enumerate(_mixed_patches(rng, 9)):
+        f = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        v = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        ct = torch.from_numpy(np.ascontiguousarray(c))
+        if step % 2:
+            want = ref.update_and_gather_batch(["c"], ct[None], f[None, None], v[None, None])
+            got = dev.update_and_gather_batch(["c"], ct[None].to(device), f[None, None].to(device),
+                                              v[None, None].to(device), device="cpu")
+        else:
+            assert ref.scatter("c", c, f, v) == dev.scatter("c", ct.to(device), f.to(device), v.to(device))
+            want, got = ref.gather("c", c), dev.gather("c", ct.to(device), device="cpu")
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b.reshape(a.shape)), step
+    # a batch with two patches of one case (both scattered before either is gathered) and one of another
+    cs = [next(_mirrored_crops(rng, 1, pad_last=False, depth=24)), _random_affine_coords(rng, CASE, PATCH, 1.3)]
+    c = torch.from_numpy(np.stack(cs + [cs[0]]))
+    c[2] = 0
+    c[2, :, :8, :9, :10] = torch.from_numpy(make_case_coordinates((8, 9, 10)))
+    f, v = torch.rand(3, 1, *PATCH), torch.rand(3, 1, *PATCH)
+    ids = ["c", "c", "d"]
+    want = ref.update_and_gather_batch(ids, c, f, v)
+    got = dev.update_and_gather_batch(ids, c.to(device), f.to(device), v.to(device), device="cpu")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for case in ("c", "d"):
+        full_r, full_d = ref.full(case), dev.full(case)
+        assert full_r["count"].max() >= 4 or case == "d"
+        for kind in ("error", "variance", "count"):
+            np.testing.assert_array_equal(full_d[kind], full_r[kind])
+
+
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+def test_device_store_equals_cpu_store_bit_for_bit(tmp_path, mode):
+    """store_device: the torch path (run here on CPU tensors) does the CPU store's float32 operations in the same
+    order: crops (torch's lerp_), rotated and zoomed patches with duplicates summed in patch order, batches."""
+    ref, dev = _device_stores(tmp_path, mode)
+    assert dev.mode == mode
+    _compare_device_with_cpu(ref, dev, np.random.default_rng(7), "cpu")
+    # resident maps reach the files at flush / snapshot; restore and reset reach the device copy
+    snap = dev.snapshot(tmp_path / "snap", meta={"epoch": 1})
+    reopened = ErrorMapStore(snap)
+    np.testing.assert_array_equal(reopened.full("c")["error"], ref.full("c")["error"])
+    coords = make_case_coordinates(CASE)
+    dev.scatter("c", torch.from_numpy(coords), torch.ones(CASE), torch.ones(CASE))
+    dev.restore(snap)
+    np.testing.assert_array_equal(dev.full("c")["count"], ref.full("c")["count"])
+    dev.reset()
+    assert not dev.full("c")["count"].any()
+    with pytest.raises(ValueError, match="outside case"):
+        dev.gather("d", torch.from_numpy(coords))
+    with pytest.raises(ValueError, match="nearest"):
+        dev.gather("c", torch.from_numpy(coords[:, :10, :10, :10]) + 0.5)
+    bad = torch.ones(CASE)
+    bad[3, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"variance has 1 values outside \[0, 1\]"):
+        dev.scatter("c", torch.from_numpy(coords), torch.ones(CASE) * 0.5, bad)
+    assert not dev.full("c")["count"].any()
+    dev.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU check of issue 19)")
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+def test_device_store_on_the_gpu_equals_cpu_store(tmp_path, mode):
+    ref, dev = _device_stores(tmp_path, mode, device="cuda")
+    _compare_device_with_cpu(ref, dev, np.random.default_rng(8), "cuda")

@@ -240,7 +240,7 @@ def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
         assert [float(r[col]) for r in rows] == pytest.approx([float(r[col]) for r in ref_rows], rel=1e-4, abs=1e-6)
 
 
-def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
+def _first_epoch_losses(work_dir, output_dir, num_workers: int, overrides=None) -> list[float]:
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
@@ -248,7 +248,7 @@ def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
     parser.read_config([f"{REPO_ROOT}/{CONFIGS}/train.json", f"{REPO_ROOT}/{CONFIGS}/tiny.json"])
     parser.update({"work_dir": str(work_dir), "output_dir": str(output_dir), "num_epochs": 1,
                    "iterations_per_epoch": 3, "val_interval": 100, "num_workers": num_workers,
-                   "progress_bar": False})
+                   "progress_bar": False, **(overrides or {})})
     losses: list[float] = []
     try:
         parser.get_parsed_content("initialize")
@@ -270,6 +270,19 @@ def test_same_seed_same_first_epoch_losses(prepared_work_dir, tmp_path):
     assert len(a) == 3 and all(np.isfinite(a))
     # per-sample seeding: the patch stream does not depend on the number of loader workers
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_device_store_trains_like_the_cpu_store(prepared_work_dir, tmp_path):
+    """store_device's torch path (here on CPU tensors, resident and streamed) inside the real training loop gives
+    exactly the CPU store's losses: the same targets, bit for bit."""
+    torch.set_num_threads(1)
+    reference = _first_epoch_losses(prepared_work_dir, tmp_path / "cpu", num_workers=0)
+    for mode in ("resident", "streamed"):
+        store = ("$custom.uncertainty.store_device.DeviceErrorMapStore(custom.training.setup.create_error_map_store("
+                 "@output_dir + '/store', @train_items + @val_items, @ema_window, reset=True), 'cpu', "
+                 f"mode='{mode}')")
+        losses = _first_epoch_losses(prepared_work_dir, tmp_path / mode, num_workers=0, overrides={"store": store})
+        assert losses == reference, mode
 
 
 def test_baseline_variant(prepared_work_dir):

@@ -78,6 +78,37 @@ def _axis_slice(profile: np.ndarray):
     return int(profile[0]) - 1, int(profile[-1]) - 1, int(step)
 
 
+def centre_profiles(c) -> tuple:
+    """The three centre lines of coordinates ``c (3, X, Y, Z)``, channel k along axis k (numpy or torch)."""
+    centre = [int(s) // 2 for s in c.shape[1:]]
+    return c[0, :, centre[1], centre[2]], c[1, centre[0], :, centre[2]], c[2, centre[0], centre[1], :]
+
+
+def slices_candidate(profiles, shape) -> tuple | None:
+    """``(case slices, patch box, flips)`` of the axis-aligned crop (mirrored, zero padded) that the centre
+    ``profiles`` (numpy) of a coordinate patch describe in a case of ``shape``, or None; the rest of the
+    patch must still be checked against it."""
+    case_sl, patch_sl, flips = [], [], []
+    for axis, prof in enumerate(profiles):
+        nz = np.flatnonzero(prof)
+        if nz.size == 0:
+            return None
+        lo, hi = int(nz[0]), int(nz[-1]) + 1
+        if hi - lo != nz.size:
+            return None
+        info = _axis_slice(prof[lo:hi])
+        if info is None:
+            return None
+        first, last, step = info
+        a, b = min(first, last), max(first, last) + 1
+        if a < 0 or b > shape[axis]:
+            return None
+        case_sl.append(slice(a, b))
+        patch_sl.append(slice(lo, hi))
+        flips.append(step < 0)
+    return tuple(case_sl), tuple(patch_sl), tuple(flips)
+
+
 class ErrorMapStore:
     """Case-space EMA store of ``error_stable``, ``variance_stable`` and visit counts, on disk.
 
@@ -357,27 +388,12 @@ class ErrorMapStore:
         """Exact, cheap detection of an axis-aligned crop (with flips and zero padding) of the case:
         a candidate box from the three centre lines, then every voxel checked against it."""
         spatial = c.shape[1:]
-        centre = [s // 2 for s in spatial]
-        profiles = (c[0, :, centre[1], centre[2]], c[1, centre[0], :, centre[2]], c[2, centre[0], centre[1], :])
-        case_sl, patch_sl, flips = [], [], []
-        for axis, prof in enumerate(profiles):
-            nz = np.flatnonzero(prof)
-            if nz.size == 0:
-                return None
-            lo, hi = int(nz[0]), int(nz[-1]) + 1
-            if hi - lo != nz.size:
-                return None
-            info = _axis_slice(prof[lo:hi])
-            if info is None:
-                return None
-            first, last, step = info
-            a, b = min(first, last), max(first, last) + 1
-            if a < 0 or b > shape[axis]:
-                return None
-            case_sl.append(slice(a, b))
-            patch_sl.append(slice(lo, hi))
-            flips.append(step < 0)
-        box = tuple(patch_sl)
+        profiles = centre_profiles(c)
+        candidate = slices_candidate(profiles, shape)
+        if candidate is None:
+            return None
+        case_sl, box, flips = candidate
+        patch_sl = list(box)
         if self.use_numba and HAVE_NUMBA:
             lo = np.array([b.start for b in box], np.int64)
             hi = np.array([b.stop for b in box], np.int64)
@@ -385,7 +401,7 @@ class ErrorMapStore:
             step = np.array([-1 if f else 1 for f in flips], np.int64)
             if not slices_verify(np.ascontiguousarray(c), lo, hi, first, step):
                 return None
-            return tuple(case_sl), box, tuple(flips)
+            return candidate
         # exact verification: inside the box each channel equals its broadcast profile ...
         eq = self._buffer("eq", tuple(b.stop - b.start for b in box), bool)
         for axis in range(3):
@@ -404,7 +420,7 @@ class ErrorMapStore:
                     sl[axis] = part
                     if c[(slice(None),) + tuple(sl)].any():
                         return None
-        return tuple(case_sl), box, tuple(flips)
+        return candidate
 
     # ------------------------------------------------------------------ gather / scatter
     @staticmethod
