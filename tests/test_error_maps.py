@@ -384,7 +384,8 @@ def test_concurrent_processes_lose_no_update(tmp_path):
 
 
 def test_benchmark_store_script_writes_json(tmp_path):
-    """The benchmark entry point runs end to end at a tiny size and writes one JSON object with units."""
+    """The benchmark entry point runs end to end at a tiny size and writes one JSON object with units, the floor
+    measured in the same run and every scenario as a ratio to it, and prints the GPU command."""
     import json
     import subprocess
     import sys
@@ -400,10 +401,18 @@ def test_benchmark_store_script_writes_json(tmp_path):
     assert result["case_shape"] == [40, 44, 36]
     # 40*44*36 voxels x (4 + 4 + 1) bytes plus three .npy headers
     assert result["disk_mb_per_case"] == pytest.approx(40 * 44 * 36 * 9 / 1e6, rel=0.01)
-    for key in ("fast_scatter_gather_mean_ms", "augmented_scatter_gather_p95_ms", "rotated_scatter_gather_mean_ms",
-                "projected_disk_gb_1248_cases", "rss_mb"):
-        assert result[key] > 0
-    assert len(proc.stdout.strip().splitlines()) == 1 and "MB/case" in proc.stdout
+    assert result["floor_mb"] == pytest.approx(24**3 * 34 / 1e6) and result["floor_ms"] > 0
+    for scenario in ("fast", "augmented", "rotated"):
+        for call in ("scatter_gather", "update_and_gather"):
+            name = f"{scenario}_{call}"
+            assert result[f"{name}_cpu_mean_ms"] > 0 and result[f"{name}_wall_p95_ms"] > 0
+            assert result[f"{name}_cpu_floor_ratio"] == pytest.approx(result[f"{name}_cpu_mean_ms"] / result["floor_ms"])
+    assert result["rotated_update_and_gather_general_path_ratio"] == 1.0
+    assert result["fast_update_and_gather_general_path_ratio"] == 0.0
+    assert result["projected_disk_gb_1248_cases"] > 0 and result["rss_mb"] > 0
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and "x floor" in lines[0] and "MB/case" in lines[0]
+    assert lines[1].endswith("python scripts/benchmark_store.py --device cuda --out store_benchmark_gpu.json")
     assert not any(p.name.startswith("store_bench_") for p in tmp_path.iterdir())  # temporary store removed
 
 
