@@ -569,7 +569,7 @@ def test_numba_slices_path_equals_torch_fallback_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("numba", [True, False])
-@pytest.mark.parametrize("path", ["slices", "general"])
+@pytest.mark.parametrize("path", ["slices", "general", "separable"])
 def test_non_finite_values_never_reach_the_store(tmp_path, numba, path):
     """A NaN var1shot (non-finite prediction) or a value above 1 is refused with a ValueError; the case keeps
     finite values in [0, 1] (the voxels with bad values are not written)."""
@@ -580,8 +580,13 @@ def test_non_finite_values_never_reach_the_store(tmp_path, numba, path):
     s = ErrorMapStore(tmp_path / "st").create({"c": CASE})
     s.use_numba = numba
     rng = np.random.default_rng(0)
-    c = next(_mirrored_crops(rng, 1, pad_last=False)) if path == "slices" else _random_affine_coords(rng, CASE, PATCH, 1.2)
-    assert s._analyse("c", c)[0] == path
+    if path == "slices":
+        c = next(_mirrored_crops(rng, 1, pad_last=False))
+    elif path == "general":
+        c = _random_affine_coords(rng, CASE, PATCH, 1.2)
+    else:  # zoom-in by 2 on x: separable
+        c = np.ascontiguousarray(np.repeat(make_case_coordinates(CASE)[:, 3:15, 2:26, 4:28], 2, axis=1))
+    assert s._analyse("c", c)[0] == (path if numba or path == "slices" else "general")
     ones = np.ones(c.shape[1:], np.float32) * 0.5
     s.scatter("c", c, ones, ones)
     before = s.full("c")
@@ -773,3 +778,39 @@ def test_device_store_equals_cpu_store_bit_for_bit(tmp_path, mode):
 def test_device_store_on_the_gpu_equals_cpu_store(tmp_path, mode):
     ref, dev = _device_stores(tmp_path, mode, device="cuda")
     _compare_device_with_cpu(ref, dev, np.random.default_rng(8), "cuda")
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
+def test_numba_separable_path_equals_torch_fallback_exactly(tmp_path):
+    """Zoomed, not rotated patches (MONAI's nearest zoom: repeated rows when zooming in, skipped rows and zero
+    padding when zooming out, then mirroring) take the separable kernel; it gives the general path's bits."""
+    from monai.transforms import Flip, Zoom
+
+    rng = np.random.default_rng(12)
+    kernel = ErrorMapStore(tmp_path / "numba", ema_window=3).create({"c": CASE})
+    torch_ = ErrorMapStore(tmp_path / "torch", ema_window=3).create({"c": CASE})
+    torch_.use_numba = False
+    cc = make_case_coordinates(CASE)
+    for step, zoom in enumerate([1.4, 0.7, 1.25, 0.85, 1.4, 0.7]):
+        x0, y0, z0 = rng.integers(0, 17), rng.integers(0, 21), rng.integers(0, 13)
+        c = torch.from_numpy(np.ascontiguousarray(cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + 24]))
+        c = Zoom(zoom=[zoom, zoom * 0.9 if step % 2 else zoom, zoom], mode="nearest", padding_mode="constant",
+                 keep_size=True)(c)
+        c = Flip(spatial_axis=[a for a in range(3) if rng.random() < 0.5] or None)(c) if step % 3 else c
+        c = np.ascontiguousarray(torch.as_tensor(c).numpy())
+        assert kernel._analyse("c", c)[0] == "separable" and torch_._analyse("c", c)[0] == "general"
+        assert (c == 0).any() == (zoom < 1)
+        f = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        v = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        if step % 2:
+            got = kernel.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+            want = torch_.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        else:
+            assert kernel.scatter("c", c, f, v) == torch_.scatter("c", c, f, v)
+            got, want = kernel.gather("c", c), torch_.gather("c", c)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), step
+    full_k, full_t = kernel.full("c"), torch_.full("c")
+    assert full_k["count"].max() >= 4
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(full_k[kind], full_t[kind])

@@ -42,6 +42,8 @@ from custom.uncertainty.store_kernels import (
     gather_kernel,
     sample_not_index,
     scatter_kernel,
+    separable_update,
+    separable_verify,
     slices_update,
     slices_verify,
 )
@@ -322,7 +324,9 @@ class ErrorMapStore:
         voxels form an axis-aligned (possibly flipped) box surrounded by invalid voxels, else
         ``("general", flat_patch_positions, flat_case_index, None, shape, case_id)`` (torch fallback) or
         ``("general", None, None, coords (3, N), shape, case_id)`` (compiled kernel: it computes the case
-        index itself and checks the bounds before it changes anything)."""
+        index itself and checks the bounds before it changes anything), or with the compiled kernels
+        ``("separable", (p0, p1, p2), None, coords (3, N), shape, case_id)`` for a zoomed, not rotated
+        patch (channel k a function ``p_k`` of axis k alone; same arithmetic as the general path)."""
         c = _to_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
@@ -339,9 +343,26 @@ class ErrorMapStore:
             bad = not np.array_equal(sample, np.rint(sample)) or sample.min() < 0
         if bad:
             raise self._coords_error(case_id, c, shape, -2)
+        if numba and self.allow_fast_path:
+            profiles = self._separable(c, shape)
+            if profiles is not None:
+                return ("separable", profiles, None, c.reshape(3, -1), tuple(int(s) for s in shape), case_id)
         if numba and int(np.prod(shape)) < 2**31:  # int32 slots
             return ("general", None, None, c.reshape(3, -1), tuple(int(s) for s in shape), case_id)
         return ("general",) + self._general_index(case_id, c, shape) + (None, tuple(shape), case_id)
+
+    @staticmethod
+    def _separable(c: np.ndarray, shape) -> tuple | None:
+        """The three axis profiles (case index + 1, 0 = padding) when ``c`` is separable (checked voxel by
+        voxel), else None."""
+        profiles = []
+        for axis, prof in enumerate(centre_profiles(c)):
+            if not prof.any() or prof.min() < 0 or prof.max() > shape[axis] or not np.array_equal(prof, np.rint(prof)):
+                return None
+            profiles.append(np.ascontiguousarray(prof))
+        if not separable_verify(np.ascontiguousarray(c), *profiles):
+            return None
+        return tuple(profiles)
 
     @staticmethod
     def _values_error(case_id: str, values) -> ValueError:
@@ -518,7 +539,7 @@ class ErrorMapStore:
         out = self._outputs(spatial, out)
         if fresh is _GATHERED:
             return tuple(t.to(device) if device is not None else t for t in out)
-        if plan[0] == "general" and plan[3] is not None:
+        if plan[0] in ("general", "separable") and plan[3] is not None:
             self._gather_numba(maps, plan, [t.numpy()[0] for t in out])
             return tuple(t.to(device) if device is not None else t for t in out)
         results = []
@@ -558,6 +579,8 @@ class ErrorMapStore:
                     return self._scatter_slices_numba(case_id, maps, plan, values, out if keep_values else None)
                 self._check_unit(case_id, [v[plan[2]] for v in values])
                 return self._scatter_slices(maps, plan, values), None
+            if plan[0] == "separable":
+                return self._scatter_separable(case_id, maps, plan, values, out if keep_values else None)
             if plan[3] is not None:
                 return self._scatter_numba(maps, plan, values, out if keep_values else None)
             self._check_unit(case_id, [np.ascontiguousarray(v).reshape(-1)[plan[1]] for v in values])
@@ -583,6 +606,17 @@ class ErrorMapStore:
                           np.float32(1.0 / self.ema_window), self.MAX_COUNT, arrs[0], arrs[1], out is not None)
         if n == STATUS_BAD_VALUE:
             raise self._values_error(case_id, [v[box] for v in values])
+        return int(n), (_GATHERED if out is not None else None)
+
+    def _scatter_separable(self, case_id, maps, plan, values, out=None) -> tuple:
+        """The compiled separable update (and, with ``out``, the gather of the updated values)."""
+        arrs = [t.numpy()[0] for t in out] if out is not None else [np.empty((0, 0, 0), np.float32)] * 2
+        n = separable_update(np.asarray(maps["error"]), np.asarray(maps["variance"]), np.asarray(maps["count"]),
+                             *plan[1], values[0], values[1], np.float32(1.0 / self.ema_window), self.MAX_COUNT,
+                             arrs[0], arrs[1], out is not None)
+        if n == STATUS_BAD_VALUE:
+            valid = (plan[3] > 0).all(axis=0)
+            raise self._values_error(case_id, [np.ascontiguousarray(v).reshape(-1)[valid] for v in values])
         return int(n), (_GATHERED if out is not None else None)
 
     def _rates_inplace(self, count_view: np.ndarray) -> torch.Tensor:

@@ -13,7 +13,11 @@ Two update paths, each with the arithmetic the store has always used for it:
   ``fma(a - 1, f - e, f)`` for ``a >= 0.5``), which is what torch's vectorised ``lerp_`` computes on
   AVX2/AVX-512 CPUs and hence what the torch fallback computes there.
 - the **general** path (rotated or zoomed patches): ``scatter_kernel`` in three passes (below), with
-  the lerp written as two separate float32 operations (no fma), like the torch fallback's.
+  the lerp written as two separate float32 operations (no fma), like the torch fallback's. A zoomed (not
+  rotated) patch is separable, each coordinate channel a function of its own axis:
+  ``separable_verify`` proves it, and ``separable_update`` walks the touched case voxels in case order,
+  summing each one's patch voxels in patch order: the general path's arithmetic, bit for bit, without
+  its random accesses.
 
 Values outside [0, 1] (NaN included) are refused before they reach the case: the kernels return a
 status instead (see :func:`scatter_kernel`), and the store raises.
@@ -395,6 +399,170 @@ if HAVE_NUMBA:
                     return True
         return False
 
+    # -------------------------------------------------------------------- separable (zoom, no rotation)
+    @_njit
+    def separable_verify(c, p0, p1, p2):
+        """True when ``c (3, X, Y, Z)`` is separable: a voxel is valid exactly where ``p0[x]``, ``p1[y]`` and
+        ``p2[z]`` are all non-zero, and then holds ``(p0[x], p1[y], p2[z])``; elsewhere all three channels
+        are 0. Read-only; stops at the first bad row."""
+        n0, n1, n2 = c.shape[1], c.shape[2], c.shape[3]
+        for x in range(n0):
+            for y in range(n1):
+                r0 = c[0, x, y]
+                r1 = c[1, x, y]
+                r2 = c[2, x, y]
+                bad = False
+                if p0[x] != 0 and p1[y] != 0:
+                    cx = p0[x]
+                    cy = p1[y]
+                    for z in range(n2):
+                        on = p2[z] != 0
+                        bad |= (r0[z] != (cx if on else np.float32(0.0))) | (r1[z] != (cy if on else np.float32(0.0)))
+                        bad |= r2[z] != p2[z]
+                else:
+                    for z in range(n2):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                if bad:
+                    return False
+        return True
+
+    @_njit
+    def _groups(profile, size):
+        """Patch indices grouped by case index (``profile`` = case index + 1, 0 = padding): ``(case indices
+        ascending, group starts, members ascending within each group)``."""
+        counts = np.zeros(size + 1, np.int64)
+        for x in range(profile.shape[0]):
+            counts[np.int64(profile[x])] += 1
+        n_groups = 0
+        for k in range(1, size + 1):
+            if counts[k]:
+                n_groups += 1
+        cases = np.empty(n_groups, np.int64)
+        starts = np.empty(n_groups + 1, np.int64)
+        where = np.zeros(size + 1, np.int64)
+        g = 0
+        total = 0
+        for k in range(1, size + 1):
+            if counts[k]:
+                cases[g] = k - 1
+                starts[g] = total
+                where[k] = total
+                total += counts[k]
+                g += 1
+        starts[n_groups] = total
+        members = np.empty(total, np.int64)
+        for x in range(profile.shape[0]):
+            k = np.int64(profile[x])
+            if k:
+                members[where[k]] = x
+                where[k] += 1
+        return cases, starts, members
+
+    @_njit
+    def separable_update(err, var, cnt, p0, p1, p2, f, v, rate_min, max_count, out_e, out_v, gather):
+        """EMA update of the 3-D case arrays from a separable patch (see :func:`separable_verify`): case rows
+        in case order; for each, the patch rows of its (x, y) group in patch order, each added into per-voxel
+        float32 sums along z in patch order, so every case voxel sums its patch values in patch order; then
+        the mean, count, rate and lerp exactly as :func:`scatter_kernel`. With ``gather`` the updated values
+        go to the patch voxels (0 where invalid). Returns the number of case voxels updated, or
+        ``STATUS_BAD_VALUE`` after leaving every case voxel with a patch value outside [0, 1] unchanged."""
+        s0, s1, s2 = err.shape
+        c0, g0, m0 = _groups(p0, s0)
+        c1, g1, m1 = _groups(p1, s1)
+        c2, g2, m2 = _groups(p2, s2)
+        nz = c2.shape[0]
+        n_valid_z = m2.shape[0]
+        size_z = np.empty(nz, np.float32)
+        for m in range(nz):
+            size_z[m] = np.float32(g2[m + 1] - g2[m])
+        rates = _rate_table(rate_min, max_count)
+        sum_f = np.empty(nz, np.float32)
+        sum_v = np.empty(nz, np.float32)
+        ok = np.empty(nz, np.bool_)
+        new_e = np.empty(nz, np.float32)
+        new_v = np.empty(nz, np.float32)
+        bad = 0
+        if gather:  # zero the invalid voxels (padding); the valid ones are written below
+            n0, n1, n2 = out_e.shape
+            for x in range(n0):
+                for y in range(n1):
+                    if p0[x] == 0 or p1[y] == 0:
+                        out_e[x, y, :] = 0.0
+                        out_v[x, y, :] = 0.0
+                    elif n_valid_z < n2:
+                        for z in range(n2):
+                            if p2[z] == 0:
+                                out_e[x, y, z] = 0.0
+                                out_v[x, y, z] = 0.0
+        for i in range(c0.shape[0]):
+            cx = c0[i]
+            for k in range(c1.shape[0]):
+                cy = c1[k]
+                sum_f[:] = 0.0
+                sum_v[:] = 0.0
+                ok[:] = True
+                n_rows = 0
+                for a0 in range(g0[i], g0[i + 1]):  # (x, y) in patch order, then z ascending: patch order
+                    x = m0[a0]
+                    for a1 in range(g1[k], g1[k + 1]):
+                        y = m1[a1]
+                        n_rows += 1
+                        f_row = f[x, y]
+                        v_row = v[x, y]
+                        for m in range(nz):  # z groups in case order, members ascending: patch order within
+                            acc_f = sum_f[m]
+                            acc_v = sum_v[m]
+                            good = ok[m]
+                            for a in range(g2[m], g2[m + 1]):
+                                z = m2[a]
+                                fi = f_row[z]
+                                vi = v_row[z]
+                                good &= _in_unit(fi) & _in_unit(vi)
+                                acc_f = acc_f + fi
+                                acc_v = acc_v + vi
+                            sum_f[m] = acc_f
+                            sum_v[m] = acc_v
+                            ok[m] = good
+                e_row = err[cx, cy]
+                w_row = var[cx, cy]
+                c_row = cnt[cx, cy]
+                for m in range(nz):
+                    cz = c2[m]
+                    if ok[m]:
+                        hits = np.float32(n_rows) * size_z[m]
+                        fm = sum_f[m]
+                        vm = sum_v[m]
+                        if hits != np.float32(1.0):
+                            fm = fm / hits
+                            vm = vm / hits
+                        n = min(np.int64(c_row[cz]), max_count - 1) + 1
+                        c_row[cz] = n
+                        a = rates[n]
+                        e_new = _nb_lerp(e_row[cz], fm, a)
+                        v_new = _nb_lerp(w_row[cz], vm, a)
+                        e_row[cz] = e_new
+                        w_row[cz] = v_new
+                    else:
+                        bad += 1
+                        e_new = e_row[cz]
+                        v_new = w_row[cz]
+                    new_e[m] = e_new
+                    new_v[m] = v_new
+                if gather:
+                    for a0 in range(g0[i], g0[i + 1]):
+                        x = m0[a0]
+                        for a1 in range(g1[k], g1[k + 1]):
+                            y = m1[a1]
+                            oe = out_e[x, y]
+                            ov = out_v[x, y]
+                            for m in range(nz):
+                                for a in range(g2[m], g2[m + 1]):
+                                    oe[m2[a]] = new_e[m]
+                                    ov[m2[a]] = new_v[m]
+        if bad:
+            return -3
+        return c0.shape[0] * c1.shape[0] * nz
+
     # -------------------------------------------------------------------- validation of store files
     @_njit
     def first_outside_unit(x):
@@ -405,3 +573,4 @@ if HAVE_NUMBA:
         return -1
 else:
     gather_kernel = scatter_kernel = slices_verify = slices_update = sample_not_index = first_outside_unit = None
+    separable_verify = separable_update = None
