@@ -814,3 +814,20 @@ def test_numba_separable_path_equals_torch_fallback_exactly(tmp_path):
     assert full_k["count"].max() >= 4
     for kind in ("error", "variance", "count"):
         np.testing.assert_array_equal(full_k[kind], full_t[kind])
+
+
+def test_device_store_with_huge_duplicate_groups(tmp_path):
+    """A degenerate zoom (hundreds of patch voxels on one case voxel) takes the host summation: same bits."""
+    ref, dev = _device_stores(tmp_path, "resident")
+    c = np.zeros((3,) + PATCH, np.float32)
+    c[:, :, :, :12] = np.array([3, 4, 5], np.float32).reshape(3, 1, 1, 1)  # 24*24*12 voxels on one case voxel
+    c[:, :, :, 12:] = np.array([7, 8, 9], np.float32).reshape(3, 1, 1, 1)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        f = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        v = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        want = ref.update_and_gather("c", c, f[None], v[None])
+        got = dev.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    np.testing.assert_array_equal(dev.full("c")["error"], ref.full("c")["error"])

@@ -645,3 +645,18 @@ def test_resume_refuses_a_corrupt_checkpoint_or_snapshot(tiny_training_run, prep
     assert expect in text, text[-3000:]
     assert not (out / "FINISHED").exists()
     assert [int(r["epoch"]) for r in read_csv(out / "metrics.csv")] == [1, 2], "training went on"
+
+
+def test_benchmark_training_reports_the_store_share(prepared_work_dir, tmp_path):
+    """scripts/benchmark_training.py times the store calls on the training thread against the step (tiny plan here;
+    the real plan and the GPU are the printed command's job)."""
+    out = tmp_path / "bench.json"
+    proc = run_cmd([PYTHON, "scripts/benchmark_training.py", "--out", out, "--work_dir", prepared_work_dir,
+                    "--skip_real", "True", "--tiny_iterations", 2, "--num_workers", 0], env=ENV, timeout=900)
+    result = json.loads(out.read_text())
+    assert 0 < result["tiny_store_ms_per_batch"] < result["tiny_compute_ms_per_batch"]
+    assert result["tiny_store_share_ratio"] == pytest.approx(
+        result["tiny"]["workers_0"]["store_ms_per_batch"] / result["tiny"]["workers_0"]["compute_ms_per_batch"],
+        rel=0.2)
+    assert result["tiny"]["workers_0"]["store"] == "ErrorMapStore"
+    assert "store" in proc.stdout and "--store_devices cpu,cuda" in proc.stdout

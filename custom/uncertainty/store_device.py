@@ -34,6 +34,8 @@ from custom.uncertainty.store_files import KINDS
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "resident", "streamed")
+#: largest number of patch voxels on one case voxel summed with one vector step per rank (RandZoom's 1.4: 8)
+_MAX_RANK_STEPS = 64
 _TORCH_DTYPES = {"error": torch.float32, "variance": torch.float32, "count": torch.uint8}
 
 
@@ -289,11 +291,20 @@ class DeviceErrorMapStore:
         sum_v = sum_v + vv[starts]
         hits = torch.bincount(group, minlength=n_unique).to(torch.float32)
         max_rank = int(rank.max())
-        for r in range(1, max_rank + 1):
-            at = (rank == r).nonzero().squeeze(1)
-            g = group[at]
-            sum_f[g] = sum_f[g] + fv[at]
-            sum_v[g] = sum_v[g] + vv[at]
+        if max_rank <= _MAX_RANK_STEPS:
+            for r in range(1, max_rank + 1):
+                at = (rank == r).nonzero().squeeze(1)
+                g = group[at]
+                sum_f[g] = sum_f[g] + fv[at]
+                sum_v[g] = sum_v[g] + vv[at]
+        else:  # huge groups (a degenerate zoom): np.add.at adds in array order, i.e. patch order within a group
+            rest = (rank > 0).nonzero().squeeze(1)
+            g, sums = group[rest].cpu().numpy(), []
+            for total, x in ((sum_f, fv), (sum_v, vv)):
+                host = total.cpu().numpy()
+                np.add.at(host, g, x[rest].cpu().numpy())
+                sums.append(torch.from_numpy(host).to(lin.device))
+            sum_f, sum_v = sums
         fm = sum_f / hits  # x / 1 == x: the same values as dividing only the shared voxels
         vm = sum_v / hits
         count = maps["count"].view(-1)
