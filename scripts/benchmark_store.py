@@ -5,7 +5,8 @@ A 128^3 patch into a 140x170x140 case (the BraTS median after cropping), side by
 - ``augmented``: nnU-Net's spatial augmentation through the real MONAI transforms on the coordinate
   channels (rotation p 0.2 +-30 deg per axis, scaling p 0.2 in 0.7-1.4, mirroring p 0.5 per axis);
 - ``rotated``: every patch rotated and zoomed (the general path, worst case).
-Each is timed as ``scatter`` + ``gather`` (two calls) and as the fused ``update_and_gather`` (what the
+The coordinates reach the store as int16, like the training batches (``CastToTyped`` at the end of the
+training pipeline). Each is timed as ``scatter`` + ``gather`` (two calls) and as the fused ``update_and_gather`` (what the
 training handler calls), as the CPU time of the calling thread (what the store costs on an idle core;
 on a shared machine the wall time includes waiting for one) and as wall time.
 
@@ -79,7 +80,8 @@ def _random_patch_coords(case_coords: np.ndarray, patch: int, rng) -> np.ndarray
 
 
 def _patches(case_coords, patch, n, rng, augment=None) -> list[torch.Tensor]:
-    """The coordinate patches of a scenario, made before any timing (the augmentation is not timed)."""
+    """The coordinate patches of a scenario, made before any timing (the augmentation is not timed), cast to
+    int16 at the end as the training pipeline does (bundle/configs/train.json)."""
     out = []
     for _ in range(n):
         c = _random_patch_coords(case_coords, patch, rng)
@@ -89,7 +91,7 @@ def _patches(case_coords, patch, n, rng, augment=None) -> list[torch.Tensor]:
             c = np.ascontiguousarray(c[tuple([slice(None)] + [slice(None, None, -1) if rng.random() < 0.5
                                                                 else slice(None) for _ in range(3)])])
             c = torch.from_numpy(c)
-        out.append(c.contiguous())
+        out.append(c.to(torch.int16).contiguous())
     return out
 
 

@@ -831,3 +831,60 @@ def test_device_store_with_huge_duplicate_groups(tmp_path):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     np.testing.assert_array_equal(dev.full("c")["error"], ref.full("c")["error"])
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_int16_coordinates_give_the_same_bits(tmp_path, numba):
+    """The training batches carry the coordinates as int16 (half the bytes to move and to check); every path
+    (slices, separable, general) gives exactly what float32 coordinates give."""
+    from custom.uncertainty.store_kernels import HAVE_NUMBA
+
+    if numba and not HAVE_NUMBA:
+        pytest.skip("numba not importable")
+    a = ErrorMapStore(tmp_path / "f32", ema_window=3).create({"c": CASE})
+    b = ErrorMapStore(tmp_path / "i16", ema_window=3).create({"c": CASE})
+    a.use_numba = b.use_numba = numba
+    rng = np.random.default_rng(9)
+    patches = list(_mixed_patches(rng, 6)) + [
+        np.ascontiguousarray(np.repeat(make_case_coordinates(CASE)[:, 3:15, 2:26, 4:28], 2, axis=1))]
+    paths = set()
+    for c in patches:
+        c16 = torch.from_numpy(c.astype(np.int16))
+        assert c16.dtype == torch.int16
+        paths.add(b._analyse("c", c16)[0])
+        assert a._analyse("c", c)[0] == b._analyse("c", c16)[0]
+        f = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))[None]
+        for x, y in zip(a.update_and_gather("c", torch.from_numpy(c), f, f), b.update_and_gather("c", c16, f, f)):
+            assert torch.equal(x, y)
+        for x, y in zip(a.gather("c", c), b.gather("c", c16)):
+            assert torch.equal(x, y)
+    assert paths == ({"slices", "general", "separable"} if numba else {"slices", "general"})
+    with pytest.raises(ValueError, match="outside case"):
+        b.gather("c", torch.full((3, 4, 4, 4), 300, dtype=torch.int16))
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(a.full("c")[kind], b.full("c")[kind])
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
+def test_int16_box_check_finds_every_wrong_voxel():
+    """The word-wise int16 box check (four voxels per operation) rejects a single wrong value anywhere: in each
+    channel, inside the box, in the padding, at row ends; and accepts the exact crop, mirrored or not."""
+    from custom.uncertainty.store import ErrorMapStore as S
+
+    rng = np.random.default_rng(5)
+    s = S.__new__(S)
+    s.use_numba = True
+    cc = make_case_coordinates(CASE)
+    for flips in ((False, False, False), (True, False, True), (False, True, True)):
+        c = cc[:, 5:25, 3:23, 4:24]
+        for axis, f in enumerate(flips):
+            if f:
+                c = np.flip(c, axis + 1)
+        c = np.ascontiguousarray(np.pad(c, [(0, 0), (1, 3), (2, 2), (4, 4)])).astype(np.int16)  # 28 deep: 7 words
+        assert c.shape[3] % 4 == 0
+        assert s._fast_slices(c, CASE) is not None
+        for _ in range(40):
+            bad = c.copy()
+            pos = (int(rng.integers(0, 3)),) + tuple(int(rng.integers(0, n)) for n in c.shape[1:])
+            bad[pos] += int(rng.choice([-1, 1, 7]))
+            assert s._fast_slices(bad, CASE) is None, pos

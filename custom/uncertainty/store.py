@@ -46,6 +46,8 @@ from custom.uncertainty.store_kernels import (
     separable_verify,
     slices_update,
     slices_verify,
+    slices_verify_int,
+    slices_verify_words,
 )
 
 #: ``fresh`` marker: the compiled scatter already gathered the updated values into the outputs
@@ -64,6 +66,13 @@ def _to_numpy(x, dtype=np.float32) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def _coords_numpy(coords) -> np.ndarray:
+    """Coordinates as numpy: int16/int32 as they come (the training batches carry int16: half the bytes to
+    read), anything else as float32."""
+    c = _to_numpy(coords, dtype=None)
+    return c if c.dtype in (np.int16, np.int32) else c.astype(np.float32, copy=False)
+
+
 def _axis_slice(profile: np.ndarray):
     """If ``profile`` (1-D, case index + 1) is consecutive integers with step +1 or -1, return
     ``(start, stop, step)``."""
@@ -78,6 +87,22 @@ def _axis_slice(profile: np.ndarray):
     if not np.array_equal(profile, expected):
         return None
     return int(profile[0]) - 1, int(profile[-1]) - 1, int(step)
+
+
+def _verify_box(c: np.ndarray, lo, hi, first, step) -> bool:
+    """The compiled exact box check for float32 or integer coordinates (int16 rows of whole 64-bit words:
+    four voxels per operation)."""
+    if c.dtype == np.float32:
+        return bool(slices_verify(np.ascontiguousarray(c), lo, hi, first, step))
+    if c.dtype == np.int16 and c.flags.c_contiguous and c.shape[3] % 4 == 0 and c.ctypes.data % 8 == 0:
+        n = c.shape[3]
+        mask = np.zeros(n, np.int16)
+        mask[lo[2]:hi[2]] = 1
+        expected = np.zeros(n, np.int16)
+        expected[lo[2]:hi[2]] = first[2] + step[2] * np.arange(hi[2] - lo[2])
+        return bool(slices_verify_words(c.view(np.int64), mask.view(np.int64), expected.view(np.int64), lo, hi,
+                                        first, step))
+    return bool(slices_verify_int(np.ascontiguousarray(c), lo, hi, first, step))
 
 
 def centre_profiles(c) -> tuple:
@@ -123,7 +148,8 @@ class ErrorMapStore:
     use of a case in a process). Failure and var1shot values outside [0, 1] (NaN included) are refused
     (``ValueError``) and never reach the case.
 
-    Coordinates ``coords (3, *S)`` are the case index + 1 of each patch voxel (0 on any axis = invalid,
+    Coordinates ``coords (3, *S)`` (float32, or int16 as the training batches carry them) are the case
+    index + 1 of each patch voxel (0 on any axis = invalid,
     e.g. padding); see :class:`custom.transforms.dictionary.AddCaseCoordinatesd`.
 
     Scatter semantics: every case voxel covered by at least one valid patch voxel gets ``n += 1`` once,
@@ -327,7 +353,7 @@ class ErrorMapStore:
         index itself and checks the bounds before it changes anything), or with the compiled kernels
         ``("separable", (p0, p1, p2), None, coords (3, N), shape, case_id)`` for a zoomed, not rotated
         patch (channel k a function ``p_k`` of axis k alone; same arithmetic as the general path)."""
-        c = _to_numpy(coords)
+        c = _coords_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
         shape = self.shapes.get(case_id) or tuple(self._open(case_id)["error"].shape)
@@ -420,7 +446,7 @@ class ErrorMapStore:
             hi = np.array([b.stop for b in box], np.int64)
             first = np.array([cs.stop if f else cs.start + 1 for cs, f in zip(case_sl, flips)], np.int64)
             step = np.array([-1 if f else 1 for f in flips], np.int64)
-            if not slices_verify(np.ascontiguousarray(c), lo, hi, first, step):
+            if not _verify_box(c, lo, hi, first, step):
                 return None
             return candidate
         # exact verification: inside the box each channel equals its broadcast profile ...

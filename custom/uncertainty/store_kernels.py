@@ -293,6 +293,66 @@ if HAVE_NUMBA:
         return True
 
     @_njit
+    def slices_verify_int(c, lo, hi, first, step):
+        """:func:`slices_verify` for integer coordinates (int16 from the training pipeline), compared as
+        integers."""
+        n0, n1, n2 = c.shape[1], c.shape[2], c.shape[3]
+        z0 = first[2] - step[2] * lo[2]
+        dz = step[2]
+        for x in range(n0):
+            in_x = lo[0] <= x < hi[0]
+            cx = first[0] + step[0] * (x - lo[0])
+            for y in range(n1):
+                in_xy = in_x and lo[1] <= y < hi[1]
+                cy = first[1] + step[1] * (y - lo[1])
+                r0 = c[0, x, y]
+                r1 = c[1, x, y]
+                r2 = c[2, x, y]
+                bad = False
+                # branch-free inner loops (vectorised); one test per row
+                if in_xy:
+                    for z in range(lo[2]):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                    for z in range(lo[2], hi[2]):
+                        bad |= (np.int64(r0[z]) != cx) | (np.int64(r1[z]) != cy) | (np.int64(r2[z]) != z0 + dz * z)
+                    for z in range(hi[2], n2):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                else:
+                    for z in range(n2):
+                        bad |= (r0[z] != 0) | (r1[z] != 0) | (r2[z] != 0)
+                if bad:
+                    return False
+        return True
+
+    @_njit
+    def slices_verify_words(cw, mw, ezw, lo, hi, first, step):
+        """:func:`slices_verify` for C-contiguous int16 coordinates whose rows are whole 64-bit words: ``cw`` is
+        their int64 view ``(3, X, Y, Z / 4)``, ``mw`` the words of the row's 0/1 box mask and ``ezw`` those of
+        the expected channel 2 (0 outside the box). Four voxels per operation: ``mask * cx`` puts ``cx`` in
+        every lane inside the box (``cx`` < 2**15: no carry between lanes), and a word XOR is 0 exactly when
+        its four lanes are equal."""
+        n0, n1, nw = cw.shape[1], cw.shape[2], cw.shape[3]
+        for x in range(n0):
+            in_x = lo[0] <= x < hi[0]
+            for y in range(n1):
+                r0 = cw[0, x, y]
+                r1 = cw[1, x, y]
+                r2 = cw[2, x, y]
+                bad = 0
+                if in_x and lo[1] <= y < hi[1]:
+                    cx = first[0] + step[0] * (x - lo[0])
+                    cy = first[1] + step[1] * (y - lo[1])
+                    for k in range(nw):
+                        m = mw[k]
+                        bad |= (r0[k] ^ (m * cx)) | (r1[k] ^ (m * cy)) | (r2[k] ^ ezw[k])
+                else:
+                    for k in range(nw):
+                        bad |= r0[k] | r1[k] | r2[k]
+                if bad != 0:
+                    return False
+        return True
+
+    @_njit
     def slices_update(err, var, cnt, case_lo, f, v, patch_lo, size, flips, rate_min, max_count, out_e, out_v,
                       gather):
         """EMA update of the case box ``case_lo + [0, size)`` of ``err``/``var``/``cnt`` (3-D case arrays)
@@ -415,9 +475,10 @@ if HAVE_NUMBA:
                 if p0[x] != 0 and p1[y] != 0:
                     cx = p0[x]
                     cy = p1[y]
+                    zero = cx - cx  # 0 in the coordinates' own type (float32 or int16): no conversions
                     for z in range(n2):
-                        on = p2[z] != 0
-                        bad |= (r0[z] != (cx if on else np.float32(0.0))) | (r1[z] != (cy if on else np.float32(0.0)))
+                        on = p2[z] != zero
+                        bad |= (r0[z] != (cx if on else zero)) | (r1[z] != (cy if on else zero))
                         bad |= r2[z] != p2[z]
                 else:
                     for z in range(n2):
@@ -572,7 +633,9 @@ if HAVE_NUMBA:
                 return i
         return -1
 else:
-    gather_kernel = scatter_kernel = slices_verify = slices_update = sample_not_index = first_outside_unit = None
+    gather_kernel = scatter_kernel = slices_verify = slices_verify_int = slices_verify_words = slices_update = None
+    sample_not_index = None
+    first_outside_unit = None
     separable_verify = separable_update = None
 
 
@@ -584,6 +647,12 @@ def warm_up() -> float:
     import time
 
     t0 = time.perf_counter()
+    for dtype in (np.float32, np.int16):  # coordinates as float32 (transforms) or int16 (the training batches)
+        _warm_up(dtype)
+    return time.perf_counter() - t0
+
+
+def _warm_up(coords_dtype) -> None:
     shape = (3, 4, 5)
     f32 = np.zeros(shape, np.float32)
     err, var, cnt = f32.copy(), f32.copy(), np.zeros(shape, np.uint8)
@@ -593,10 +662,13 @@ def warm_up() -> float:
         view = [1, 1, 1]
         view[axis] = -1
         c[axis] = np.arange(1, shape[axis] + 1, dtype=np.float32).reshape(view)
+    c = c.astype(coords_dtype)
     i64 = np.zeros(3, np.int64)
     size = np.array(shape, np.int64)
     step = np.ones(3, np.int64)
-    slices_verify(c, i64, size, step, step)
+    (slices_verify if coords_dtype == np.float32 else slices_verify_int)(c, i64, size, step, step)
+    words = np.zeros((3, 2, 2, 1), np.int64)
+    slices_verify_words(words, words[0, 0, 0], words[0, 0, 0], i64, size, step, step)
     slices_update(err, var, cnt, i64, f32, f32, i64, size, np.zeros(3, np.bool_), np.float32(0.5), 255, out[0], out[1],
                   True)
     profiles = [np.ascontiguousarray(c[0, :, 0, 0]), np.ascontiguousarray(c[1, 0, :, 0]),
@@ -613,4 +685,3 @@ def warm_up() -> float:
     gather_kernel(c3, *shape, flat[0], flat[1], out[0].reshape(-1), out[1].reshape(-1), True)
     sample_not_index(c3, 97)
     first_outside_unit(flat[0])
-    return time.perf_counter() - t0
