@@ -63,8 +63,8 @@ def _augmenter(rot_prob: float, zoom_prob: float, seed: int):
     t = Compose([
         RandRotated(keys="coords", range_x=np.pi / 6, range_y=np.pi / 6, range_z=np.pi / 6, prob=rot_prob,
                     mode="nearest", padding_mode="zeros", keep_size=True),
-        RandZoomd(keys="coords", prob=zoom_prob, min_zoom=0.7, max_zoom=1.4, mode="nearest",
-                  padding_mode="constant", keep_size=True),
+        RandZoomd(keys="coords", prob=zoom_prob, min_zoom=0.7, max_zoom=1.4, mode="nearest-exact",
+                  padding_mode="constant", keep_size=True),  # as bundle/configs/train.json
         RandFlipd(keys="coords", prob=0.5, spatial_axis=0),
         RandFlipd(keys="coords", prob=0.5, spatial_axis=1),
         RandFlipd(keys="coords", prob=0.5, spatial_axis=2),
