@@ -104,7 +104,7 @@ def main(out: str = "benchmark_training.json", work_dir: str | None = None, real
         "tiny_store_share_ratio": tiny0["store_share_ratio"],
         "tiny_peak_rss_mb": max(tiny0["peak_rss_mb"], tinyw["peak_rss_mb"]),
         "tiny_loader_to_compute_ratio": tiny0["data_ms_per_batch_sync"] / tiny0["compute_ms_per_batch"],
-        "tiny": {"workers_0": tiny0, f"workers_{num_workers}": tinyw},
+        "tiny": {"workers_0": tiny0, "with_workers": tinyw},
     })
     if not skip_real:
         real_work = Path(real_work_dir) if real_work_dir else _prepare(root / "real", 2, (240, 240, 155),
