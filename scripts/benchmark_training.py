@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,10 @@ def measure(work_dir: str, json_out: str, iterations: int = 4, warmup: int = 1, 
         overrides["batch_size"] = int(batch_size)
     if store_device:
         overrides["store_device"] = str(store_device)
-    atomic_write_json(json_out, measure_training(files, overrides, iterations=int(iterations), warmup=int(warmup)))
+    try:
+        atomic_write_json(json_out, measure_training(files, overrides, iterations=int(iterations), warmup=int(warmup)))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the measured run's folder (store, checkpoints) is not kept
 
 
 def _run_measure(work: Path, **kw) -> dict:
@@ -88,6 +92,15 @@ def main(out: str = "benchmark_training.json", work_dir: str | None = None, real
     """
     start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench_training_"))
+    try:
+        return _main(out, root, work_dir, real_work_dir, tiny_iterations, real_iterations, num_workers, device,
+                     real_batch_size, skip_real, store_devices, start)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the synthetic work directories made for this run
+
+
+def _main(out, root, work_dir, real_work_dir, tiny_iterations, real_iterations, num_workers, device, real_batch_size,
+          skip_real, store_devices, start):
     tiny_work = Path(work_dir) if work_dir else _prepare(root / "tiny", 6, (64, 64, 48), [32, 32, 32], [8, 16, 32, 64])
     result: dict = {"device": device or "config default", "gpu_check_command": GPU_CHECK}
     # 3 warm-up iterations: the store's compiled kernels load on their first call of each kind of patch

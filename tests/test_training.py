@@ -651,8 +651,11 @@ def test_benchmark_training_reports_the_store_share(prepared_work_dir, tmp_path)
     """scripts/benchmark_training.py times the store calls on the training thread against the step (tiny plan here;
     the real plan and the GPU are the printed command's job)."""
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = run_cmd([PYTHON, "scripts/benchmark_training.py", "--out", out, "--work_dir", prepared_work_dir,
-                    "--skip_real", "True", "--tiny_iterations", 2, "--num_workers", 0], env=ENV, timeout=900)
+                    "--skip_real", "True", "--tiny_iterations", 2, "--num_workers", 0],
+                   env={**ENV, "TMPDIR": str(scratch)}, timeout=900)
     result = json.loads(out.read_text())
     assert 0 < result["tiny_store_ms_per_batch"] < result["tiny_compute_ms_per_batch"]
     assert result["tiny_store_share_ratio"] == pytest.approx(
@@ -660,3 +663,4 @@ def test_benchmark_training_reports_the_store_share(prepared_work_dir, tmp_path)
         rel=0.2)
     assert result["tiny"]["workers_0"]["store"] == "ErrorMapStore"
     assert "store" in proc.stdout and "--store_devices cpu,cuda" in proc.stdout
+    assert not list(scratch.glob("bench_*")), "the measured runs' folders were left behind"
