@@ -39,7 +39,7 @@ def test_configs_are_json_and_layer_on_train():
     assert names[4:] == ["RandRotated", "RandZoomd", "RandGaussianNoised", "RandGaussianSmoothd",
                          "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond",
                          "RandAdjustContrastd", "RandAdjustContrastd", "RandFlipd", "RandFlipd", "RandFlipd",
-                         "LabelToRegionsd", "SelectItemsd"]
+                         "CastToTyped", "LabelToRegionsd", "SelectItemsd"]  # coordinates to the store as int16
     # label and coordinates on the image's sampling grid: nearest for grid-sample, nearest-exact for resize
     nearest = {"RandRotated": ["nearest", "nearest"], "RandZoomd": ["nearest-exact", "nearest-exact"]}
     for t in parser["train"]["preprocessing"]["transforms"]:

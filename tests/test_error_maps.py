@@ -384,7 +384,8 @@ def test_concurrent_processes_lose_no_update(tmp_path):
 
 
 def test_benchmark_store_script_writes_json(tmp_path):
-    """The benchmark entry point runs end to end at a tiny size and writes one JSON object with units."""
+    """The benchmark entry point runs end to end at a tiny size and writes one JSON object with units, the floor
+    measured in the same run and every scenario as a ratio to it, and prints the GPU command."""
     import json
     import subprocess
     import sys
@@ -400,10 +401,18 @@ def test_benchmark_store_script_writes_json(tmp_path):
     assert result["case_shape"] == [40, 44, 36]
     # 40*44*36 voxels x (4 + 4 + 1) bytes plus three .npy headers
     assert result["disk_mb_per_case"] == pytest.approx(40 * 44 * 36 * 9 / 1e6, rel=0.01)
-    for key in ("fast_scatter_gather_mean_ms", "augmented_scatter_gather_p95_ms", "rotated_scatter_gather_mean_ms",
-                "projected_disk_gb_1248_cases", "rss_mb"):
-        assert result[key] > 0
-    assert len(proc.stdout.strip().splitlines()) == 1 and "MB/case" in proc.stdout
+    assert result["floor_mb"] == pytest.approx(24**3 * 34 / 1e6) and result["floor_ms"] > 0
+    for scenario in ("fast", "augmented", "rotated"):
+        for call in ("scatter_gather", "update_and_gather"):
+            name = f"{scenario}_{call}"
+            assert result[f"{name}_cpu_mean_ms"] > 0 and result[f"{name}_wall_p95_ms"] > 0
+            assert result[f"{name}_cpu_floor_ratio"] == pytest.approx(result[f"{name}_cpu_mean_ms"] / result["floor_ms"])
+    assert result["rotated_update_and_gather_general_path_ratio"] == 1.0
+    assert result["fast_update_and_gather_general_path_ratio"] == 0.0
+    assert result["projected_disk_gb_1248_cases"] > 0 and result["rss_mb"] > 0
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and "x floor" in lines[0] and "MB/case" in lines[0]
+    assert lines[1].endswith("python scripts/benchmark_store.py --device cuda --out store_benchmark_gpu.json")
     assert not any(p.name.startswith("store_bench_") for p in tmp_path.iterdir())  # temporary store removed
 
 
@@ -418,12 +427,12 @@ def test_open_cases_are_bounded(tmp_path):
     fds_before = len(os.listdir("/proc/self/fd"))
     for round_ in range(2):
         for case_id in cases:
-            s.scatter(case_id, coords, ones * (round_ + 1), ones)
+            s.scatter(case_id, coords, ones * (round_ + 1) / 2, ones)
     assert len(s._maps) == 2 and len(s._lock_fds) == 2
     assert len(os.listdir("/proc/self/fd")) - fds_before <= 2 * 4
     for case_id in cases:  # evicted cases were flushed and reopen with their state
         full = s.full(case_id)
-        assert (full["count"] == 2).all() and full["error"] == pytest.approx(np.full((4, 4, 4), 1.5))
+        assert (full["count"] == 2).all() and full["error"] == pytest.approx(np.full((4, 4, 4), 0.75))
     with pytest.raises(ValueError, match="max_open_cases"):
         ErrorMapStore(tmp_path / "x", max_open_cases=0)
 
@@ -510,3 +519,372 @@ def test_numba_general_path_rejects_bad_coords_without_writing(tmp_path):
     assert s.scatter("c", c, ones, ones) == len(np.unique(c[:, (c > 0).all(0)], axis=1).T)
     assert s.full("c")["count"].max() == 1
     assert not s._work["nb_slotmap"].any()
+
+
+# ----------------------------------------------------------------------------------------- slices kernel
+def _mirrored_crops(rng, n, pad_last=True, depth=19):
+    """Crops with random mirroring; ``depth`` 19: rows that are not a multiple of the SIMD width."""
+    cc = make_case_coordinates(CASE)
+    for step in range(n):
+        x0, y0, z0 = rng.integers(0, 17), rng.integers(0, 21), rng.integers(0, 13)
+        c = cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + depth]
+        for axis in range(3):
+            if rng.random() < 0.5:
+                c = np.flip(c, axis + 1)
+        if pad_last and step == n - 1:
+            c = np.pad(c, [(0, 0), (2, 1), (0, 3), (1, 0)])
+        yield np.ascontiguousarray(c)
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
+def test_numba_slices_path_equals_torch_fallback_exactly(tmp_path):
+    """The compiled slices kernel (crop + mirroring, padding) gives the torch path's bits: torch's lerp_ with its
+    fused multiply-add, through both branches of the rate (W = 3: 1, 1/2 then 1/3)."""
+    rng = np.random.default_rng(4)
+    kernel = ErrorMapStore(tmp_path / "numba", ema_window=3).create({"c": CASE})
+    torch_ = ErrorMapStore(tmp_path / "torch", ema_window=3).create({"c": CASE})
+    torch_.use_numba = False
+    for step, c in enumerate(_mirrored_crops(rng, 9)):
+        assert kernel._analyse("c", c)[0] == "slices" == torch_._analyse("c", c)[0]
+        f = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        v = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        if step % 2:
+            got = kernel.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+            want = torch_.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        else:
+            assert kernel.scatter("c", c, f, v) == torch_.scatter("c", c, f, v)
+            got, want = kernel.gather("c", c), torch_.gather("c", c)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    full_k, full_t = kernel.full("c"), torch_.full("c")
+    assert full_k["count"].max() >= 4
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(full_k[kind], full_t[kind])
+    # the fma matters: the plain two-operation lerp differs in the last bit somewhere
+    e, t = rng.random(4096).astype(np.float32), rng.random(4096).astype(np.float32)
+    a = np.float32(1) / rng.integers(1, 40, 4096).astype(np.float32)
+    d = t - e
+    plain = np.where(a < 0.5, e + a * d, t - d * (np.float32(1) - a))
+    assert not np.array_equal(plain, torch.from_numpy(e).lerp_(torch.from_numpy(t), torch.from_numpy(a)).numpy())
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("path", ["slices", "general", "separable"])
+def test_non_finite_values_never_reach_the_store(tmp_path, numba, path):
+    """A NaN var1shot (non-finite prediction) or a value above 1 is refused with a ValueError; the case keeps
+    finite values in [0, 1] (the voxels with bad values are not written)."""
+    from custom.uncertainty.store_kernels import HAVE_NUMBA
+
+    if numba and not HAVE_NUMBA:
+        pytest.skip("numba not importable")
+    s = ErrorMapStore(tmp_path / "st").create({"c": CASE})
+    s.use_numba = numba
+    rng = np.random.default_rng(0)
+    if path == "slices":
+        c = next(_mirrored_crops(rng, 1, pad_last=False))
+    elif path == "general":
+        c = _random_affine_coords(rng, CASE, PATCH, 1.2)
+    else:  # zoom-in by 2 on x: separable
+        c = np.ascontiguousarray(np.repeat(make_case_coordinates(CASE)[:, 3:15, 2:26, 4:28], 2, axis=1))
+    assert s._analyse("c", c)[0] == (path if numba or path == "slices" else "general")
+    ones = np.ones(c.shape[1:], np.float32) * 0.5
+    s.scatter("c", c, ones, ones)
+    before = s.full("c")
+    for bad_value in (np.nan, np.inf, 1.5):
+        v = ones.copy()
+        valid = np.argwhere((c > 0).all(0))
+        v[tuple(valid[len(valid) // 2])] = bad_value
+        with pytest.raises(ValueError, match=r"variance has 1 values outside \[0, 1\]"):
+            s.update_and_gather("c", c, ones, v)
+        full = s.full("c")
+        for kind in ("error", "variance"):
+            assert np.isfinite(full[kind]).all() and full[kind].max() <= 1.0
+        bad_voxel = tuple(int(k) - 1 for k in c[(slice(None),) + tuple(valid[len(valid) // 2])])
+        assert full["count"][bad_voxel] == before["count"][bad_voxel]
+
+
+# ----------------------------------------------------------------------------------------- damaged store files
+def _store_with_state(tmp_path):
+    s = ErrorMapStore(tmp_path / "st", ema_window=5).create({"c1": (6, 7, 8), "c2": (5, 5, 5)})
+    s.scatter("c1", make_case_coordinates((6, 7, 8)), np.full((6, 7, 8), 0.25, np.float32),
+              np.full((6, 7, 8), 0.5, np.float32))
+    s.close()
+    return tmp_path / "st"
+
+
+def _damage(path, how):
+    import json
+
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:-100])
+    elif how == "nan":
+        mm = np.load(path, mmap_mode="r+")
+        mm[1, 2, 3] = np.nan
+        mm.flush()
+    elif how == "above_one":
+        mm = np.load(path, mmap_mode="r+")
+        mm[0, 0, 1] = 3.0
+        mm.flush()
+    elif how == "shape":
+        np.save(path, np.zeros((6, 7, 9), np.float32))
+    elif how == "dtype":
+        np.save(path, np.zeros((6, 7, 8), np.float64))
+    elif how == "not_npy":
+        path.write_bytes(b"garbage" * 10)
+    elif how == "index":
+        path.write_text('{"cases": {"c1": [6, 7')
+    elif how == "index_shape":
+        index = json.loads(path.read_text())
+        index["cases"]["c1"] = [6, 7, 80]
+        path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how,kind,expect", [
+    ("truncated", "error", "truncated"), ("nan", "error", r"value nan at voxel \[1, 2, 3\] is outside \[0, 1\]"),
+    ("above_one", "variance", r"value 3\.0 at voxel \[0, 0, 1\]"), ("shape", "variance", "differs from .*index.json"),
+    ("dtype", "error", "float64 values, expected float32"), ("not_npy", "count", "not a readable .npy"),
+    ("truncated", "count", "truncated"), ("index", None, "not valid JSON"), ("index_shape", None, "differs from"),
+])
+def test_damaged_store_files_are_refused_by_name(tmp_path, how, kind, expect):
+    """Every damage is named with its file: before, a truncated .npy was zero-extended by memmap r+, NaN and
+    out-of-range values were used, a shape that differs from index.json let the kernel write past the map."""
+    from custom.core.errors import BraTSInputError
+
+    root = _store_with_state(tmp_path)
+    target = root / ("index.json" if kind is None else f"c1.{kind}.npy")
+    _damage(target, how)
+    size = target.stat().st_size
+    s = ErrorMapStore(root, ema_window=5)
+    coords = make_case_coordinates((6, 7, 8))
+    with pytest.raises(BraTSInputError, match=expect) as err:
+        s.update_and_gather("c1", coords, np.zeros((6, 7, 8), np.float32), np.zeros((6, 7, 8), np.float32))
+    assert str(target) in str(err.value)
+    assert target.stat().st_size == size, "the damaged file was changed"
+    if kind is not None:
+        assert s.gather("c2", make_case_coordinates((5, 5, 5)))[0].shape == (1, 5, 5, 5)  # other cases still work
+        # a snapshot names the damaged live file; restoring from a damaged snapshot names the snapshot file
+        with pytest.raises(BraTSInputError, match=expect):
+            s.snapshot(tmp_path / "snap")
+        assert not (tmp_path / "snap").exists()
+        fresh = ErrorMapStore(tmp_path / "fresh", ema_window=5).create({"c1": (6, 7, 8), "c2": (5, 5, 5)})
+        with pytest.raises(BraTSInputError, match=expect) as err:
+            fresh.restore(root)
+        assert str(target) in str(err.value)
+        assert not fresh.full("c1")["count"].any(), "a refused restore changed the store"
+
+
+def test_snapshot_carries_meta_and_restore_checks_values(tmp_path):
+    root = _store_with_state(tmp_path)
+    s = ErrorMapStore(root, ema_window=5)
+    snap = s.snapshot(tmp_path / "snap", meta={"epoch": 3, "token": "abc"})
+    import json
+
+    assert json.loads((snap / "epoch.json").read_text()) == {"epoch": 3, "token": "abc"}
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        ["index.json", "epoch.json"] + [f"{c}.{k}.npy" for c in ("c1", "c2") for k in ("error", "variance", "count")])
+    s.scatter("c1", make_case_coordinates((6, 7, 8)), np.ones((6, 7, 8), np.float32), np.ones((6, 7, 8), np.float32))
+    s.restore(snap)
+    assert s.full("c1")["error"].max() == pytest.approx(0.25) and s.full("c1")["count"].max() == 1
+    s.reset()
+    assert not any(s.full(c)[k].any() for c in ("c1", "c2") for k in ("error", "variance", "count"))
+
+
+# ----------------------------------------------------------------------------------------- the device store
+def _device_stores(tmp_path, mode, device="cpu", window=3):
+    from custom.uncertainty.store_device import DeviceErrorMapStore
+
+    ref = ErrorMapStore(tmp_path / "ref", ema_window=window).create({"c": CASE, "d": (8, 9, 10)})
+    dev = DeviceErrorMapStore(ErrorMapStore(tmp_path / f"dev_{mode}", ema_window=window).create(
+        {"c": CASE, "d": (8, 9, 10)}), device, mode=mode)
+    return ref, dev
+
+
+def _mixed_patches(rng, n):
+    """Crops with mirroring and padding, rotated/zoomed patches (zoom-in duplicates), scattered invalid voxels."""
+    crops = _mirrored_crops(rng, n)
+    for step in range(n):
+        if step % 3 == 0:
+            yield next(crops)
+        else:
+            c = _random_affine_coords(rng, CASE, PATCH, [1.4, 0.8, 2.2][step % 3])
+            c[:, rng.random(PATCH) < 0.05] = 0
+            yield c
+
+
+def _compare_device_with_cpu(ref, dev, rng, device):
+    for step, c in enumerate(_mixed_patches(rng, 9)):
+        f = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        v = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))
+        ct = torch.from_numpy(np.ascontiguousarray(c))
+        if step % 2:
+            want = ref.update_and_gather_batch(["c"], ct[None], f[None, None], v[None, None])
+            got = dev.update_and_gather_batch(["c"], ct[None].to(device), f[None, None].to(device),
+                                              v[None, None].to(device), device="cpu")
+        else:
+            assert ref.scatter("c", c, f, v) == dev.scatter("c", ct.to(device), f.to(device), v.to(device))
+            want, got = ref.gather("c", c), dev.gather("c", ct.to(device), device="cpu")
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b.reshape(a.shape)), step
+    # a batch with two patches of one case (both scattered before either is gathered) and one of another
+    cs = [next(_mirrored_crops(rng, 1, pad_last=False, depth=24)), _random_affine_coords(rng, CASE, PATCH, 1.3)]
+    c = torch.from_numpy(np.stack(cs + [cs[0]]))
+    c[2] = 0
+    c[2, :, :8, :9, :10] = torch.from_numpy(make_case_coordinates((8, 9, 10)))
+    f, v = torch.rand(3, 1, *PATCH), torch.rand(3, 1, *PATCH)
+    ids = ["c", "c", "d"]
+    want = ref.update_and_gather_batch(ids, c, f, v)
+    got = dev.update_and_gather_batch(ids, c.to(device), f.to(device), v.to(device), device="cpu")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for case in ("c", "d"):
+        full_r, full_d = ref.full(case), dev.full(case)
+        assert full_r["count"].max() >= 4 or case == "d"
+        for kind in ("error", "variance", "count"):
+            np.testing.assert_array_equal(full_d[kind], full_r[kind])
+
+
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+def test_device_store_equals_cpu_store_bit_for_bit(tmp_path, mode):
+    """store_device: the torch path (run here on CPU tensors) does the CPU store's float32 operations in the same
+    order: crops (torch's lerp_), rotated and zoomed patches with duplicates summed in patch order, batches."""
+    ref, dev = _device_stores(tmp_path, mode)
+    assert dev.mode == mode
+    _compare_device_with_cpu(ref, dev, np.random.default_rng(7), "cpu")
+    # resident maps reach the files at flush / snapshot; restore and reset reach the device copy
+    snap = dev.snapshot(tmp_path / "snap", meta={"epoch": 1})
+    reopened = ErrorMapStore(snap)
+    np.testing.assert_array_equal(reopened.full("c")["error"], ref.full("c")["error"])
+    coords = make_case_coordinates(CASE)
+    dev.scatter("c", torch.from_numpy(coords), torch.ones(CASE), torch.ones(CASE))
+    dev.restore(snap)
+    np.testing.assert_array_equal(dev.full("c")["count"], ref.full("c")["count"])
+    dev.reset()
+    assert not dev.full("c")["count"].any()
+    with pytest.raises(ValueError, match="outside case"):
+        dev.gather("d", torch.from_numpy(coords))
+    with pytest.raises(ValueError, match="nearest"):
+        dev.gather("c", torch.from_numpy(coords[:, :10, :10, :10]) + 0.5)
+    bad = torch.ones(CASE)
+    bad[3, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"variance has 1 values outside \[0, 1\]"):
+        dev.scatter("c", torch.from_numpy(coords), torch.ones(CASE) * 0.5, bad)
+    assert not dev.full("c")["count"].any()
+    dev.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU check of issue 19)")
+@pytest.mark.parametrize("mode", ["resident", "streamed"])
+def test_device_store_on_the_gpu_equals_cpu_store(tmp_path, mode):
+    ref, dev = _device_stores(tmp_path, mode, device="cuda")
+    _compare_device_with_cpu(ref, dev, np.random.default_rng(8), "cuda")
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
+def test_numba_separable_path_equals_torch_fallback_exactly(tmp_path):
+    """Zoomed, not rotated patches (MONAI's nearest zoom: repeated rows when zooming in, skipped rows and zero
+    padding when zooming out, then mirroring) take the separable kernel; it gives the general path's bits."""
+    from monai.transforms import Flip, Zoom
+
+    rng = np.random.default_rng(12)
+    kernel = ErrorMapStore(tmp_path / "numba", ema_window=3).create({"c": CASE})
+    torch_ = ErrorMapStore(tmp_path / "torch", ema_window=3).create({"c": CASE})
+    torch_.use_numba = False
+    cc = make_case_coordinates(CASE)
+    for step, zoom in enumerate([1.4, 0.7, 1.25, 0.85, 1.4, 0.7]):
+        x0, y0, z0 = rng.integers(0, 17), rng.integers(0, 21), rng.integers(0, 13)
+        c = torch.from_numpy(np.ascontiguousarray(cc[:, x0:x0 + 24, y0:y0 + 24, z0:z0 + 24]))
+        c = Zoom(zoom=[zoom, zoom * 0.9 if step % 2 else zoom, zoom], mode="nearest-exact" if step % 2 else "nearest",
+                 padding_mode="constant", keep_size=True)(c)
+        c = Flip(spatial_axis=[a for a in range(3) if rng.random() < 0.5] or None)(c) if step % 3 else c
+        c = np.ascontiguousarray(torch.as_tensor(c).numpy())
+        assert kernel._analyse("c", c)[0] == "separable" and torch_._analyse("c", c)[0] == "general"
+        assert (c == 0).any() == (zoom < 1)
+        f = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        v = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        if step % 2:
+            got = kernel.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+            want = torch_.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        else:
+            assert kernel.scatter("c", c, f, v) == torch_.scatter("c", c, f, v)
+            got, want = kernel.gather("c", c), torch_.gather("c", c)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), step
+    full_k, full_t = kernel.full("c"), torch_.full("c")
+    assert full_k["count"].max() >= 4
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(full_k[kind], full_t[kind])
+
+
+def test_device_store_with_huge_duplicate_groups(tmp_path):
+    """A degenerate zoom (hundreds of patch voxels on one case voxel) takes the host summation: same bits."""
+    ref, dev = _device_stores(tmp_path, "resident")
+    c = np.zeros((3,) + PATCH, np.float32)
+    c[:, :, :, :12] = np.array([3, 4, 5], np.float32).reshape(3, 1, 1, 1)  # 24*24*12 voxels on one case voxel
+    c[:, :, :, 12:] = np.array([7, 8, 9], np.float32).reshape(3, 1, 1, 1)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        f = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        v = torch.from_numpy(rng.random(PATCH).astype(np.float32))
+        want = ref.update_and_gather("c", c, f[None], v[None])
+        got = dev.update_and_gather("c", torch.from_numpy(c), f[None], v[None])
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    np.testing.assert_array_equal(dev.full("c")["error"], ref.full("c")["error"])
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_int16_coordinates_give_the_same_bits(tmp_path, numba):
+    """The training batches carry the coordinates as int16 (half the bytes to move and to check); every path
+    (slices, separable, general) gives exactly what float32 coordinates give."""
+    from custom.uncertainty.store_kernels import HAVE_NUMBA
+
+    if numba and not HAVE_NUMBA:
+        pytest.skip("numba not importable")
+    a = ErrorMapStore(tmp_path / "f32", ema_window=3).create({"c": CASE})
+    b = ErrorMapStore(tmp_path / "i16", ema_window=3).create({"c": CASE})
+    a.use_numba = b.use_numba = numba
+    rng = np.random.default_rng(9)
+    patches = list(_mixed_patches(rng, 6)) + [
+        np.ascontiguousarray(np.repeat(make_case_coordinates(CASE)[:, 3:15, 2:26, 4:28], 2, axis=1))]
+    paths = set()
+    for c in patches:
+        c16 = torch.from_numpy(c.astype(np.int16))
+        assert c16.dtype == torch.int16
+        paths.add(b._analyse("c", c16)[0])
+        assert a._analyse("c", c)[0] == b._analyse("c", c16)[0]
+        f = torch.from_numpy(rng.random(c.shape[1:]).astype(np.float32))[None]
+        for x, y in zip(a.update_and_gather("c", torch.from_numpy(c), f, f), b.update_and_gather("c", c16, f, f)):
+            assert torch.equal(x, y)
+        for x, y in zip(a.gather("c", c), b.gather("c", c16)):
+            assert torch.equal(x, y)
+    assert paths == ({"slices", "general", "separable"} if numba else {"slices", "general"})
+    with pytest.raises(ValueError, match="outside case"):
+        b.gather("c", torch.full((3, 4, 4, 4), 300, dtype=torch.int16))
+    for kind in ("error", "variance", "count"):
+        np.testing.assert_array_equal(a.full("c")[kind], b.full("c")[kind])
+
+
+@pytest.mark.skipif(not pytest.importorskip("custom.uncertainty.store_kernels").HAVE_NUMBA, reason="numba not importable")
+def test_int16_box_check_finds_every_wrong_voxel():
+    """The word-wise int16 box check (four voxels per operation) rejects a single wrong value anywhere: in each
+    channel, inside the box, in the padding, at row ends; and accepts the exact crop, mirrored or not."""
+    from custom.uncertainty.store import ErrorMapStore as S
+
+    rng = np.random.default_rng(5)
+    s = S.__new__(S)
+    s.use_numba = True
+    cc = make_case_coordinates(CASE)
+    for flips in ((False, False, False), (True, False, True), (False, True, True)):
+        c = cc[:, 5:25, 3:23, 4:24]
+        for axis, f in enumerate(flips):
+            if f:
+                c = np.flip(c, axis + 1)
+        c = np.ascontiguousarray(np.pad(c, [(0, 0), (1, 3), (2, 2), (4, 4)])).astype(np.int16)  # 28 deep: 7 words
+        assert c.shape[3] % 4 == 0
+        assert s._fast_slices(c, CASE) is not None
+        for _ in range(40):
+            bad = c.copy()
+            pos = (int(rng.integers(0, 3)),) + tuple(int(rng.integers(0, n)) for n in c.shape[1:])
+            bad[pos] += int(rng.choice([-1, 1, 7]))
+            assert s._fast_slices(bad, CASE) is None, pos

@@ -154,7 +154,15 @@ def test_tiny_run_outputs(tiny_training_run, prepared_work_dir):
     for x in val:  # one full-volume visit per validation round
         assert visited[x["case_id"]] == 2
     assert sum(visited[x["case_id"]] > 0 for x in train) >= 1
-    assert json.loads((out / "store_snapshot" / "epoch.json").read_text()) == {"epoch": 2}
+    snap_meta = json.loads((out / "store_snapshot" / "epoch.json").read_text())
+    assert snap_meta["epoch"] == 2 and snap_meta == ckpt["store_snapshot"], "the checkpoint names its snapshot"
+    assert not (out / ".store_snapshot.pending").exists() and not (out / ".store_snapshot.previous").exists()
+    from custom.core.atomic import verify_checksum
+
+    for name in ("checkpoint_last.pt", "model.pt", "model_final.pt"):  # sha256sum -c format beside each
+        assert verify_checksum(out / name)
+        digest, fname = (out / f"{name}.sha256").read_text().split()
+        assert fname == name and len(digest) == 64
     snap = ErrorMapStore(out / "store_snapshot")
     for cid in index["cases"]:
         np.testing.assert_array_equal(snap.full(cid)["error"], store.full(cid)["error"])
@@ -232,7 +240,7 @@ def test_sigkill_mid_epoch_then_resume(prepared_work_dir, tmp_path):
         assert [float(r[col]) for r in rows] == pytest.approx([float(r[col]) for r in ref_rows], rel=1e-4, abs=1e-6)
 
 
-def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
+def _first_epoch_losses(work_dir, output_dir, num_workers: int, overrides=None) -> list[float]:
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
@@ -240,7 +248,7 @@ def _first_epoch_losses(work_dir, output_dir, num_workers: int) -> list[float]:
     parser.read_config([f"{REPO_ROOT}/{CONFIGS}/train.json", f"{REPO_ROOT}/{CONFIGS}/tiny.json"])
     parser.update({"work_dir": str(work_dir), "output_dir": str(output_dir), "num_epochs": 1,
                    "iterations_per_epoch": 3, "val_interval": 100, "num_workers": num_workers,
-                   "progress_bar": False})
+                   "progress_bar": False, **(overrides or {})})
     losses: list[float] = []
     try:
         parser.get_parsed_content("initialize")
@@ -262,6 +270,19 @@ def test_same_seed_same_first_epoch_losses(prepared_work_dir, tmp_path):
     assert len(a) == 3 and all(np.isfinite(a))
     # per-sample seeding: the patch stream does not depend on the number of loader workers
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_device_store_trains_like_the_cpu_store(prepared_work_dir, tmp_path):
+    """store_device's torch path (here on CPU tensors, resident and streamed) inside the real training loop gives
+    exactly the CPU store's losses: the same targets, bit for bit."""
+    torch.set_num_threads(1)
+    reference = _first_epoch_losses(prepared_work_dir, tmp_path / "cpu", num_workers=0)
+    for mode in ("resident", "streamed"):
+        store = ("$custom.uncertainty.store_device.DeviceErrorMapStore(custom.training.setup.create_error_map_store("
+                 "@output_dir + '/store', @train_items + @val_items, @ema_window, reset=True), 'cpu', "
+                 f"mode='{mode}')")
+        losses = _first_epoch_losses(prepared_work_dir, tmp_path / mode, num_workers=0, overrides={"store": store})
+        assert losses == reference, mode
 
 
 def test_baseline_variant(prepared_work_dir):
@@ -446,3 +467,200 @@ def test_metrics_csv_rewrites_rows_after_resume(tmp_path):
     rows = read_csv(path)
     assert [(r["epoch"], float(r["train_loss"])) for r in rows] == [("1", 1.0), ("2", 9.0)]
     assert list(rows[0]) == list(METRICS_CSV_COLUMNS) and rows[0]["val_dice_wt"] == ""
+
+
+
+# ----------------------------------------------------------------------------------------- run-folder integrity
+def _tiny_engine(run, store_dir, crash_at=None, max_epochs=2, width=2):
+    """An Ignite engine whose epoch (one iteration) visits every voxel of a 4^3 store case once with the value
+    epoch/10 and adds 1 to the weights: the store's count and the weights both tell the epoch they have seen."""
+    from ignite.engine import Engine, Events
+
+    from custom.training.handlers.checkpoint import TrainingCheckpointHandler
+    from custom.transforms.array import make_case_coordinates
+    from custom.uncertainty.store import ErrorMapStore
+
+    store = ErrorMapStore(store_dir, ema_window=30).create({"c": (4, 4, 4)})
+    net = torch.nn.Linear(width, width)
+    torch.nn.init.zeros_(net.weight)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)  # lr 0: the weights count epochs
+    coords = make_case_coordinates((4, 4, 4))
+
+    def step(engine, batch):
+        v = np.full((4, 4, 4), engine.state.epoch / 10, np.float32)
+        store.scatter("c", coords, v, v)
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        net.weight.grad = torch.ones_like(net.weight)
+        opt.step()  # momentum buffers in the optimizer state
+        return {"loss": torch.tensor(0.0)}
+
+    engine = Engine(step)
+    TrainingCheckpointHandler(run, {"network": net, "optimizer": opt}, store=store).attach(engine)
+    if crash_at is not None:
+        @engine.on(Events.EPOCH_COMPLETED(once=1))  # after epoch 1's checkpoint: count renames from here
+        def _arm(_):
+            calls = [0]
+            real_replace = os.replace
+
+            def replace(src, dst):
+                calls[0] += 1
+                if calls[0] == crash_at:
+                    os._exit(77)  # a kill just before this rename: no cleanup runs
+                return real_replace(src, dst)
+
+            os.replace = replace
+    return engine, net, store
+
+
+def _train_until_crash(run, store_dir, crash_at):
+    engine, _, _ = _tiny_engine(run, store_dir, crash_at)
+    engine.run(range(1), max_epochs=2)
+
+
+def _resume_state(run, store_dir, width=2) -> tuple[int, list[int], float]:
+    """Resume in this process: (epoch, distinct store counts, a weight) after ResumeHandler (the live store went
+    on past the checkpoint before the kill: resume must put it back)."""
+    from custom.training.handlers.checkpoint import ResumeHandler
+
+    engine, net, store = _tiny_engine(run, store_dir, width=width)
+    handler = ResumeHandler(run, {"network": net}, store=store)
+    handler.load_dict["trainer"] = engine
+    engine.state.max_epochs = 2
+    handler(engine)
+    return int(engine.state.epoch), np.unique(store.full("c")["count"]).tolist(), float(net.weight[0, 0].detach())
+
+
+def test_kill_at_every_rename_of_a_save_resumes_consistently(tmp_path):
+    """A kill before any rename of the epoch-2 save (snapshot copy, checkpoint, checksum file, snapshot promotion,
+    model_final.pt, FINISHED) resumes with the checkpoint's epoch and the store of that same epoch. Before, a
+    kill between the two renames of the snapshot copy resumed at epoch 1 with the live store of epoch 2
+    ("the EMA store starts from zero" logged): the replayed iteration was counted twice."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    crash_at, completed = 1, False
+    while not completed:
+        run, store_dir = tmp_path / f"run{crash_at}", tmp_path / f"store{crash_at}"
+        proc = ctx.Process(target=_train_until_crash, args=(run, store_dir, crash_at))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode in (0, 77), proc.exitcode
+        completed = proc.exitcode == 0
+        epoch, counts, weight = _resume_state(run, store_dir)
+        assert epoch in (1, 2), (crash_at, epoch)
+        assert counts == [epoch], f"kill before rename {crash_at}: checkpoint of epoch {epoch}, store counts {counts}"
+        assert weight == epoch, (crash_at, epoch, weight)
+        assert not list(run.glob(".*tmp-*")), "temporary files left behind after resume"
+        crash_at += 1
+    assert crash_at > 6, "the save has fewer renames than expected: the test no longer covers them"
+
+
+def test_disk_full_during_checkpoint_is_named_and_keeps_the_last_state(tmp_path):
+    """A real full disk (a 12 MB tmpfs): the checkpoint write fails with ENOSPC naming the file and the free space
+    (before: torch's 'basic_ios::clear' and a store snapshot one epoch ahead of the checkpoint); the previous
+    checkpoint and snapshot stay a consistent pair, and resume works."""
+    import errno
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run, store_dir = mnt / "run", tmp_path / "store"
+        engine, _, _ = _tiny_engine(run, store_dir, width=1000)  # ~8 MB checkpoint: the second does not fit
+        with pytest.raises(OSError) as err:
+            engine.run(range(1), max_epochs=2)
+        assert err.value.errno == errno.ENOSPC
+        assert "no space left" in str(err.value) and str(run / "checkpoint_last.pt") in str(err.value)
+        assert "MB free" in str(err.value)
+        assert not (run / ".store_snapshot.pending").exists() and not list(run.glob(".*tmp-*"))
+        assert load_ckpt(run / "checkpoint_last.pt")["epoch"] == 1
+        assert json.loads((run / "store_snapshot" / "epoch.json").read_text())["epoch"] == 1
+        epoch, counts, weight = _resume_state(run, store_dir, width=1000)
+        assert (epoch, counts, weight) == (1, [1], 1.0)
+    finally:
+        import gc
+
+        gc.collect()  # the store's memory maps and lock files on the mount
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "unc"])
+def test_non_finite_loss_stops_the_run_with_a_named_error(prepared_work_dir, tmp_path, variant):
+    """An infinite learning rate makes the second iteration's prediction and loss NaN. Before: training went on
+    with `train_loss: nan`, wrote a NaN model_final.pt and FINISHED, exit 0. Now the run fails with a named error
+    and writes nothing after the last good checkpoint: the baseline through NonFiniteLossGuard, the uncertainty
+    variant already in the EMA store, which refuses the NaN var1shot before the loss is computed."""
+    out = tmp_path / "run"
+    configs = TINY if variant == "unc" else f"['{CONFIGS}/train.json','{CONFIGS}/baseline.json','{CONFIGS}/tiny.json']"
+    proc = run_cmd(bundle_cmd(configs, prepared_work_dir, "--output_dir", out, "--learning_rate", "$float('inf')",
+                              "--progress_bar", "false"), check=False, env=ENV, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    if variant == "baseline":
+        assert "NonFiniteTrainingError: training loss is nan at epoch 1" in text, text[-3000:]
+    else:
+        assert "ErrorMapStore: refusing to update case" in text and "(first: nan)" in text, text[-3000:]
+    assert not (out / "FINISHED").exists() and not (out / "model_final.pt").exists()
+    assert not (out / "checkpoint_last.pt").exists()
+
+
+def _nan_into_checkpoint(path: Path, fresh_checksum: bool) -> None:
+    import hashlib
+
+    state = load_ckpt(path)
+    name = next(k for k, v in state["network"].items() if v.is_floating_point())
+    state["network"][name].view(-1)[0] = float("nan")
+    torch.save(state, str(path))
+    if fresh_checksum:  # as if the NaN had been trained in and saved by a writer that checksums
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        (path.parent / f"{path.name}.sha256").write_text(f"{digest}  {path.name}\n")
+
+
+@pytest.mark.parametrize("damage", ["checkpoint_bits", "checkpoint_nan", "snapshot_nan"])
+def test_resume_refuses_a_corrupt_checkpoint_or_snapshot(tiny_training_run, prepared_work_dir, tmp_path, damage):
+    """Before: a checkpoint with a flipped weight or a NaN-filled store snapshot resumed into `train_loss: nan`
+    for every epoch, exit 0, FINISHED and a NaN model_final.pt. Now resume stops at once naming the file."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_training_run, out)
+    if damage == "snapshot_nan":
+        target = sorted((out / "store_snapshot").glob("*.error.npy"))[0]
+        mm = np.load(target, mmap_mode="r+")
+        mm[...] = np.nan
+        mm.flush()
+        expect = f"{target}: value nan"
+    else:
+        target = out / "checkpoint_last.pt"
+        _nan_into_checkpoint(target, fresh_checksum=damage == "checkpoint_nan")
+        expect = f"{target}: SHA-256" if damage == "checkpoint_bits" else f"{target}: non-finite values in network."
+    proc = run_cmd(bundle_cmd(TINY, prepared_work_dir, "--output_dir", out, "--num_epochs", 3, "--resume", "true",
+                              "--progress_bar", "false"), check=False, env=ENV, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "BraTSInputError" in text, text[-3000:]
+    assert expect in text, text[-3000:]
+    assert not (out / "FINISHED").exists()
+    assert [int(r["epoch"]) for r in read_csv(out / "metrics.csv")] == [1, 2], "training went on"
+
+
+def test_benchmark_training_reports_the_store_share(prepared_work_dir, tmp_path):
+    """scripts/benchmark_training.py times the store calls on the training thread against the step (tiny plan here;
+    the real plan and the GPU are the printed command's job)."""
+    out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_cmd([PYTHON, "scripts/benchmark_training.py", "--out", out, "--work_dir", prepared_work_dir,
+                    "--skip_real", "True", "--tiny_iterations", 2, "--num_workers", 0],
+                   env={**ENV, "TMPDIR": str(scratch)}, timeout=900)
+    result = json.loads(out.read_text())
+    assert 0 < result["tiny_store_ms_per_batch"] < result["tiny_compute_ms_per_batch"]
+    assert result["tiny_store_share_ratio"] == pytest.approx(
+        result["tiny"]["workers_0"]["store_ms_per_batch"] / result["tiny"]["workers_0"]["compute_ms_per_batch"],
+        rel=0.2)
+    assert result["tiny"]["workers_0"]["store"] == "ErrorMapStore"
+    assert "store" in proc.stdout and "--store_devices cpu,cuda" in proc.stdout
+    assert not list(scratch.glob("bench_*")), "the measured runs' folders were left behind"

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from custom.core.errors import BraTSInputError
+from custom.core.layout import checksum_path
+
+#: errno values that mean "the disk (or the quota) is full"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(path, exc: OSError) -> OSError:
+    """The error for a write to ``path`` that ran out of space: names the file and the space left."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return OSError(exc.errno, f"no space left on the device writing {path} ({free}; {exc.strerror or exc})",
+                   str(path))
 
 
 def _tmp_name(path: Path) -> Path:
@@ -28,6 +49,10 @@ def atomic_path(path):
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(path, exc) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -50,11 +75,97 @@ def atomic_save_nifti(img, path) -> None:
         nib.save(img, str(tmp))
 
 
-def atomic_torch_save(obj, path) -> None:
+class _HashingWriter:
+    """File object for ``torch.save`` that hashes what it writes and keeps the first OSError (torch's zip
+    writer turns a failed write into an unrelated RuntimeError, e.g. ``basic_ios::clear``)."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            n = self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        self.sha256.update(data)
+        return n
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _read_checksums(path: Path) -> list[str]:
+    """The SHA-256 digests listed in ``path``'s checksum file (``sha256sum`` format), or []."""
+    try:
+        lines = checksum_path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0].lower() for line in lines if line.strip()]
+
+
+def _checksum_text(path: Path, digests) -> bytes:
+    return "".join(f"{d}  {path.name}\n" for d in digests).encode()
+
+
+def atomic_torch_save(obj, path) -> str:
+    """``torch.save`` atomically, with the file's SHA-256 beside it in ``<name>.sha256`` (``sha256sum -c``
+    format); returns the digest.
+
+    While the new file is renamed into place the checksum file lists both the new and the previous
+    digest, so a kill at any point leaves a file that :func:`verify_checksum` accepts. A full disk is
+    reported as such (``OSError`` ``ENOSPC`` naming the file and the space left), not as torch's
+    ``basic_ios::clear``.
+    """
     import torch
 
+    path = Path(path)
+    previous = _read_checksums(path)[:2] if path.exists() else []
     with atomic_path(path) as tmp:
-        torch.save(obj, str(tmp))
+        with open(tmp, "wb") as fh:
+            writer = _HashingWriter(fh)
+            try:
+                torch.save(obj, writer)
+                fh.flush()
+            except (OSError, RuntimeError) as exc:
+                if writer.error is not None:
+                    raise writer.error from exc
+                raise
+        digest = writer.sha256.hexdigest()
+        atomic_write_bytes(checksum_path(path), _checksum_text(path, [digest] + [d for d in previous if d != digest]))
+    atomic_write_bytes(checksum_path(path), _checksum_text(path, [digest]))
+    return digest
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path) -> str:
+    """Check ``path`` against its ``<name>.sha256`` (written by :func:`atomic_torch_save`); returns the digest.
+
+    Raises:
+        BraTSInputError: the checksum file is missing or the content differs (a corrupt or altered file),
+            naming the file.
+    """
+    path = Path(path)
+    expected = _read_checksums(path)
+    if not expected:
+        raise BraTSInputError(f"{path}: no checksum file {checksum_path(path).name} beside it (it was not written "
+                              "by this version, or was copied without it); to trust the file as it is: "
+                              f"sha256sum {path.name} > {checksum_path(path).name}", header="unverified checkpoint")
+    digest = file_sha256(path)
+    if digest not in expected:
+        raise BraTSInputError(f"{path}: SHA-256 {digest[:16]}... differs from {checksum_path(path).name} "
+                              f"({expected[0][:16]}...): the file is corrupt or was changed after it was written",
+                              header="corrupt checkpoint")
+    return digest
 
 
 def atomic_save_npy(path, array) -> None:

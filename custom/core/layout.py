@@ -14,6 +14,7 @@
       checkpoint_last.pt  store/  store_snapshot/    resume state (checkpoint + EMA store snapshot)
       model.pt                                       best EMA pseudo-Dice (nnU-Net's checkpoint_best)
       model_final.pt  FINISHED                       written when the schedule completes
+      *.pt.sha256                                    SHA-256 of each checkpoint (sha256sum -c format)
     OUT/ (inference)                                 <case_id>.nii.gz  <case_id>-unc.nii.gz  summary.json
     R/ (report, held-out study; ReportDir)           report.md  table1.csv  table2.csv  tables.json
                                                      metrics_fold0_<N>_epochs.png  Comparison_models_6_views.png
@@ -58,6 +59,7 @@ CHECKPOINT_NAME = "checkpoint_last.pt"
 FINISHED_NAME = "FINISHED"
 METRICS_CSV_NAME = "metrics.csv"
 TRAIN_CONFIG_NAME = "train_config.json"
+CHECKSUM_SUFFIX = ".sha256"
 
 #: columns of ``metrics.csv``, exactly as bundle/docs/DESIGN.md lists them
 METRICS_CSV_COLUMNS = (
@@ -89,6 +91,12 @@ def remove_predictions(out_dir, case_id: str) -> None:
     """Remove both outputs of a case: a stale result beside a failure would be mistaken for a current one."""
     for p in prediction_paths(out_dir, case_id):
         p.unlink(missing_ok=True)
+
+
+def checksum_path(path) -> Path:
+    """``<file>.sha256`` beside a checkpoint (``sha256sum -c`` format; :func:`custom.core.atomic.atomic_torch_save`)."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
 def is_temporary_name(name: str) -> bool:
@@ -132,6 +140,16 @@ class RunDir:
     @property
     def store_snapshot(self) -> Path:
         return self.path / "store_snapshot"
+
+    @property
+    def store_snapshot_pending(self) -> Path:
+        """The next snapshot while its checkpoint is being written (renamed to ``store_snapshot/`` after)."""
+        return self.path / ".store_snapshot.pending"
+
+    @property
+    def store_snapshot_previous(self) -> Path:
+        """The replaced snapshot during the rename of a pending one (removed after)."""
+        return self.path / ".store_snapshot.previous"
 
     @property
     def best_model(self) -> Path:

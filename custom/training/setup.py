@@ -12,11 +12,12 @@ import torch
 
 from custom.core.atomic import atomic_write_json
 from custom.core.cli import as_bool
-from custom.core.dist import is_main_process
+from custom.core.dist import dist_ready, is_main_process
 from custom.core.errors import BraTSInputError
 from custom.core.layout import WorkDir
 from custom.data.datalist import fold_split, load_datalist
 from custom.uncertainty.store import ErrorMapStore
+from custom.uncertainty.store_device import DeviceErrorMapStore
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def preprocessed_shapes(items: Sequence[Mapping]) -> dict[str, tuple[int, int, i
     return shapes
 
 
-def create_error_map_store(store_dir, items: Sequence[Mapping], ema_window: int = 30, reset: bool = False):
+def create_error_map_store(store_dir, items: Sequence[Mapping], ema_window: int = 30, reset: bool = False,
+                           device="cpu"):
     """Open (or create) the case-space EMA store for every case in ``items`` (train + val of one fold).
 
     Args:
@@ -114,6 +116,10 @@ def create_error_map_store(store_dir, items: Sequence[Mapping], ema_window: int 
         ema_window: ``W`` of the EMA.
         reset: start from zero maps (a new run in an existing output folder); a resumed run keeps them
             and then restores ``store_snapshot/`` (:class:`custom.training.handlers.checkpoint.ResumeHandler`).
+        device: ``store_device``: ``"cpu"`` (the memory-mapped store, updated by compiled CPU kernels) or a
+            CUDA device (``"cuda"``: the current one): the update runs there, the maps resident on the GPU
+            when they fit, else streamed per patch (:class:`custom.uncertainty.store_device.DeviceErrorMapStore`;
+            always streamed under ``torch.distributed``, where the processes share the files).
     """
 
     if int(ema_window) < 1:
@@ -127,7 +133,12 @@ def create_error_map_store(store_dir, items: Sequence[Mapping], ema_window: int 
         store.create(preprocessed_shapes(items))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return store
+    device = torch.device(device)
+    if device.type == "cpu":
+        return store
+    if device.type != "cuda":
+        raise ValueError(f"store_device must be 'cpu' or a CUDA device, got {device}")
+    return DeviceErrorMapStore(store, device, mode="streamed" if dist_ready() else "auto")
 
 
 def open_error_map_store(store_dir, ema_window: int = 30):

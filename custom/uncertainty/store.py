@@ -15,7 +15,6 @@ through the augmentation, and :class:`ErrorMapStore` gathers/scatters through th
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -26,15 +25,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.core.atomic import atomic_copytree, atomic_path, atomic_write_json
-from custom.uncertainty.store_kernels import HAVE_NUMBA, gather_kernel, scatter_kernel
+from custom.core.atomic import atomic_write_json
+from custom.uncertainty.store_files import (
+    INDEX_NAME,
+    KINDS,
+    STORE_FORMAT_VERSION,
+    copy_store_checked,
+    map_path,
+    open_case,
+    read_index,
+    write_zero_maps,
+)
+from custom.uncertainty.store_kernels import (
+    HAVE_NUMBA,
+    STATUS_BAD_VALUE,
+    gather_kernel,
+    sample_not_index,
+    scatter_kernel,
+    separable_update,
+    separable_verify,
+    slices_update,
+    slices_verify,
+    slices_verify_int,
+    slices_verify_words,
+)
 
-#: ``fresh`` marker: the compiled general scatter already gathered the updated values into the outputs
+#: ``fresh`` marker: the compiled scatter already gathered the updated values into the outputs
 _GATHERED = "gathered"
 
 _SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-STORE_FORMAT_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -47,8 +66,18 @@ def _to_numpy(x, dtype=np.float32) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def _coords_numpy(coords) -> np.ndarray:
+    """Coordinates as numpy: int16/int32 as they come (the training batches carry int16: half the bytes to
+    read), anything else as float32."""
+    c = _to_numpy(coords, dtype=None)
+    return c if c.dtype in (np.int16, np.int32) else c.astype(np.float32, copy=False)
+
+
 def _axis_slice(profile: np.ndarray):
-    """If ``profile`` (1-D, case index + 1) is consecutive with step +1 or -1, return ``(start, stop, step)``."""
+    """If ``profile`` (1-D, case index + 1) is consecutive integers with step +1 or -1, return
+    ``(start, stop, step)``."""
+    if not (profile[0] >= 1 and profile[0] == int(profile[0])):
+        return None
     if profile.size == 1:
         return int(profile[0]) - 1, int(profile[0]), 1
     step = profile[1] - profile[0]
@@ -60,6 +89,53 @@ def _axis_slice(profile: np.ndarray):
     return int(profile[0]) - 1, int(profile[-1]) - 1, int(step)
 
 
+def _verify_box(c: np.ndarray, lo, hi, first, step) -> bool:
+    """The compiled exact box check for float32 or integer coordinates (int16 rows of whole 64-bit words:
+    four voxels per operation)."""
+    if c.dtype == np.float32:
+        return bool(slices_verify(np.ascontiguousarray(c), lo, hi, first, step))
+    if c.dtype == np.int16 and c.flags.c_contiguous and c.shape[3] % 4 == 0 and c.ctypes.data % 8 == 0:
+        n = c.shape[3]
+        mask = np.zeros(n, np.int16)
+        mask[lo[2]:hi[2]] = 1
+        expected = np.zeros(n, np.int16)
+        expected[lo[2]:hi[2]] = first[2] + step[2] * np.arange(hi[2] - lo[2])
+        return bool(slices_verify_words(c.view(np.int64), mask.view(np.int64), expected.view(np.int64), lo, hi,
+                                        first, step))
+    return bool(slices_verify_int(np.ascontiguousarray(c), lo, hi, first, step))
+
+
+def centre_profiles(c) -> tuple:
+    """The three centre lines of coordinates ``c (3, X, Y, Z)``, channel k along axis k (numpy or torch)."""
+    centre = [int(s) // 2 for s in c.shape[1:]]
+    return c[0, :, centre[1], centre[2]], c[1, centre[0], :, centre[2]], c[2, centre[0], centre[1], :]
+
+
+def slices_candidate(profiles, shape) -> tuple | None:
+    """``(case slices, patch box, flips)`` of the axis-aligned crop (mirrored, zero padded) that the centre
+    ``profiles`` (numpy) of a coordinate patch describe in a case of ``shape``, or None; the rest of the
+    patch must still be checked against it."""
+    case_sl, patch_sl, flips = [], [], []
+    for axis, prof in enumerate(profiles):
+        nz = np.flatnonzero(prof)
+        if nz.size == 0:
+            return None
+        lo, hi = int(nz[0]), int(nz[-1]) + 1
+        if hi - lo != nz.size:
+            return None
+        info = _axis_slice(prof[lo:hi])
+        if info is None:
+            return None
+        first, last, step = info
+        a, b = min(first, last), max(first, last) + 1
+        if a < 0 or b > shape[axis]:
+            return None
+        case_sl.append(slice(a, b))
+        patch_sl.append(slice(lo, hi))
+        flips.append(step < 0)
+    return tuple(case_sl), tuple(patch_sl), tuple(flips)
+
+
 class ErrorMapStore:
     """Case-space EMA store of ``error_stable``, ``variance_stable`` and visit counts, on disk.
 
@@ -67,9 +143,13 @@ class ErrorMapStore:
     float32, ``<case_id>.count.npy`` uint8 (saturating at 255; the rate only needs ``min(n, W)``), each
     of the case's preprocessed shape ``(X, Y, Z)``, plus ``index.json`` (case shapes, ema_window) and a
     ``<case_id>.lock`` used with ``fcntl.flock`` so several training processes can scatter safely.
-    Files are memory-mapped lazily (the store pickles into DataLoader workers without open maps).
+    Files are memory-mapped lazily (the store pickles into DataLoader workers without open maps), after
+    :mod:`custom.uncertainty.store_files` checked them (size, shape, dtype; values in [0, 1] on the first
+    use of a case in a process). Failure and var1shot values outside [0, 1] (NaN included) are refused
+    (``ValueError``) and never reach the case.
 
-    Coordinates ``coords (3, *S)`` are the case index + 1 of each patch voxel (0 on any axis = invalid,
+    Coordinates ``coords (3, *S)`` (float32, or int16 as the training batches carry them) are the case
+    index + 1 of each patch voxel (0 on any axis = invalid,
     e.g. padding); see :class:`custom.transforms.dictionary.AddCaseCoordinatesd`.
 
     Scatter semantics: every case voxel covered by at least one valid patch voxel gets ``n += 1`` once,
@@ -77,9 +157,10 @@ class ErrorMapStore:
     voxels to one case voxel). Gather returns, for every patch voxel, the store value at its case voxel
     (0 where invalid).
 
-    Rotated or zoomed patches take the general path: a compiled numba kernel when numba imports
-    (``use_numba``), else torch indexing; both give identical results. Axis-aligned (mirrored) crops
-    are detected exactly and use slicing.
+    Axis-aligned (mirrored) crops are detected exactly and take the slices path; rotated or zoomed
+    patches the general path (:mod:`custom.uncertainty.store_kernels` describes both). Each runs as a
+    compiled numba kernel when numba imports (``use_numba``), else as torch operations; both give
+    bit-identical results.
 
     Args:
         store_dir: folder of the store (created by :meth:`create`).
@@ -89,7 +170,7 @@ class ErrorMapStore:
     """
 
     MAX_COUNT = 255
-    KINDS = ("error", "variance", "count")
+    KINDS = KINDS
 
     def __init__(self, store_dir, ema_window: int = 30, use_locks: bool = True, max_open_cases: int = 64):
         if not 1 <= int(ema_window) <= self.MAX_COUNT:
@@ -105,6 +186,8 @@ class ErrorMapStore:
         self._maps: OrderedDict = OrderedDict()
         self._lock_fds: OrderedDict = OrderedDict()
         self._shapes: dict | None = None
+        #: cases whose values were checked in this process (:func:`custom.uncertainty.store_files.open_case`)
+        self._checked: set = set()
         self._work: dict = {}
         self._lock_pid = os.getpid()
         #: use the slicing fast path for axis-aligned crops (False forces the general path, for tests)
@@ -118,11 +201,11 @@ class ErrorMapStore:
         state["_maps"] = OrderedDict()
         state["_lock_fds"] = OrderedDict()
         state["_shapes"] = None
+        state["_checked"] = set()
         state["_work"] = {}
         return state
 
     def __setstate__(self, state):
-        state.setdefault("use_numba", HAVE_NUMBA)
         self.__dict__.update(state)
 
     def __del__(self):
@@ -159,16 +242,15 @@ class ErrorMapStore:
     # ------------------------------------------------------------------ index / files
     @property
     def index_path(self) -> Path:
-        return self.store_dir / "index.json"
+        return self.store_dir / INDEX_NAME
 
     def _path(self, case_id: str, kind: str) -> Path:
-        return self.store_dir / f"{case_id}.{kind}.npy"
+        return map_path(self.store_dir, case_id, kind)
 
     def _read_index(self) -> dict:
         if not self.index_path.exists():
             return {"version": STORE_FORMAT_VERSION, "ema_window": self.ema_window, "cases": {}}
-        with open(self.index_path) as fh:
-            return json.load(fh)
+        return read_index(self.store_dir)
 
     @property
     def shapes(self) -> dict:
@@ -190,6 +272,7 @@ class ErrorMapStore:
             cases: ``{case_id: (X, Y, Z)}`` preprocessed case shapes.
         Raises:
             ValueError: a case id unsafe as a file name, or a case already stored with another shape.
+            BraTSInputError: a damaged ``index.json`` (named).
         """
         self.store_dir.mkdir(parents=True, exist_ok=True)
         with open(self.store_dir / ".store.lock", "a+") as lock_fh:
@@ -209,12 +292,7 @@ class ErrorMapStore:
                         raise ValueError(f"ErrorMapStore {self.store_dir}: case {case_id} stored with shape "
                                          f"{old}, asked for {shape}")
                     continue
-                for kind in self.KINDS:
-                    dtype = np.uint8 if kind == "count" else np.float32
-                    with atomic_path(self._path(case_id, kind)) as tmp:
-                        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-                        mm.flush()
-                        del mm
+                write_zero_maps(self.store_dir, case_id, shape)
                 index["cases"][case_id] = shape
                 changed = True
             if changed or not self.index_path.exists():
@@ -223,6 +301,13 @@ class ErrorMapStore:
                 atomic_write_json(self.index_path, index)
             fcntl.flock(lock_fh.fileno(), fcntl.LOCK_UN)
         self._shapes = None
+        return self
+
+    def reset(self) -> "ErrorMapStore":
+        """Zero maps for every case of the index (a run that starts over in an existing folder)."""
+        self.close()
+        for case_id, shape in self.shapes.items():
+            write_zero_maps(self.store_dir, case_id, shape)
         return self
 
     def _open(self, case_id: str) -> dict:
@@ -234,7 +319,8 @@ class ErrorMapStore:
                 self._shapes = None  # another process may have added it
                 if case_id not in self.shapes:
                     raise KeyError(f"ErrorMapStore {self.store_dir}: unknown case {case_id!r}")
-            maps = {kind: np.load(self._path(case_id, kind), mmap_mode="r+") for kind in self.KINDS}
+            maps = open_case(self.store_dir, case_id, self.shapes[case_id], check_values=case_id not in self._checked)
+            self._checked.add(case_id)
             self._maps[case_id] = maps
             while len(self._maps) > self.max_open_cases:
                 _, old = self._maps.popitem(last=False)
@@ -264,25 +350,61 @@ class ErrorMapStore:
         voxels form an axis-aligned (possibly flipped) box surrounded by invalid voxels, else
         ``("general", flat_patch_positions, flat_case_index, None, shape, case_id)`` (torch fallback) or
         ``("general", None, None, coords (3, N), shape, case_id)`` (compiled kernel: it computes the case
-        index itself and checks the bounds before it changes anything)."""
-        c = _to_numpy(coords)
+        index itself and checks the bounds before it changes anything), or with the compiled kernels
+        ``("separable", (p0, p1, p2), None, coords (3, N), shape, case_id)`` for a zoomed, not rotated
+        patch (channel k a function ``p_k`` of axis k alone; same arithmetic as the general path)."""
+        c = _coords_numpy(coords)
         if c.ndim != 4 or c.shape[0] != 3:
             raise ValueError(f"coords must be (3, X, Y, Z), got {tuple(c.shape)}")
-        sample = c.reshape(3, -1)[:, ::97]
-        if not np.array_equal(sample, np.rint(sample)) or sample.min() < 0:
-            raise ValueError("ErrorMapStore: coords are not non-negative integers; the coordinate channels must "
-                             "be resampled with mode='nearest' and padded with zeros (see AddCaseCoordinatesd)")
         shape = self.shapes.get(case_id) or tuple(self._open(case_id)["error"].shape)
-        fast = self._fast_slices(c, shape, self._buffer) if self.allow_fast_path else None
-        if fast is not None:
+        fast = self._fast_slices(c, shape) if self.allow_fast_path else None
+        if fast is not None:  # every coordinate was compared with its exact box
             return ("slices",) + fast
-        if self.use_numba and HAVE_NUMBA and int(np.prod(shape)) < 2**31:  # int32 slots
+        # bilinear-resampled or negative coordinates: a sample tells
+        numba = self.use_numba and HAVE_NUMBA
+        if numba:
+            bad = sample_not_index(c.reshape(3, -1), 97)
+        else:
+            sample = c.reshape(3, -1)[:, ::97]
+            bad = not np.array_equal(sample, np.rint(sample)) or sample.min() < 0
+        if bad:
+            raise self._coords_error(case_id, c, shape, -2)
+        if numba and self.allow_fast_path:
+            profiles = self._separable(c, shape)
+            if profiles is not None:
+                return ("separable", profiles, None, c.reshape(3, -1), tuple(int(s) for s in shape), case_id)
+        if numba and int(np.prod(shape)) < 2**31:  # int32 slots
             return ("general", None, None, c.reshape(3, -1), tuple(int(s) for s in shape), case_id)
         return ("general",) + self._general_index(case_id, c, shape) + (None, tuple(shape), case_id)
 
     @staticmethod
+    def _separable(c: np.ndarray, shape) -> tuple | None:
+        """The three axis profiles (case index + 1, 0 = padding) when ``c`` is separable (checked voxel by
+        voxel), else None."""
+        profiles = []
+        for axis, prof in enumerate(centre_profiles(c)):
+            if not prof.any() or prof.min() < 0 or prof.max() > shape[axis] or not np.array_equal(prof, np.rint(prof)):
+                return None
+            profiles.append(np.ascontiguousarray(prof))
+        if not separable_verify(np.ascontiguousarray(c), *profiles):
+            return None
+        return tuple(profiles)
+
+    @staticmethod
+    def _values_error(case_id: str, values) -> ValueError:
+        """The error for failure / var1shot values outside [0, 1] (NaN included)."""
+        found = []
+        for name, v in zip(("failure_smoothed", "variance"), values):
+            v = np.asarray(v)
+            bad = ~((v >= 0) & (v <= 1))
+            if bad.any():
+                found.append(f"{name} has {int(bad.sum())} values outside [0, 1] (first: {v[bad].flat[0]!r})")
+        return ValueError(f"ErrorMapStore: refusing to update case {case_id}: {'; '.join(found) or 'bad values'} "
+                          "(a non-finite prediction?)")
+
+    @staticmethod
     def _coords_error(case_id: str, c3: np.ndarray, shape, status: int) -> ValueError:
-        """The error for a kernel status (-1: beyond the case, -2: a valid coordinate below 1)."""
+        """The error for a kernel status (-1: beyond the case, -2: not a non-negative integer)."""
         if status == -1:
             hi = c3.max(axis=1)
             return ValueError(f"ErrorMapStore: coords reach {hi.astype(int).tolist()} outside case {case_id} "
@@ -309,33 +431,26 @@ class ErrorMapStore:
         lin -= int(strides.sum())
         return pos, lin
 
-    @staticmethod
-    def _fast_slices(c: np.ndarray, shape, buffer) -> tuple | None:
-        """Exact, cheap detection of an axis-aligned crop (with flips and zero padding) of the case."""
+    def _fast_slices(self, c: np.ndarray, shape) -> tuple | None:
+        """Exact, cheap detection of an axis-aligned crop (with flips and zero padding) of the case:
+        a candidate box from the three centre lines, then every voxel checked against it."""
         spatial = c.shape[1:]
-        centre = [s // 2 for s in spatial]
-        profiles = (c[0, :, centre[1], centre[2]], c[1, centre[0], :, centre[2]], c[2, centre[0], centre[1], :])
-        case_sl, patch_sl, flips = [], [], []
-        for axis, prof in enumerate(profiles):
-            nz = np.flatnonzero(prof)
-            if nz.size == 0:
+        profiles = centre_profiles(c)
+        candidate = slices_candidate(profiles, shape)
+        if candidate is None:
+            return None
+        case_sl, box, flips = candidate
+        patch_sl = list(box)
+        if self.use_numba and HAVE_NUMBA:
+            lo = np.array([b.start for b in box], np.int64)
+            hi = np.array([b.stop for b in box], np.int64)
+            first = np.array([cs.stop if f else cs.start + 1 for cs, f in zip(case_sl, flips)], np.int64)
+            step = np.array([-1 if f else 1 for f in flips], np.int64)
+            if not _verify_box(c, lo, hi, first, step):
                 return None
-            lo, hi = int(nz[0]), int(nz[-1]) + 1
-            if hi - lo != nz.size:
-                return None
-            info = _axis_slice(prof[lo:hi])
-            if info is None:
-                return None
-            first, last, step = info
-            a, b = min(first, last), max(first, last) + 1
-            if a < 0 or b > shape[axis]:
-                return None
-            case_sl.append(slice(a, b))
-            patch_sl.append(slice(lo, hi))
-            flips.append(step < 0)
-        box = tuple(patch_sl)
+            return candidate
         # exact verification: inside the box each channel equals its broadcast profile ...
-        eq = buffer("eq", tuple(b.stop - b.start for b in box), bool)
+        eq = self._buffer("eq", tuple(b.stop - b.start for b in box), bool)
         for axis in range(3):
             view = [1, 1, 1]
             view[axis] = -1
@@ -352,7 +467,7 @@ class ErrorMapStore:
                     sl[axis] = part
                     if c[(slice(None),) + tuple(sl)].any():
                         return None
-        return tuple(case_sl), box, tuple(flips)
+        return candidate
 
     # ------------------------------------------------------------------ gather / scatter
     @staticmethod
@@ -448,9 +563,10 @@ class ErrorMapStore:
         scatter already filled ``out``."""
         spatial = tuple(int(s) for s in spatial)
         out = self._outputs(spatial, out)
-        if plan[0] == "general" and plan[3] is not None:
-            if fresh is not _GATHERED:
-                self._gather_numba(maps, plan, [t.numpy()[0] for t in out])
+        if fresh is _GATHERED:
+            return tuple(t.to(device) if device is not None else t for t in out)
+        if plan[0] in ("general", "separable") and plan[3] is not None:
+            self._gather_numba(maps, plan, [t.numpy()[0] for t in out])
             return tuple(t.to(device) if device is not None else t for t in out)
         results = []
         for k, kind in enumerate(("error", "variance")):
@@ -474,20 +590,60 @@ class ErrorMapStore:
 
     def _scatter_plan(self, case_id, maps, plan, values, keep_values: bool = False, out=None) -> tuple:
         """Apply the EMA update; returns ``(voxels updated, fresh values or None)``. With ``keep_values``
-        and ``out`` (result tensors) the compiled general path gathers into ``out`` under the lock and
-        returns ``_GATHERED``."""
+        and ``out`` (result tensors) the compiled paths gather into ``out`` under the lock and return
+        ``_GATHERED``.
+
+        Raises:
+            ValueError: a failure or var1shot value outside [0, 1] (NaN included) at a valid voxel.
+        """
         fd = self._lock(case_id) if self.use_locks else None
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if plan[0] == "slices":
+                if self.use_numba and HAVE_NUMBA:
+                    return self._scatter_slices_numba(case_id, maps, plan, values, out if keep_values else None)
+                self._check_unit(case_id, [v[plan[2]] for v in values])
                 return self._scatter_slices(maps, plan, values), None
+            if plan[0] == "separable":
+                return self._scatter_separable(case_id, maps, plan, values, out if keep_values else None)
             if plan[3] is not None:
                 return self._scatter_numba(maps, plan, values, out if keep_values else None)
+            self._check_unit(case_id, [np.ascontiguousarray(v).reshape(-1)[plan[1]] for v in values])
             return self._scatter_general(maps, plan, values, keep_values)
         finally:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _check_unit(self, case_id: str, values) -> None:
+        """Refuse values outside [0, 1] (the torch paths check before they update; the kernels as they go)."""
+        for v in values:
+            if v.size and not (float(v.min()) >= 0.0 and float(v.max()) <= 1.0):
+                raise self._values_error(case_id, values)
+
+    def _scatter_slices_numba(self, case_id, maps, plan, values, out=None) -> tuple:
+        """The compiled slices update (and, with ``out``, the gather of the updated values)."""
+        _, case_sl, box, flips = plan
+        arrs = [t.numpy()[0] for t in out] if out is not None else [np.empty((0, 0, 0), np.float32)] * 2
+        n = slices_update(np.asarray(maps["error"]), np.asarray(maps["variance"]), np.asarray(maps["count"]),
+                          np.array([s.start for s in case_sl], np.int64), values[0], values[1],
+                          np.array([b.start for b in box], np.int64),
+                          np.array([b.stop - b.start for b in box], np.int64), np.array(flips, np.bool_),
+                          np.float32(1.0 / self.ema_window), self.MAX_COUNT, arrs[0], arrs[1], out is not None)
+        if n == STATUS_BAD_VALUE:
+            raise self._values_error(case_id, [v[box] for v in values])
+        return int(n), (_GATHERED if out is not None else None)
+
+    def _scatter_separable(self, case_id, maps, plan, values, out=None) -> tuple:
+        """The compiled separable update (and, with ``out``, the gather of the updated values)."""
+        arrs = [t.numpy()[0] for t in out] if out is not None else [np.empty((0, 0, 0), np.float32)] * 2
+        n = separable_update(np.asarray(maps["error"]), np.asarray(maps["variance"]), np.asarray(maps["count"]),
+                             *plan[1], values[0], values[1], np.float32(1.0 / self.ema_window), self.MAX_COUNT,
+                             arrs[0], arrs[1], out is not None)
+        if n == STATUS_BAD_VALUE:
+            valid = (plan[3] > 0).all(axis=0)
+            raise self._values_error(case_id, [np.ascontiguousarray(v).reshape(-1)[valid] for v in values])
+        return int(n), (_GATHERED if out is not None else None)
 
     def _rates_inplace(self, count_view: np.ndarray) -> torch.Tensor:
         """Increment the (saturating) counts in place and return ``a = max(1/n, 1/W)`` as float32.
@@ -540,6 +696,9 @@ class ErrorMapStore:
                         np.asarray(maps["variance"]).reshape(-1), np.asarray(maps["count"]).reshape(-1),
                         slotmap, touched, pslot, sum_f, sum_v, hits, np.float32(1.0 / self.ema_window),
                         self.MAX_COUNT, flats[0], flats[1], direct)
+        if n == STATUS_BAD_VALUE:
+            valid = (c3 > 0).all(axis=0)
+            raise self._values_error(case_id, [f[valid], v[valid]])
         if n < 0:
             raise self._coords_error(case_id, c3, shape, n)
         if arrs is not None and not direct:
@@ -652,21 +811,31 @@ class ErrorMapStore:
             for mm in maps.values():
                 mm.flush()
 
-    def snapshot(self, dst_dir) -> Path:
-        """Copy the store to ``dst_dir`` atomically (``dst_dir`` is replaced whole or not at all)."""
+    def snapshot(self, dst_dir, meta: Mapping | None = None) -> Path:
+        """Copy the store to ``dst_dir`` (replaced whole or not at all, files fsynced), checking every map on
+        the way; ``meta`` is written last as ``epoch.json``.
+
+        Raises:
+            BraTSInputError: a damaged map of this store (named).
+            OSError: disk full (``ENOSPC``, the destination and the free space named).
+        """
         self.flush()
-        atomic_copytree(self.store_dir, dst_dir)
-        for lock in Path(dst_dir).glob("*.lock"):
-            lock.unlink()
-        return Path(dst_dir)
+        return copy_store_checked(self.store_dir, dst_dir, meta)
 
     def restore(self, src_dir) -> "ErrorMapStore":
-        """Replace this store's content with a snapshot (call before other processes open the store)."""
+        """Replace this store's content with a snapshot, checking every map of it first (call before other
+        processes open the store).
+
+        Raises:
+            FileNotFoundError: ``src_dir`` has no index.json.
+            BraTSInputError: a damaged snapshot file (named: truncated, mis-shaped, values outside [0, 1]).
+        """
         src_dir = Path(src_dir)
-        if not (src_dir / "index.json").exists():
-            raise FileNotFoundError(f"ErrorMapStore.restore: {src_dir} has no index.json (not a store snapshot)")
+        if not (src_dir / INDEX_NAME).exists():
+            raise FileNotFoundError(f"ErrorMapStore.restore: {src_dir} has no {INDEX_NAME} (not a store snapshot)")
         self.close()
-        atomic_copytree(src_dir, self.store_dir)
+        copy_store_checked(src_dir, self.store_dir)
+        self._checked = set(self.shapes)  # every value was just checked
         return self
 
     def disk_bytes(self) -> int:
