@@ -36,13 +36,12 @@ import fire
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.core.atomic import atomic_write_json  # noqa: E402
-from custom.transforms.array import make_case_coordinates  # noqa: E402
-from custom.uncertainty.store import ErrorMapStore  # noqa: E402
-from custom.uncertainty.store_device import DeviceErrorMapStore  # noqa: E402
-from custom.uncertainty.store_kernels import HAVE_NUMBA  # noqa: E402
+from custom.core.atomic import atomic_write_json
+from custom.transforms.array import make_case_coordinates
+from custom.uncertainty.store import ErrorMapStore
+from custom.uncertainty.store_device import DeviceErrorMapStore
+from custom.uncertainty.store_kernels import HAVE_NUMBA
 
 NUM_CASES_REAL = 1248
 FLOOR_BYTES_PER_VOXEL = 34

@@ -141,10 +141,6 @@ def test_the_walk_sees_a_planted_violation(tmp_path, monkeypatch, planted, expec
         test_custom_is_imported_at_module_top_only()
 
 
-#: scripts that still edit sys.path, each waiting for its owner's fix (remove the entry with the edit)
-SYS_PATH_PENDING = {"benchmark_store.py"}
-
-
 def _edits_sys_path(path: Path) -> bool:
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
@@ -157,7 +153,5 @@ def _edits_sys_path(path: Path) -> bool:
 def test_scripts_do_not_edit_sys_path():
     """Scripts import the installed package (pip install -e .); none puts the checkout on sys.path."""
     scripts = PACKAGE.parent / "scripts"
-    editing = {p.name for p in scripts.glob("*.py") if _edits_sys_path(p)}
-    assert editing <= SYS_PATH_PENDING, f"scripts editing sys.path: {sorted(editing - SYS_PATH_PENDING)}"
-    fixed = SYS_PATH_PENDING - editing
-    assert not fixed, f"remove from SYS_PATH_PENDING (no longer edit sys.path): {sorted(fixed)}"
+    editing = sorted(p.name for p in scripts.glob("*.py") if _edits_sys_path(p))
+    assert not editing, f"scripts editing sys.path: {editing}"
