@@ -2,7 +2,8 @@
 over several training seeds (issue 13; custom/workflows/study.py).
 
     python scripts/study_uncertainty.py --out_dir R [--seeds "[0,1,2]"] [--anatomy mni152]
-        [--variants "[baseline,paper,ring,two_region,proper,mcdropout]"] [--num_epochs 60] [--parallel 2]
+        [--variants "[baseline,paper,paper_sg,ring_sg,two_region_sg,proper_sg,mcdropout]"] [--num_epochs 70]
+        [--parallel 2]
 
 BraTS scale on a GPU (real data, nnU-Net's plan; hold out a folder of labelled cases as --test_dir):
 
@@ -18,13 +19,13 @@ import fire
 
 from custom.core.cli import as_bool, as_list
 from custom.core.errors import BraTSInputError
-from custom.workflows.study import STUDY_VARIANTS, study
+from custom.workflows.study import DEFAULT_VARIANTS, STUDY_VARIANTS, study
 
 
-def main(out_dir: str, seeds="[0,1,2]", variants=",".join(STUDY_VARIANTS), anatomy: str = "mni152",
+def main(out_dir: str, seeds="[0,1,2]", variants=",".join(DEFAULT_VARIANTS), anatomy: str = "mni152",
          num_train: int = 24, num_test: int = 12, shape="[64,64,48]", spacing="[3,3,3]", label_noise: float = 0.5,
          data_seed: int = 0, num_folds: int = 4, plan: str = "tiny", patch_size="[32,32,32]",
-         filters="[8,16,32,64]", num_epochs: int = 60, iterations_per_epoch: int = 25, val_interval: int = 10,
+         filters="[8,16,32,64]", num_epochs: int = 70, iterations_per_epoch: int = 25, val_interval: int = 10,
          mc_samples: int = 10, n_boot: int = 1000, parallel: int = 2, device: str = "cpu", dataset_dir=None,
          test_dir=None, train_only: bool = False):
     """Run or continue the study in OUT_DIR; prints a one-line summary and writes OUT_DIR/study.json and study.md.
@@ -33,7 +34,8 @@ def main(out_dir: str, seeds="[0,1,2]", variants=",".join(STUDY_VARIANTS), anato
         out_dir: the study folder (raw/, work/, seed<k>/, study.json, study.md); an existing one is continued
             (finished steps are skipped) and refused if it was made with other settings.
         seeds: training seeds, e.g. "[0,1,2]".
-        variants: runs per seed: baseline (no head), paper, ring, two_region, proper (unc_loss heads), mcdropout.
+        variants: runs per seed, among: baseline (no head), paper, ring, two_region, proper (unc_loss heads trained
+            jointly), the same with _sg (trained on detached features), mcdropout.
         anatomy: synthetic generator, "mni152" (real anatomy) or "blob".
         num_train, num_test: synthetic training cases and separately seeded unseen test cases.
         shape, spacing: synthetic grid (voxels, mm).

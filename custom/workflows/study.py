@@ -9,8 +9,8 @@ records them and a different setting is refused, naming it):
    ``dataset_dir`` and ``test_dir`` (real BraTS: hold out a folder of labelled cases);
 2. ``prepare_data`` on the training set (``num_folds`` folds; fold 0's validation cases are the calibration set);
 3. training, fold 0, one run per (variant, seed) through ``python -m monai.bundle run training`` (``parallel`` at a
-   time): the no-head ``baseline``, each candidate head (``unc_loss``: paper, ring, two_region, proper) and the
-   dropout-trained ``mcdropout``;
+   time): the no-head ``baseline``, the candidate heads (``unc_loss``: paper, ring, two_region, proper; trained
+   jointly, or on detached features: ``_sg``, :data:`STUDY_VARIANTS`) and the dropout-trained ``mcdropout``;
 4. per seed, :func:`custom.workflows.heldout.score_test_set`: every map calibrated on fold 0's validation cases and
    scored on the test cases, paired against the default (``paper``) model's segmentation; Dice with and without
    the head on the test cases;
@@ -58,16 +58,25 @@ from custom.workflows.heldout import (
 )
 from custom.workflows.prepare import prepare_data
 
-#: training variants of the study: extra config file and bundle overrides
+#: training variants of the study: extra config file and bundle overrides. ``<head>`` trains the head jointly with
+#: the network (the paper's way); ``<head>_sg`` trains it on detached features (``unc_stop_gradient``): the
+#: segmentation is then trained by the segmentation loss alone, so heads compare on equal segmentations
 STUDY_VARIANTS = {
     "baseline": {"config": "baseline.json", "overrides": {}},
     "paper": {"config": None, "overrides": {"unc_loss": "paper"}},
     "ring": {"config": None, "overrides": {"unc_loss": "ring"}},
     "two_region": {"config": None, "overrides": {"unc_loss": "two_region"}},
     "proper": {"config": None, "overrides": {"unc_loss": "proper"}},
+    "paper_sg": {"config": None, "overrides": {"unc_loss": "paper", "unc_stop_gradient": "true"}},
+    "ring_sg": {"config": None, "overrides": {"unc_loss": "ring", "unc_stop_gradient": "true"}},
+    "two_region_sg": {"config": None, "overrides": {"unc_loss": "two_region", "unc_stop_gradient": "true"}},
+    "proper_sg": {"config": None, "overrides": {"unc_loss": "proper", "unc_stop_gradient": "true"}},
     "mcdropout": {"config": "mcdropout.json", "overrides": {}},
 }
-HEADS = ("paper", "ring", "two_region", "proper")
+#: the study's default set: the no-head baseline, the paper's joint head, every candidate on detached features,
+#: and the dropout model for MC dropout
+DEFAULT_VARIANTS = ("baseline", "paper", "paper_sg", "ring_sg", "two_region_sg", "proper_sg", "mcdropout")
+HEADS = tuple(v for v in STUDY_VARIANTS if v not in ("baseline", "mcdropout"))
 #: the default model: its segmentation is the reference of the paired figures
 REFERENCE_VARIANT = "paper"
 #: headline metrics of study.md
@@ -293,10 +302,10 @@ def render_study_markdown(combined: Mapping, settings: Mapping, seeds: Sequence[
     return "\n".join(lines)
 
 
-def study(out_dir, seeds=(0, 1, 2), variants=tuple(STUDY_VARIANTS), anatomy: str = "mni152", num_train: int = 24,
+def study(out_dir, seeds=(0, 1, 2), variants=DEFAULT_VARIANTS, anatomy: str = "mni152", num_train: int = 24,
           num_test: int = 12, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0), label_noise: float = 0.5,
           data_seed: int = 0, num_folds: int = 4, plan: str = "tiny", patch_size=(32, 32, 32),
-          filters=(8, 16, 32, 64), num_epochs: int = 60, iterations_per_epoch: int = 25, val_interval: int = 10,
+          filters=(8, 16, 32, 64), num_epochs: int = 70, iterations_per_epoch: int = 25, val_interval: int = 10,
           mc_samples: int = 10, n_boot: int = 1000, parallel: int = 2, device: str = "cpu",
           dataset_dir=None, test_dir=None, train_only: bool = False) -> dict:
     """Run (or continue) the study in ``out_dir`` (module docstring); returns the combined ``study.json`` dict."""
