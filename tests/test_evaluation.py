@@ -414,17 +414,16 @@ def test_label_4_is_refused_by_default_and_mapped_with_brats2021(crafted, tmp_pa
 
 
 def test_report_names_the_hd95_of_each_table():
-    from custom.workflows.report import render_quality_vs_cost
+    from custom.workflows.heldout import render_segmentation_markdown
 
     stat = {"compared": 6, "agree": 6, "max_abs_diff": 0.0}
-    md = render_quality_vs_cost({
-        "num_cases": 2, "folds": [0],
-        "segmentation": {"regions": {r: {"legacy_dice": 0.9, "legacy_hd95": 2.0, "lesionwise_dice": 0.8,
-                                         "lesionwise_hd95": 3.0, "num_tp": 1, "num_fp": 0, "num_fn": 0}
-                                     for r in ("WT", "TC", "ET")}},
-        "crosscheck": {"available": True, "tool": "brats_evaluation", "legacy_dice": stat,
-                       "pooled_hd95": {"compared": 5, "agree": 4, "max_abs_diff": 0.5}, "lesions": stat},
-    })
+    md = render_segmentation_markdown(
+        {"regions": {r: {"legacy_dice": 0.9, "legacy_hd95": 2.0, "lesionwise_dice": 0.8,
+                         "lesionwise_hd95": 3.0, "num_tp": 1, "num_fp": 0, "num_fn": 0}
+                     for r in ("WT", "TC", "ET")}},
+        {"available": True, "tool": "brats_evaluation", "legacy_dice": stat,
+         "pooled_hd95": {"compared": 5, "agree": 4, "max_abs_diff": 0.5}, "lesions": stat},
+        num_cases=2, folds=[0])
     assert "Legacy HD95: the robust Hausdorff distance" in md and "BraTS-2023-Metrics" in md
     assert "Lesion-wise (GLI): the same HD95 per lesion" in md and "<= 50 mm^3 dropped" in md
     assert "HD95 pooled over both directions' border voxels (the tool's definition, not the BraTS 2023 HD95" \
