@@ -429,6 +429,49 @@ def test_bundle_and_shared_infer_tasks_agree(studies, model_dir, tmp_path):
             task({"image": str(bad), "device": "cpu"})
 
 
+def _nan_copy(model_path: Path, out: Path) -> tuple[Path, str]:
+    """A copy of ``model_path`` (+ plans.json) with one NaN in one weight tensor: (path, tensor name)."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = torch.load(str(model_path), map_location="cpu", weights_only=True)["model"]
+    name = [k for k, v in state.items() if k.endswith("conv.weight")][3]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    torch.save({"model": state}, out / "model.pt")
+    shutil.copyfile(model_path.with_name("plans.json"), out / "plans.json")
+    return out / "model.pt", name
+
+
+def test_infer_tasks_refuse_a_nan_model(studies, model_dir, tmp_path):
+    """Issue 15.7: both engines load the model through the project's loader, which refuses non-finite weights
+    (MONAI Label's own loader would torch.load it and answer "no tumour"): a model replaced by a NaN one after
+    start-up, and a NaN model already there at start-up (the app still starts; its tasks refuse it)."""
+    from lib.configs.brats_uncertainty import BraTSUncertainty
+    from lib.infers import BraTSBundleInferTask, BraTSUncertaintyInfer, StudyPredictor
+
+    from custom.core.errors import CheckpointError
+
+    study = str(studies / f"{UNLABELED[0]}.nii.gz")
+    replaced = tmp_path / "replaced"
+    replaced.mkdir()
+    for name in ("model.pt", "plans.json"):
+        shutil.copyfile(model_dir / name, replaced / name)
+    tasks = [BraTSBundleInferTask(REPO_ROOT / "bundle", replaced / "model.pt"),
+             BraTSUncertaintyInfer(StudyPredictor(replaced / "model.pt"))]
+    bad, tensor = _nan_copy(model_dir / "model.pt", tmp_path / "nan")
+    shutil.copyfile(bad, replaced / "model.pt")
+    for task in tasks:
+        with pytest.raises(CheckpointError, match=rf"replaced/model.pt: non-finite weights: tensor '{tensor}' holds 1 NaN"):
+            task({"image": study, "device": "cpu"})
+
+    config = BraTSUncertainty()
+    config.init("brats_uncertainty", str(tmp_path / "app_model"), {"model_path": str(bad)}, None)
+    for name, task in config.infer().items():
+        with pytest.raises(CheckpointError, match=rf"{bad}: non-finite weights: tensor '{tensor}'"):
+            task({"image": study, "device": "cpu"})
+
+
 def test_entry_points_do_not_edit_sys_path():
     """MONAI Label puts the app directory on sys.path and ``custom`` is installed: no script edits it."""
     import ast
@@ -730,6 +773,29 @@ def test_server_refuses_a_study_whose_spacing_would_blow_up(server, tmp_path):
     assert r.status_code == 200, r.text[:300]
     r = requests.post(f"{server.url}/infer/segmentation", params={"image": "BraTS-GLI-00066-000"}, timeout=300)
     assert 400 <= r.status_code < 500 and "voxel" in r.json()["detail"], (r.status_code, r.text[:500])
+
+
+def test_server_answers_a_nan_model_with_503_naming_it(server, model_dir, tmp_path):
+    """Issue 15.7: with a NaN model in place, /infer is a 503 naming the file and tensor, never a 200 "no
+    tumour"; with the model restored, it answers as before."""
+    import requests
+
+    model = model_dir / "model.pt"
+    backup = tmp_path / "model.pt"
+    shutil.copyfile(model, backup)
+    bad, tensor = _nan_copy(model, tmp_path / "nan")
+    try:
+        shutil.copyfile(bad, model)
+        for task in ("segmentation", "uncertainty_map"):
+            r = requests.post(f"{server.url}/infer/{task}", params={"image": UNLABELED[1]}, timeout=300)
+            assert r.status_code == 503, (task, r.status_code, r.text[:500])
+            assert f"{model}: non-finite weights: tensor '{tensor}'" in r.json()["detail"], r.text[:500]
+    finally:
+        shutil.copyfile(backup, model)
+        later = model.stat().st_mtime + 2  # a new modification time: the tasks reload it
+        os.utime(model, (later, later))
+    img, _ = _infer(server, "segmentation", UNLABELED[1])
+    assert np.asarray(img.dataobj).shape == (64, 64, 48)
 
 
 def test_server_train_task_publishes_new_model(server, model_dir):

@@ -657,6 +657,73 @@ def test_cancelled_request_stops_its_work(server):
     assert "given-up: cancelled by the client" in server.log()
 
 
+# ---------------------------------------------------------------------------- a non-finite model (15.7)
+def _nan_artefact(exported, runtime: str, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the exported TorchScript or ONNX with one NaN in one weight tensor: (file, tensor name).
+    Export refuses such a network; this is a served file replaced or bit-flipped afterwards."""
+    import torch
+
+    out_dir, _ = exported
+    if runtime == "torchscript":
+        module = torch.jit.load(str(out_dir / "model.ts"))
+        name, param = [(n, p) for n, p in module.named_parameters() if n.endswith("conv.weight")][2]
+        with torch.no_grad():
+            param.view(-1)[0] = float("nan")
+        path = tmp_path / "model.ts"
+        module.save(str(path))
+        return path, name
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(out_dir / "model.onnx"))
+    index, tensor = [(i, t) for i, t in enumerate(model.graph.initializer) if len(t.dims) == 5][2]
+    array = numpy_helper.to_array(tensor).copy()
+    array.reshape(-1)[0] = np.nan
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    return path, tensor.name
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_a_non_finite_served_model_is_refused_at_load(exported, tiny_checkpoint, tmp_path, runtime):
+    """Issue 15.7: a NaN network used to be served, answering "no tumour" everywhere. The patch model refuses it
+    when Triton loads it, naming the file and the tensor; tritonserver (--exit-on-error) does not start and
+    serve_triton exits non-zero with that reason."""
+    artefact, tensor = _nan_artefact(exported, runtime, tmp_path)
+    files = {"torchscript": artefact} if runtime == "torchscript" else {"onnx": artefact}
+    repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "repo", runtime=runtime,
+                                    volume_instances=1, **files)
+    served = repo / PATCH_MODEL / "1" / ("model.pt" if runtime == "torchscript" else "model.onnx")
+    proc = run_cmd([PYTHON, "scripts/serve_triton.py", "--model_repository", repo, "--http_port", free_port(),
+                    "--grpc_port", free_port(), "--metrics_port", free_port(), "--threads", 1,
+                    "--startup_timeout_s", 300], check=False, timeout=400)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "before becoming ready" in text, text[-4000:]
+    assert f"{served}: non-finite weights: tensor '{tensor}' holds 1 NaN" in text, text[-4000:]
+
+
+def test_a_replaced_served_file_is_refused_before_start(exported, tiny_checkpoint, tmp_path):
+    """A native backend (libtorch, onnxruntime) loads whatever file lies in the repository: the served file must be
+    the one export wrote (sha256 in model_info.json), checked by serve_triton before it starts tritonserver (and by
+    the volume model when Triton loads it)."""
+    from custom.deploy.triton_repository import check_model_repository
+
+    out_dir, _ = exported
+    repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "repo", torchscript=out_dir / "model.ts",
+                                    backend="pytorch_libtorch")
+    assert check_model_repository(repo) == repo.resolve()
+    served = repo / PATCH_MODEL / "1" / "model.pt"
+    data = bytearray(served.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    served.write_bytes(bytes(data))
+    with pytest.raises(BraTSInputError, match=r"model\.pt: sha256 .* differs from .*model_info\.json"):
+        check_model_repository(repo)
+    proc = run_cmd([PYTHON, "scripts/serve_triton.py", "--model_repository", repo], check=False, timeout=120)
+    assert proc.returncode != 0 and f"{served}: sha256" in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr[-3000:]
+
+
 # -------------------------------------------------------------- the same size cap on the bundle's path
 def test_bundle_inference_refuses_a_volume_that_would_resample_too_large(tiny_checkpoint, tmp_path):
     """The preprocessed-size cap holds on bundle inference too (``python -m monai.bundle run``): a 64^3 case

@@ -10,7 +10,8 @@ cancer mask needs the whole volume's WT, so it is applied after the sliding wind
 
 Parity is checked on a real preprocessed patch: PyTorch vs TorchScript vs onnxruntime, max |diff| of the
 probabilities <= ``tolerance`` (default 1e-4), every output finite; anything else raises ``ExportParityError``.
-Non-finite weights are refused before anything is written. Files of another export (a different checkpoint or
+Non-finite weights are refused before anything is written (by the one checkpoint loader,
+:func:`custom.model.checkpoints.load_state_dict`). Files of another export (a different checkpoint or
 plan) are not overwritten unless ``overwrite=True``.
 """
 
@@ -54,18 +55,6 @@ class ExportParityError(RuntimeError):
 
 class ExportOverwriteError(BraTSInputError):
     """Export would replace files written from another checkpoint or plan (``overwrite=False``)."""
-
-
-def check_finite_weights(state, checkpoint) -> None:
-    """Refuse a state dict with NaN or infinite values (an all-NaN network would export and "agree" with itself).
-
-    Raises:
-        BraTSInputError: naming the checkpoint and the first offending tensors.
-    """
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise BraTSInputError(f"{checkpoint}: {len(bad)} weight tensors hold NaN or inf (first: {bad[:3]})",
-                              header="cannot export a non-finite network")
 
 
 def exported_output_metadata(out_channels: int) -> dict:
@@ -367,7 +356,7 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
     Raises:
         ExportOverwriteError: before writing anything, when files of another export would be replaced
             (:func:`find_overwrites`) and ``overwrite`` is False.
-        BraTSInputError: checkpoint or plan missing or unreadable, or non-finite weights.
+        CheckpointError: checkpoint or plan missing or unreadable, or non-finite weights.
         ExportParityError: see :func:`check_parity`.
     """
 
@@ -376,8 +365,7 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
     meta_file = Path(meta_file) if meta_file else bundle_root / "configs" / "metadata.json"
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir)
-    state = load_state_dict(checkpoint)
-    check_finite_weights(state, checkpoint)
+    state = load_state_dict(checkpoint)  # the one loader refuses non-finite weights, before anything is written
     out_channels = checkpoint_out_channels(state)
     plans_path = resolve_plans_path(checkpoint, work_dir)
     plans = load_plans(plans_path)

@@ -358,4 +358,34 @@ def check_model_repository(repo_dir=MODEL_REPOSITORY) -> Path:
             "model repository incomplete (run scripts/export.py --checkpoint CKPT first):\n"
             + "\n".join(f"  - {p}: missing" for p in missing)
         )
+    check_served_artefact(repo_dir)
     return repo_dir
+
+
+def check_served_artefact(repo_dir=MODEL_REPOSITORY) -> None:
+    """The patch model's artefact is the file :func:`prepare_model_repository` wrote (sha256 in ``model_info.json``).
+
+    Export checked that file (finite weights, parity); a native backend (libtorch, onnxruntime) loads whatever lies
+    there without a check of its own, so a replaced or bit-flipped file is refused here: by serve_triton before
+    it starts tritonserver, and by the volume model when Triton loads it.
+
+    Raises:
+        BraTSInputError: ``model_info.json`` unreadable, or the artefact missing or with another sha256.
+    """
+    repo_dir = Path(repo_dir)
+    info_path = repo_dir / VOLUME_MODEL / "1" / MODEL_INFO
+    header = "the Triton repository does not serve what export wrote"
+    try:
+        info = json.loads(info_path.read_text())
+        artefact = repo_dir / PATCH_MODEL / "1" / Path(info["patch_artefact"]).name
+        expected = str(info["patch_artefact_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BraTSInputError(f"{info_path}: unreadable ({type(exc).__name__}: {exc}); run scripts/export.py",
+                              header=header) from None
+    if not artefact.is_file():
+        raise BraTSInputError(f"{artefact}: missing; run scripts/export.py", header=header)
+    found = sha256_file(artefact)
+    if found != expected:
+        raise BraTSInputError(f"{artefact}: sha256 {found[:16]}... differs from {expected[:16]}... recorded in "
+                              f"{info_path} (the file was replaced or damaged after export); run scripts/export.py",
+                              header=header)

@@ -2,7 +2,9 @@
 
 Every reader of a checkpoint goes through :func:`load_state_dict` (one ``torch.load``, one set of checks and
 messages): the bundle's inference and evaluation configs, :class:`custom.inference.segmenter.UncertaintySegmenter`,
-export, the Triton models and the held-out study. Training's resume state (optimizer, scheduler, store
+export, the Triton models, MONAI Label's infer tasks and the held-out study. Weights holding NaN or infinite values
+are refused there (:class:`custom.core.errors.CheckpointError` naming the file and the first such tensor): a
+diverged or bit-flipped network predicts "no tumour" everywhere without any other sign of trouble. Training's resume state (optimizer, scheduler, store
 snapshot) is restored by :class:`custom.training.handlers.checkpoint.ResumeHandler`.
 """
 
@@ -15,7 +17,7 @@ import torch
 
 from custom.core.constants import NUM_REGIONS
 from custom.core.dist import unwrap_network
-from custom.core.errors import BraTSInputError
+from custom.core.errors import CheckpointError
 from custom.core.layout import RunDir, WorkDir
 from custom.model.networks import build_network
 
@@ -27,7 +29,7 @@ def resolve_plans_path(checkpoint, work_dir=None) -> Path:
     """plans.json beside ``checkpoint`` (the plan travels with the model), else ``work_dir/plans.json``.
 
     Raises:
-        BraTSInputError: neither exists (both places are named).
+        CheckpointError: neither exists (both places are named).
     """
     tried = []
     if checkpoint is not None:
@@ -40,37 +42,57 @@ def resolve_plans_path(checkpoint, work_dir=None) -> Path:
         if in_work.is_file():
             return in_work
         tried.append(str(in_work))
-    raise BraTSInputError(
+    raise CheckpointError(
         [f"no plans.json found (looked at: {', '.join(tried) or 'nothing: no checkpoint or work_dir given'}); "
          "keep the plans.json written by training beside the checkpoint, or pass --work_dir W"],
         header="cannot resolve the plan for inference")
 
 
 def load_state_dict(checkpoint) -> dict:
-    """The network weights of a checkpoint, read with ``weights_only=True``.
+    """The network weights of a checkpoint, read with ``weights_only=True``, every floating tensor finite.
 
     Accepts ``model.pt`` / ``model_final.pt`` (``{"model": state_dict, ...}``), ``checkpoint_last.pt``
     (``{"network": state_dict, ...}``) and a bare state dict.
 
     Raises:
-        BraTSInputError: missing or unreadable file, or no state dict inside (the file is named).
+        CheckpointError: missing or unreadable file, no state dict inside, or weights holding NaN or infinite
+            values (the file and the first such tensor are named).
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise BraTSInputError(f"{path}: checkpoint file not found", header=_HEADER)
+        raise CheckpointError(f"{path}: checkpoint file not found", header=_HEADER)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/truncated files raise many different types
-        raise BraTSInputError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
                               header=_HEADER) from None
     state = None
     if isinstance(obj, Mapping):
         state = obj.get("model", obj.get("network", obj))
     if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
         keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
-        raise BraTSInputError(f"{path}: no network state dict (expected {{'model': state_dict}}; found {keys})",
+        raise CheckpointError(f"{path}: no network state dict (expected {{'model': state_dict}}; found {keys})",
                               header=_HEADER)
+    check_finite_weights(state, path)
     return dict(state)
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], source) -> None:
+    """Refuse a state dict with a NaN or infinite value in any floating-point tensor.
+
+    Raises:
+        CheckpointError: naming ``source``, the first offending tensor (state-dict order) with its counts, and
+            how many tensors are affected.
+    """
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    first = state[bad[0]]
+    n_nan, n_inf = int(torch.isnan(first).sum()), int(torch.isinf(first).sum())
+    raise CheckpointError(
+        f"{source}: non-finite weights: tensor '{bad[0]}' holds {n_nan} NaN and {n_inf} inf of {first.numel()} "
+        f"values ({len(bad)} of {len(state)} tensors hold NaN or inf); the file is corrupt or training diverged: "
+        f"use another checkpoint", header=_HEADER)
 
 
 def is_deep_supervision_key(key: str) -> bool:
@@ -83,7 +105,7 @@ def checkpoint_out_channels(state: Mapping[str, torch.Tensor]) -> int:
     """Output channels of a DynUNet state dict (4 = regions + unc_output, 3 = segmentation only)."""
     keys = [k for k in state if k.endswith("output_block.conv.conv.weight")]
     if len(keys) != 1:
-        raise BraTSInputError(f"checkpoint state dict has no unique DynUNet output block (found {keys})",
+        raise CheckpointError(f"checkpoint state dict has no unique DynUNet output block (found {keys})",
                               header="cannot load the model")
     return int(state[keys[0]].shape[0])
 
@@ -98,9 +120,12 @@ def load_weights(network: torch.nn.Module, checkpoint, device="cpu") -> torch.nn
     set eval mode. Returns ``network``.
 
     Raises:
-        BraTSInputError: the checkpoint is missing, unreadable, or its weights do not fit the network.
+        CheckpointError: the checkpoint is missing, unreadable, non-finite, or its weights do not fit the network.
     """
-    state = load_state_dict(checkpoint)
+    return _load_into(network, load_state_dict(checkpoint), checkpoint, device)
+
+
+def _load_into(network: torch.nn.Module, state: dict, checkpoint, device) -> torch.nn.Module:
     target = unwrap_network(network)
     if not any(is_deep_supervision_key(k) for k in target.state_dict()):
         # a network trained with deep supervision: its extra heads have no use in a network without them
@@ -108,7 +133,7 @@ def load_weights(network: torch.nn.Module, checkpoint, device="cpu") -> torch.nn
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BraTSInputError(f"{checkpoint}: weights do not fit the network built from the plan "
+        raise CheckpointError(f"{checkpoint}: weights do not fit the network built from the plan "
                               f"({str(exc).splitlines()[0]})", header=_HEADER) from None
     return network.to(device).eval()
 
@@ -120,6 +145,7 @@ def load_network(checkpoint, plans, device="cpu", dropout=None) -> tuple[torch.n
         ``(network in eval mode on device, with_uncertainty)``.
     """
 
-    with_uncertainty = checkpoint_out_channels(load_state_dict(checkpoint)) == NUM_REGIONS + 1
+    state = load_state_dict(checkpoint)
+    with_uncertainty = checkpoint_out_channels(state) == NUM_REGIONS + 1
     network = build_network(plans, with_uncertainty=with_uncertainty, dropout=dropout)
-    return load_weights(network, checkpoint, device), with_uncertainty
+    return _load_into(network, state, checkpoint, device), with_uncertainty

@@ -18,7 +18,8 @@ unknown image, model or strategy with HTTP 500. The app closes these in four pla
   refused (403): studies come from the datastore, models from training or the administrator.
 - ``secure_server``: installs ``RequestGuard``, answers cross-origin requests only for the origins of the app
   conf ``cors_origins`` (none by default; credentials only for listed origins, never for ``*``), and maps
-  errors to 4xx answers naming the problem (``ERROR_STATUS``).
+  errors to 4xx answers naming the problem (``ERROR_STATUS``; a model that cannot serve, e.g. with non-finite
+  weights, is a 503 naming the file).
 
 ``secure_server`` works on the running ``monailabel.app`` FastAPI application: the app object is created
 inside its start-up, when Starlette has already built the middleware stack, so it edits the middleware list
@@ -44,7 +45,7 @@ from monailabel.config import settings
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
-from custom.core.errors import BraTSInputError
+from custom.core.errors import BraTSInputError, CheckpointError
 from custom.data.studies import StudyIdError, check_study_id
 from lib.transforms import check_threshold
 
@@ -59,6 +60,7 @@ INFER_REQUEST_KEYS = ("model", "image", "client_id")
 #: error type -> HTTP status of the answer (the first matching entry wins)
 ERROR_STATUS = (
     (StudyIdError, 400),
+    (CheckpointError, 503),  # the server's model cannot serve (e.g. non-finite weights): not the request's fault
     (BraTSInputError, 422),
     (ImageNotFoundException, 404),
     (LabelNotFoundException, 404),

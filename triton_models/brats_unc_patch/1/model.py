@@ -9,7 +9,9 @@ outputs. The ``runtime`` parameter of config.pbtxt (written by ``scripts/export.
 - ``eager``: ``1/checkpoint.pt`` + ``1/plans.json`` rebuilt with this repository's network code: the
   benchmark's reference for what the export buys, not the served artefact.
 
-The first two import nothing from this repository. Runs on ``cuda:<device_id>`` when Triton gives the instance a
+The first two import nothing from this repository; they refuse a file whose weights hold NaN or inf (the eager one
+goes through the repository's checkpoint loader, which does the same), so that Triton does not load, and with
+``--exit-on-error`` (serve_triton) does not start on, a network that answers "no tumour" everywhere. Runs on ``cuda:<device_id>`` when Triton gives the instance a
 GPU (the default instance group on a GPU machine), on CPU otherwise.
 """
 
@@ -24,6 +26,15 @@ import triton_python_backend_utils as pb_utils
 INPUT, OUTPUT = "IMAGE__0", "PROBS__0"
 
 
+def _onnx_initializers(path: Path):
+    """``(name, array)`` of every initializer (the weights) of an ONNX file."""
+    import onnx
+    from onnx import numpy_helper
+
+    for tensor in onnx.load(str(path)).graph.initializer:
+        yield tensor.name, numpy_helper.to_array(tensor)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -36,11 +47,14 @@ class TritonPythonModel:
         if self.runtime == "torchscript":
             path = self._require(version_dir / "model.pt")
             self.network = torch.jit.load(str(path), map_location=self.device).eval()
+            self._refuse_non_finite(path, ((k, v.detach().cpu().numpy()) for k, v in
+                                           (*self.network.named_parameters(), *self.network.named_buffers())))
             self.run = self._run_torch
         elif self.runtime == "onnxruntime":
             import onnxruntime as ort
 
             path = self._require(version_dir / "model.onnx")
+            self._refuse_non_finite(path, _onnx_initializers(path))
             options = ort.SessionOptions()
             # the stub's thread budget (OMP_NUM_THREADS, set by serve_triton --threads) applies to onnxruntime too
             options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
@@ -63,6 +77,16 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"config.pbtxt parameter 'runtime' must be torchscript, onnxruntime or eager, got {self.runtime!r}")
         pb_utils.Logger.log_info(f"brats_unc_patch: {self.runtime} {path} on {self.device}")
+
+    @staticmethod
+    def _refuse_non_finite(path: Path, named_arrays) -> None:
+        """Raise naming the file and the first weight tensor that holds NaN or inf (floating tensors only)."""
+        for name, array in named_arrays:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise pb_utils.TritonModelException(
+                    f"{path}: non-finite weights: tensor '{name}' holds {int(np.isnan(array).sum())} NaN and "
+                    f"{int(np.isinf(array).sum())} inf of {array.size} values; export a finite checkpoint with "
+                    f"scripts/export.py")
 
     @staticmethod
     def _require(path: Path) -> Path:

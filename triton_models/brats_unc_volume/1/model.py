@@ -10,7 +10,8 @@ each sliding-window batch by BLS to the patch model (the exported network), whos
 patches of all volumes in flight (one per instance of this model; see config.pbtxt). ``execute`` is async so that
 the sliding window runs in a worker thread while its BLS calls are awaited on the stub's event loop.
 
-Bounded work per request: the request contract (``validate_volume_request``: shape, dtype, finite values, edge
+At load, the patch model's artefact must be the file export wrote (sha256 in ``model_info.json``), whatever
+backend serves it. Bounded work per request: the request contract (``validate_volume_request``: shape, dtype, finite values, edge
 limit), the preprocessed-size cap (``max_preprocessed_voxels``, checked before resampling), a time budget
 (``max_case_seconds``) and the client's cancellation, both checked before every BLS call.
 Rejections are ``INVALID_ARG`` errors (HTTP 400, gRPC INVALID_ARGUMENT) naming the problem, counted in the
@@ -42,7 +43,8 @@ class CaseAborted(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         from custom.deploy.triton_protocol import MAX_VOLUME_EDGE
-        from custom.deploy.triton_repository import MODEL_INFO, read_model_parameters
+        from custom.core.errors import BraTSInputError
+        from custom.deploy.triton_repository import MODEL_INFO, check_served_artefact, read_model_parameters
         from custom.inference.segmenter import UncertaintySegmenter
         from custom.planning.plans import load_plans
         from custom.preprocessing.functional import MAX_PREPROCESSED_VOXELS
@@ -54,6 +56,10 @@ class TritonPythonModel:
         for path in (plans_path, info_path):
             if not path.exists():
                 raise pb_utils.TritonModelException(f"{path}: missing; run scripts/export.py")
+        try:  # the patch model serves the file export checked (a native backend would load anything)
+            check_served_artefact(Path(args["model_repository"]).parent)
+        except BraTSInputError as err:
+            raise pb_utils.TritonModelException(str(err)) from None
         # written by export from the checkpoint: 4 output channels or 3 (baseline)
         model_info = json.loads(info_path.read_text())
         self.max_edge = int(params.get("max_volume_edge", MAX_VOLUME_EDGE))

@@ -34,7 +34,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.random import Random
 
 from custom.core.cli import as_bool, as_list
-from custom.core.errors import BraTSInputError
+from custom.core.errors import BraTSInputError, CheckpointError, input_error_in
 from custom.core.layout import REPO_ROOT
 from lib.activelearning import MostUncertain
 from lib.infers import BraTSBundleInferTask, BraTSUncertaintyInfer, StudyPredictor
@@ -104,11 +104,21 @@ class BraTSUncertainty(TaskConfig):
                           error_probability=self.error_probability)
             task = None
             if self.engine == "bundle" and self.path.exists():
-                task = BraTSBundleInferTask(self.bundle_path, self.path, conf=self.conf, **common)
-                if not task.is_valid():
-                    logger.warning(f"BundleInferTask on {self.bundle_path} is not usable; serving '{name}' through "
-                                   f"the shared inference path instead")
-                    task = None
+                try:
+                    task = BraTSBundleInferTask(self.bundle_path, self.path, conf=self.conf, **common)
+                except RuntimeError as exc:  # the bundle config reads the model; MONAI wraps the loader's error
+                    error = input_error_in(exc)
+                    if not isinstance(error, CheckpointError):
+                        raise
+                    # the server still starts: every infer request is answered 503 with this reason until the
+                    # model file is replaced (the shared engine reloads it when it changes)
+                    logger.error(f"{error}\nServing '{name}' through the shared inference path, which refuses "
+                                 f"the model the same way until it is replaced")
+                else:
+                    if not task.is_valid():
+                        logger.warning(f"BundleInferTask on {self.bundle_path} is not usable; serving '{name}' "
+                                       f"through the shared inference path instead")
+                        task = None
             # the shared engine also serves a model that only appears after start-up (e.g. trained here)
             infers[name] = task or BraTSUncertaintyInfer(self.predictor, **common)
         return infers

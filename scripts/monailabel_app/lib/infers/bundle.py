@@ -8,12 +8,16 @@ neighbour) and no ``result_dtype`` (a single-channel float32 map is returned int
 
 The model file is the app's (``model_path``), never one a request names: MONAI Label lets a request pick
 ``model_filename`` among the files beside the model when the task's config lists them, so the config
-lists none.
+lists none. It is read by the project's one checkpoint loader (``custom.model.checkpoints``: ``weights_only``,
+non-finite weights refused with a ``CheckpointError`` that the app answers as HTTP 503 naming the file and
+tensor), not by MONAI Label's own ``torch.load``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
@@ -22,6 +26,7 @@ from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 
+from custom.model.checkpoints import load_weights
 from lib.infers.writer import write_intact
 from lib.transforms import (
     DEFAULT_UNCERTAIN_THRESHOLD,
@@ -87,6 +92,17 @@ class BraTSBundleInferTask(BundleInferTask):
         bundle_config = super()._load_bundle_config(path, config)
         bundle_config.config["checkpoint"] = self.model_file  # type: ignore
         return bundle_config
+
+    def _get_network(self, device, data):
+        """The app's model on ``device`` through the project's checkpoint loader, cached until the file changes
+        (replaces ``BasicInferTask._get_network``, which ``torch.load``s the file itself and checks nothing)."""
+        mtime = os.stat(self.model_file).st_mtime if os.path.exists(self.model_file) else None
+        cached = self._networks.get(device)
+        if cached is not None and mtime is not None and cached[1] == mtime:
+            return cached[0]
+        network = load_weights(copy.deepcopy(self.network), self.model_file, device)
+        self._networks[device] = (network, mtime)
+        return network
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         pre = list(super().pre_transforms(data))
