@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -685,22 +686,29 @@ def _nan_artefact(exported, runtime: str, tmp_path: Path) -> tuple[Path, str]:
     return path, tensor.name
 
 
-@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
-def test_a_non_finite_served_model_is_refused_at_load(exported, tiny_checkpoint, tmp_path, runtime):
-    """Issue 15.7: a NaN network used to be served, answering "no tumour" everywhere. The patch model refuses it
-    when Triton loads it, naming the file and the tensor; tritonserver (--exit-on-error) does not start and
-    serve_triton exits non-zero with that reason."""
-    artefact, tensor = _nan_artefact(exported, runtime, tmp_path)
-    files = {"torchscript": artefact} if runtime == "torchscript" else {"onnx": artefact}
-    repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "repo", runtime=runtime,
-                                    volume_instances=1, **files)
-    served = repo / PATCH_MODEL / "1" / ("model.pt" if runtime == "torchscript" else "model.onnx")
+def test_a_non_finite_served_model_is_refused_at_load(exported, tiny_checkpoint, tmp_path):
+    """Issue 15.7: a NaN network used to be served, answering "no tumour" everywhere. The python patch model
+    refuses it when Triton loads it, naming the file and the tensor; tritonserver (--exit-on-error) does not start
+    and serve_triton exits non-zero with that reason. One start covers both runners: the repository's patch model
+    runs a NaN TorchScript, and a second copy of the runner (loaded by Triton like any model folder, called by
+    nobody) a NaN ONNX through onnxruntime."""
+    ts, ts_tensor = _nan_artefact(exported, "torchscript", tmp_path)
+    onnx_file, onnx_tensor = _nan_artefact(exported, "onnxruntime", tmp_path)
+    repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "repo", torchscript=ts, volume_instances=1)
+    onnx_repo = prepare_model_repository(tiny_checkpoint, repo_dir=tmp_path / "onnx_repo", onnx=onnx_file,
+                                         runtime="onnxruntime")
+    twin = repo / f"{PATCH_MODEL}_onnx"
+    shutil.copytree(onnx_repo / PATCH_MODEL, twin)
+    config = twin / "config.pbtxt"
+    config.write_text(config.read_text().replace(f'name: "{PATCH_MODEL}"', f'name: "{twin.name}"'))
     proc = run_cmd([PYTHON, "scripts/serve_triton.py", "--model_repository", repo, "--http_port", free_port(),
                     "--grpc_port", free_port(), "--metrics_port", free_port(), "--threads", 1,
                     "--startup_timeout_s", 300], check=False, timeout=400)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "before becoming ready" in text, text[-4000:]
-    assert f"{served}: non-finite weights: tensor '{tensor}' holds 1 NaN" in text, text[-4000:]
+    for served, tensor in ((repo / PATCH_MODEL / "1" / "model.pt", ts_tensor),
+                           (twin / "1" / "model.onnx", onnx_tensor)):
+        assert f"{served}: non-finite weights: tensor '{tensor}' holds 1 NaN" in text, text[-4000:]
 
 
 def test_a_replaced_served_file_is_refused_before_start(exported, tiny_checkpoint, tmp_path):
