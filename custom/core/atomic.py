@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from custom.core.errors import BraTSInputError
-from custom.core.layout import checksum_path
+from custom.core.layout import checksum_path, temporary_path
 
 #: errno values that mean "the disk (or the quota) is full"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -31,19 +31,12 @@ def disk_full_error(path, exc: OSError) -> OSError:
                    str(path))
 
 
-def _tmp_name(path: Path) -> Path:
-    """``dir/.name.tmp-PID.ext``: hidden, per process, and with the full extension kept (nibabel and
-    numpy choose the format, and numpy even the file name, from it)."""
-    stem, dot, extension = path.name.partition(".")
-    return path.with_name(f".{stem}.tmp-{os.getpid()}{dot}{extension}")
-
-
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the same folder; on success it is fsynced and renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temporary_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -56,6 +49,38 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_paths(paths):
+    """Yield temporary paths for files that must appear together; on success they are fsynced and renamed.
+
+    The LAST path is the unit's commit: it is removed before the others are renamed and renamed after them, so
+    whoever sees it sees the other files of the same write (a kill in between leaves the others without it,
+    and a reader treats them as unfinished; see :func:`custom.core.layout.remove_unfinished_predictions`).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("atomic_paths needs at least one path")
+    tmps = [temporary_path(p) for p in paths]
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        paths[-1].unlink(missing_ok=True)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(paths[-1], exc) from exc
+        raise
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

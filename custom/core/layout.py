@@ -32,6 +32,7 @@ with it: average it, show it, or name it as missing).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +100,65 @@ def checksum_path(path) -> Path:
     return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
+#: ``.<stem>.tmp-<pid>[.<extension>]``: the name of a file an atomic write is still writing
+_TEMPORARY_NAME = re.compile(r"^\.(?P<stem>[^.]*)\.tmp-(?P<pid>\d+)(?:\.|$)")
+
+
+def temporary_path(path, pid: int | None = None) -> Path:
+    """``dir/.name.tmp-PID.ext`` for ``path``, written by :mod:`custom.core.atomic` before the rename: hidden, per
+    process, and with the full extension kept (nibabel and numpy choose the format, and numpy even the file name,
+    from it)."""
+    path = Path(path)
+    stem, dot, extension = path.name.partition(".")
+    return path.with_name(f".{stem}.tmp-{os.getpid() if pid is None else int(pid)}{dot}{extension}")
+
+
 def is_temporary_name(name: str) -> bool:
-    """True for the hidden names of unfinished atomic writes (``.stem.tmp-PID.ext``, :mod:`custom.core.atomic`)."""
-    return name.startswith(".") and ".tmp-" in name
+    """True for the hidden names of unfinished atomic writes (:func:`temporary_path`)."""
+    return _TEMPORARY_NAME.match(name) is not None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files (:func:`temporary_path`) in ``folder`` whose writer is no longer running (a
+    process killed mid-write leaves them). Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY_NAME.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def remove_unfinished_predictions(out_dir) -> list[Path]:
+    """Clean an inference output folder before writing into it: stale temporary files and every uncertainty map
+    without its label map. A case's label map is written last (:func:`custom.data.nifti.save_prediction`), so an
+    ``-unc`` map alone is the remainder of an interrupted write. Returns the removed paths."""
+    out_dir = Path(out_dir)
+    removed = remove_stale_temporaries(out_dir)
+    unc_suffix = f"-{UNC_SUFFIX}{NIFTI_SUFFIX}"
+    if out_dir.is_dir():
+        for unc in sorted(out_dir.glob(f"*{unc_suffix}")):
+            if unc.name.startswith("."):
+                continue
+            label, _ = prediction_paths(out_dir, unc.name[: -len(unc_suffix)])
+            if not label.exists():
+                unc.unlink(missing_ok=True)
+                removed.append(unc)
+    return removed
 
 
 @dataclass(frozen=True)

@@ -183,9 +183,10 @@ def validate_case(case: CaseFiles) -> list[str]:
     return problems
 
 
-def list_case_folders(input_dir, header: str = "cannot run inference") -> list[Path]:
+def list_case_folders(input_dir, header: str = "cannot run inference", skip=None) -> list[Path]:
     """Case folders under ``input_dir`` (sorted); ``input_dir`` itself if it is one case folder (named like a
-    case id, or holding its ``<name>-t1c`` image). Sub-folders without NIfTI files are skipped with a warning.
+    case id, or holding its ``<name>-t1c`` image). Sub-folders without NIfTI files are skipped with a warning;
+    ``skip`` (the output folder, when a user puts it inside the input folder) is never listed.
 
     Raises:
         BraTSInputError: ``input_dir`` is missing or holds no case folder (``header`` says what failed).
@@ -195,9 +196,10 @@ def list_case_folders(input_dir, header: str = "cannot run inference") -> list[P
         raise BraTSInputError(f"{input_dir}: input folder not found", header=header)
     if CASE_ID_PATTERN.match(input_dir.name) or any(input_dir.glob(f"*-{MODALITIES[0]}.nii*")):
         return [input_dir]
+    skip = Path(skip).resolve() if skip not in (None, "") else None
     cases = []
     for p in sorted(input_dir.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
+        if not p.is_dir() or p.name.startswith(".") or (skip is not None and p.resolve() == skip):
             continue
         if not any(p.glob("*.nii*")):  # not a case (e.g. an output or notes folder): a case has NIfTI files
             logger.warning("skipping %s: no NIfTI files inside", p)

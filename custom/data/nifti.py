@@ -3,6 +3,11 @@
 Every problem is reported as ``"<file>: <what is wrong>"``; ingestion (:mod:`custom.data.cases`) and every
 later reader use the same checks, so a file that passes ingestion also loads at training, inference and
 serving time, and a file that fails names itself there too (:class:`custom.core.errors.BraTSInputError`).
+
+Every NIfTI file the project reads goes through :func:`open_nifti` (header) and :func:`read_nifti` (voxels), or
+:func:`check_file` for a case's files: before any voxel is read, the voxel bytes the header declares are compared
+with what the file can hold (:func:`declared_size_problem`), so a 66-byte file declaring a 512^3 volume is refused
+instead of allocating half a gigabyte.
 """
 
 from __future__ import annotations
@@ -14,12 +19,118 @@ from typing import Mapping
 
 import numpy as np
 
-from custom.core.atomic import atomic_save_nifti
+from custom.core.atomic import atomic_paths, atomic_save_nifti
 from custom.core.constants import LABEL_VALUES, MODALITIES, SEG_SUFFIX
 from custom.core.errors import BraTSInputError
+from custom.core.layout import prediction_paths
 
 #: largest allowed absolute difference between the affines of a case's files
 AFFINE_TOLERANCE = 1e-3
+
+#: deflate cannot shrink data by more than 1032:1 (a run of one byte value): a ``.nii.gz`` file cannot hold more
+#: uncompressed bytes than this many times its own size
+MAX_DEFLATE_RATIO = 1032
+
+_GZIP_CHUNK = 1 << 20
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _gzip_size_at_least(path: Path, needed: int) -> int:
+    """Uncompressed bytes of a gzip file, counted by streaming it in 1 MiB pieces (nothing kept) and stopping at
+    ``needed``: ``min(size, needed)``; the bytes before the end of a truncated stream count."""
+    import gzip
+    import zlib
+
+    total = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while total < needed:
+                block = fh.read(min(_GZIP_CHUNK, needed - total))
+                if not block:
+                    break
+                total += len(block)
+    except (EOFError, OSError, zlib.error):  # truncated or corrupt stream: what was read is all there is
+        pass
+    return total
+
+
+def declared_size_problem(path, img) -> str | None:
+    """Whether the file can hold the voxel data its header declares (checked before any voxel is read).
+
+    ``.nii``: the file size against ``vox_offset + voxels x bytes per voxel``. ``.nii.gz``: the declared size
+    against :data:`MAX_DEFLATE_RATIO` times the file size, then against the gzip trailer's ISIZE (the
+    uncompressed size modulo 2^32, of the last gzip member); only when ISIZE says too few (a file over 4 GiB
+    uncompressed, several gzip members, or a truncated file) is the stream counted (:func:`_gzip_size_at_least`).
+
+    Returns:
+        the problem as ``"<file>: ..."``, or None when the file can hold the declared data.
+    """
+    path = Path(path)
+    proxy = img.dataobj
+    shape = tuple(int(s) for s in img.shape)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * int(img.get_data_dtype().itemsize)
+    needed = int(getattr(proxy, "offset", 0)) + n_bytes
+    declared = f"its header declares {shape} {img.get_data_dtype()} voxels ({_mib(n_bytes)})"
+    file_size = path.stat().st_size
+    if not path.name.endswith(".gz"):
+        if file_size < needed:
+            return (f"{path}: {declared} but the file holds {_mib(file_size)}: truncated file or wrong header; "
+                    "refused before reading")
+        return None
+    if needed > file_size * MAX_DEFLATE_RATIO:
+        return (f"{path}: {declared}, more than a {_mib(file_size)} gzip file can hold (at most "
+                f"{MAX_DEFLATE_RATIO}:1): truncated file or wrong header; refused before reading")
+    with open(path, "rb") as fh:
+        fh.seek(max(file_size - 4, 0))
+        isize = int.from_bytes(fh.read(4), "little")
+    if needed < 2**32 and isize >= needed:
+        return None
+    available = _gzip_size_at_least(path, needed)
+    if available < needed:
+        return (f"{path}: {declared} but the file decompresses to {_mib(available)}: truncated file or wrong "
+                "header; refused before reading")
+    return None
+
+
+def open_nifti(path):
+    """The nibabel image of a NIfTI file (header read, no voxel data), checked that it can hold what it declares.
+
+    Raises:
+        BraTSInputError: the file is missing, unreadable, not NIfTI, or declares more voxel data than it holds.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise BraTSInputError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for bad headers; all mean "unreadable"
+        raise BraTSInputError(f"{path}: unreadable or corrupt NIfTI file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise BraTSInputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    problem = declared_size_problem(path, img)
+    if problem:
+        raise BraTSInputError(problem)
+    return img
+
+
+def read_nifti(path, dtype=None):
+    """``(voxel array, nibabel image)`` of a NIfTI file through :func:`open_nifti` (the array as stored, or cast
+    to ``dtype``).
+
+    Raises:
+        BraTSInputError: as :func:`open_nifti`, or the voxel data cannot be read (truncated, corrupt stream).
+    """
+    img = open_nifti(path)
+    try:
+        data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
+    except Exception as exc:  # truncated gzip (EOFError), bad zlib stream, short file (OSError/ValueError)
+        raise BraTSInputError(f"{path}: unreadable or corrupt voxel data ({type(exc).__name__}: {exc})") from None
+    return data, img
 
 
 @dataclass
@@ -71,6 +182,10 @@ def check_file(path, role: str, ref: _Reference | None, keep: bool):
     dtype = img.get_data_dtype()
     if dtype.kind not in "biuf":
         problems.append(f"{path}: unsupported voxel type {dtype} (expected integer or float)")
+        return None, this_ref, problems
+    size_problem = declared_size_problem(path, img)
+    if size_problem:
+        problems.append(size_problem)
         return None, this_ref, problems
     try:
         data = np.asanyarray(img.dataobj)
@@ -176,8 +291,8 @@ def load_case(case: Mapping):
     return image, np.asarray(affine, dtype=np.float64), tuple(float(s) for s in spacing), header
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) -> None:
-    """Write ``array`` with the input's affine (sform and qform codes kept from the input)."""
+def _nifti_image(array: np.ndarray, affine: np.ndarray, ref_header):
+    """``array`` as a NIfTI image with the input's affine (sform and qform codes kept from the input)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(array, affine)
@@ -188,7 +303,30 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) ->
         img.set_sform(affine, code=sform_code)
         img.set_qform(affine, code=qform_code)
         img.header.set_xyzt_units(*ref_header.get_xyzt_units())
-    atomic_save_nifti(img, path)
+    return img
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) -> None:
+    """Write ``array`` with the input's affine (sform and qform codes kept from the input), atomically."""
+    atomic_save_nifti(_nifti_image(array, affine, ref_header), path)
+
+
+def save_prediction(labels: np.ndarray, unc: np.ndarray, affine: np.ndarray, ref_header, out_dir,
+                    case_id: str) -> tuple[Path, Path]:
+    """Write a case's label map and uncertainty map (:func:`custom.core.layout.prediction_paths`) as one unit.
+
+    Both are written to temporary files first; then the uncertainty map is renamed and the label map last
+    (:func:`custom.core.atomic.atomic_paths`): a label map on disk always has its uncertainty map from the same
+    prediction, and an uncertainty map alone is the remainder of an interrupted write, removed by the next run
+    (:func:`custom.core.layout.remove_unfinished_predictions`). Returns ``(label path, unc path)``.
+    """
+    import nibabel as nib
+
+    label_path, unc_path = prediction_paths(out_dir, case_id)
+    with atomic_paths([unc_path, label_path]) as (unc_tmp, label_tmp):
+        nib.save(_nifti_image(unc, affine, ref_header), str(unc_tmp))
+        nib.save(_nifti_image(labels, affine, ref_header), str(label_tmp))
+    return label_path, unc_path
 
 
 #: label conventions of label maps to evaluate: BraTS 2023 (ET = 3) and BraTS 2020/2021 (ET = 4)
@@ -215,13 +353,11 @@ def load_label_map(path, label_convention: str = BRATS2023) -> np.ndarray:
     BraTS 2021 labels) and maps 4 -> 3; a 3 there is refused. Anything else is a ``BraTSInputError``
     naming the file.
     """
-    import nibabel as nib
-
     if label_convention not in LABEL_CONVENTIONS:
         raise BraTSInputError(f"label convention must be one of {', '.join(LABEL_CONVENTIONS)}, "
                               f"got {label_convention!r}")
     allowed = _CONVENTION_VALUES[label_convention]
-    data = np.asanyarray(nib.load(str(path)).dataobj)
+    data, _ = read_nifti(path)
     if data.ndim != 3:
         raise BraTSInputError(f"{path}: label map must be 3-D, got shape {data.shape}")
     ok = np.isin(data, allowed)

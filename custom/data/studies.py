@@ -23,7 +23,7 @@ from custom.core.atomic import atomic_save_nifti
 from custom.core.constants import CASE_ID_PATTERN, LABEL_VALUES, MODALITIES, SEG_SUFFIX
 from custom.core.errors import BraTSInputError
 from custom.data.cases import find_case_files, list_case_folders
-from custom.data.nifti import load_case_arrays, spacing_from_affine
+from custom.data.nifti import load_case_arrays, open_nifti, read_nifti, spacing_from_affine
 
 #: where MONAI Label's LocalDatastore keeps finished (reference) labels, relative to the studies folder
 FINAL_LABELS_DIR = Path("labels") / "final"
@@ -188,12 +188,7 @@ def check_study_header(path) -> tuple:
 
     Returns the spatial shape ``(X, Y, Z)``. Raises ``BraTSInputError`` naming the file otherwise.
     """
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-        raise BraTSInputError([f"{path}: cannot be read as NIfTI ({exc.__class__.__name__}: {exc})"]) from None
+    img = open_nifti(path)  # refuses a header that declares more voxel data than the file holds
     shape = tuple(int(s) for s in img.shape)
     if len(shape) != 4 or shape[-1] != len(MODALITIES):
         raise BraTSInputError([f"{path}: {_study_shape_problem(shape)}"])
@@ -206,14 +201,8 @@ def load_study(path) -> tuple[np.ndarray, np.ndarray, tuple]:
     Raises:
         BraTSInputError: naming the file, when it cannot be read, is not ``(X, Y, Z, 4)`` or holds NaN/inf.
     """
-    import nibabel as nib
-
     path = Path(path)
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-        raise BraTSInputError([f"{path}: cannot be read as NIfTI ({exc.__class__.__name__}: {exc})"]) from None
+    data, img = read_nifti(path, dtype=np.float32)
     image = check_study_array(data, path, channel_dim=-1)
     affine = np.asarray(img.affine, dtype=np.float64)
     return image, affine, tuple(float(s) for s in spacing_from_affine(affine))
@@ -225,12 +214,7 @@ def load_study_label(path, spatial_shape: Sequence[int]) -> np.ndarray:
     Returns uint8 values in ``LABEL_VALUES``. Raises ``BraTSInputError`` naming the file when it cannot
     be read, its shape differs from ``spatial_shape`` or it holds other values (listed with voxel counts).
     """
-    import nibabel as nib
-
-    try:
-        seg = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-        raise BraTSInputError([f"{path}: cannot be read as NIfTI ({exc.__class__.__name__}: {exc})"]) from None
+    seg, _ = read_nifti(path)
     if seg.ndim == 4 and seg.shape[-1] == 1:
         seg = seg[..., 0]
     if tuple(seg.shape) != tuple(spatial_shape):

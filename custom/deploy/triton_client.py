@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from custom.core.errors import BraTSInputError
-from custom.core.layout import prediction_paths, remove_predictions
+from custom.core.layout import remove_predictions, remove_unfinished_predictions
 from custom.data.cases import find_case_files, list_case_folders
-from custom.data.nifti import load_case, save_nifti
+from custom.data.nifti import load_case, save_prediction
 from custom.deploy.triton_protocol import MAX_VOLUME_EDGE, validate_volume_request
 from custom.deploy.triton_repository import VOLUME_MODEL
 
@@ -166,9 +166,10 @@ def infer_case_folders(input_dir, output_dir, url: str = "127.0.0.1:8001", proto
         probe.check_ready()
     # the bundle's own case reading and writing: the same validation, the same output files
 
-    case_dirs = list_case_folders(input_dir)
     output_dir = Path(output_dir)
+    case_dirs = list_case_folders(input_dir, skip=output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_unfinished_predictions(output_dir)
     local = threading.local()
     clients = []
     clients_lock = threading.Lock()
@@ -191,9 +192,8 @@ def infer_case_folders(input_dir, output_dir, url: str = "127.0.0.1:8001", proto
             if seg.shape != image.shape[1:] or unc.shape != image.shape[1:]:
                 raise TritonClientError(f"{case_id}: server returned shapes {seg.shape}/{unc.shape}, "
                                         f"expected {image.shape[1:]}")
-            label_path, unc_path = prediction_paths(output_dir, case_id)
-            save_nifti(np.asarray(seg, np.uint8), affine, header, label_path)
-            save_nifti(np.asarray(unc, np.float32), affine, header, unc_path)
+            save_prediction(np.asarray(seg, np.uint8), np.asarray(unc, np.float32), affine, header, output_dir,
+                            case_id)
         except BaseException:
             remove_predictions(output_dir, case_id)
             raise

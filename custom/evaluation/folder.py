@@ -9,7 +9,7 @@ from custom.core.constants import MODALITIES, REGIONS
 from custom.core.errors import BraTSInputError
 from custom.core.numeric import nanmean
 from custom.data.cases import find_label_files
-from custom.data.nifti import BRATS2023, LABEL_CONVENTIONS, load_label_map
+from custom.data.nifti import BRATS2023, LABEL_CONVENTIONS, load_label_map, open_nifti, read_nifti
 from custom.evaluation.crosscheck import official_crosscheck
 from custom.evaluation.segmentation import HD95_DEFINITION, evaluate_segmentation
 from custom.evaluation.uncertainty import uncertainty_quality
@@ -29,12 +29,11 @@ def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> lis
 
     Returns a list of dicts ``{"case_id", "pred", "gt", "unc" (or None), "images"}`` (``images``: the
     modality files beside the seg, for the brain mask). Raises ``BraTSInputError`` naming every missing,
-    extra, unreadable or mismatched (shape/affine) file, so nothing is skipped silently.
+    extra, unreadable or mismatched (shape/affine) file, so nothing is skipped silently. Hidden files
+    (unfinished atomic writes of a killed run) are not predictions.
     ``case_ids`` restricts the ground truth to those cases (each must exist).
     """
     from pathlib import Path
-
-    import nibabel as nib
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -47,7 +46,10 @@ def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> lis
         case_ids = list(case_ids)
         problems += [f"{gt_dir}: no ground truth '{c}-seg.nii.gz' for requested case {c}" for c in case_ids if c not in gts]
         gts = {c: gts[c] for c in case_ids if c in gts}
-    preds = {p.name[: -len(".nii.gz")]: p for p in pred_dir.glob("*.nii.gz") if not p.name.endswith("-unc.nii.gz")}
+    # hidden names are never predictions: editors' files and unfinished atomic writes (".<id>.tmp-PID.nii.gz",
+    # which "*.nii.gz" matches) left by a killed run
+    preds = {p.name[: -len(".nii.gz")]: p for p in pred_dir.glob("*.nii.gz")
+             if not p.name.startswith(".") and not p.name.endswith("-unc.nii.gz")}
     for c in sorted(set(gts) - set(preds)):
         problems.append(f"{pred_dir / (c + '.nii.gz')}: prediction missing for ground-truth case {c} ({gts[c]})")
     if case_ids is None:
@@ -58,33 +60,37 @@ def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> lis
     for c in sorted(set(gts) & set(preds)):
         item = {"case_id": c, "pred": preds[c], "gt": gts[c], "unc": None,
                 "images": [p for p in (gts[c].with_name(f"{c}-{m}.nii.gz") for m in MODALITIES) if p.exists()]}
-        headers = {}
-        for key in ("gt", "pred"):
-            try:
-                headers[key] = nib.load(str(item[key]))
-            except Exception as exc:  # nibabel raises many types for corrupt files
-                problems.append(f"{item[key]}: cannot be read as NIfTI ({type(exc).__name__}: {exc})")
         if unc_dir is not None:
             u = Path(unc_dir) / f"{c}-unc.nii.gz"
             if not u.exists():
                 problems.append(f"{u}: uncertainty map missing for case {c}")
             else:
                 item["unc"] = u
-                try:
-                    headers["unc"] = nib.load(str(u))
-                except Exception as exc:
-                    problems.append(f"{u}: cannot be read as NIfTI ({type(exc).__name__}: {exc})")
+        headers = {}
+        for key in ("gt", "pred", "unc"):
+            if item[key] is None:
+                continue
+            try:  # header, and whether the file can hold the voxels it declares
+                headers[key] = open_nifti(item[key])
+            except BraTSInputError as exc:
+                problems.extend(exc.problems)
+        for i, path in enumerate(item["images"]):
+            try:
+                headers[f"image{i}"] = open_nifti(path)
+            except BraTSInputError as exc:
+                problems.extend(exc.problems)
         if "gt" in headers:
             g = headers["gt"]
-            for key in ("pred", "unc"):
+            for key, path in [("pred", item["pred"]), ("unc", item["unc"])] + [
+                    (f"image{i}", p) for i, p in enumerate(item["images"])]:
                 if key not in headers:
                     continue
                 h = headers[key]
                 if tuple(h.shape) != tuple(g.shape):
-                    problems.append(f"{item[key]}: shape {tuple(h.shape)} differs from ground truth "
+                    problems.append(f"{path}: shape {tuple(h.shape)} differs from ground truth "
                                     f"{item['gt']} shape {tuple(g.shape)}")
                 elif not np.allclose(h.affine, g.affine, atol=1e-3):
-                    problems.append(f"{item[key]}: affine differs from ground truth {item['gt']}")
+                    problems.append(f"{path}: affine differs from ground truth {item['gt']}")
         pairs.append(item)
     if problems:
         raise BraTSInputError(problems, header="cannot evaluate these predictions")
@@ -98,16 +104,13 @@ def evaluate_case_files(item: dict, unc_max: float = 1.0, label_convention: str 
     ground truth always as BraTS 2023. The spacing is the prediction header's voxel size, as the BraTS
     2023 ranking code reads it (:func:`match_prediction_files` has checked its affine against the ground truth).
     """
-    import nibabel as nib
-
-    pred_img = nib.load(str(item["pred"]))
-    spacing = tuple(float(s) for s in pred_img.header.get_zooms()[:3])
+    spacing = tuple(float(s) for s in open_nifti(item["pred"]).header.get_zooms()[:3])
     gt = load_label_map(item["gt"])
     pred = load_label_map(item["pred"], label_convention)
     seg = evaluate_segmentation(pred, gt, spacing)
     unc_metrics = None
     if item.get("unc") is not None:
-        unc = np.asanyarray(nib.load(str(item["unc"])).dataobj).astype(np.float64)
+        unc = read_nifti(item["unc"], dtype=np.float64)[0]
         if not np.all(np.isfinite(unc)):
             raise BraTSInputError(f"{item['unc']}: uncertainty holds NaN or infinite values")
         if unc.min() < 0 or unc.max() > unc_max * (1 + 1e-6):
@@ -117,7 +120,7 @@ def evaluate_case_files(item: dict, unc_max: float = 1.0, label_convention: str 
         if item.get("images"):
             brain = np.zeros(gt.shape, dtype=bool)
             for p in item["images"]:
-                brain |= np.asanyarray(nib.load(str(p)).dataobj) != 0
+                brain |= read_nifti(p)[0] != 0
         unc_metrics = uncertainty_quality(unc, pred, gt, brain_mask=brain, unc_max=unc_max)
     rows = []
     for r in REGIONS:

@@ -30,9 +30,9 @@ from custom.core.atomic import atomic_write_json
 from custom.core.cli import as_bool
 from custom.core.constants import MODALITIES, NUM_REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import SUMMARY_NAME, prediction_paths, remove_predictions
+from custom.core.layout import SUMMARY_NAME, remove_predictions, remove_unfinished_predictions
 from custom.data.cases import find_case_files, list_case_folders
-from custom.data.nifti import load_case, save_nifti
+from custom.data.nifti import load_case, save_prediction
 from custom.inference.folders import case_summary
 from custom.inference.inferer import UncertaintyInferer
 from custom.inference.postprocess import Prediction, postprocess_probabilities
@@ -144,7 +144,8 @@ class UncertaintySegmenter:
         return pred
 
     def predict_case_folder(self, case_dir, out_dir) -> dict:
-        """Predict one BraTS case folder; write ``<case_id>.nii.gz`` and ``<case_id>-unc.nii.gz`` atomically.
+        """Predict one BraTS case folder; write ``<case_id>.nii.gz`` and ``<case_id>-unc.nii.gz`` as one unit
+        (:func:`custom.data.nifti.save_prediction`).
 
         Returns the case's summary entry. On any error no output file of this case is left in ``out_dir``.
         """
@@ -152,12 +153,10 @@ class UncertaintySegmenter:
         case = find_case_files(case_dir)
         case_id = case["case_id"]
         out_dir = Path(out_dir)
-        label_path, unc_path = prediction_paths(out_dir, case_id)
         try:
             image, affine, spacing, ref_header = load_case(case)
             pred = self.predict(image, spacing, name=case["image"][0])
-            save_nifti(pred.labels, affine, ref_header, label_path)
-            save_nifti(pred.unc, affine, ref_header, unc_path)
+            label_path, unc_path = save_prediction(pred.labels, pred.unc, affine, ref_header, out_dir, case_id)
         except BaseException:
             remove_predictions(out_dir, case_id)
             raise
@@ -171,13 +170,17 @@ class UncertaintySegmenter:
         """Predict every case folder under ``input_dir``; writes outputs and ``output_dir/summary.json``.
 
         A failing case is reported (message naming it) and skipped; the others finish. With
-        ``raise_on_failure`` a ``BraTSInputError`` listing every failed case is raised at the end.
+        ``raise_on_failure`` a ``BraTSInputError`` listing every failed case is raised at the end. What an
+        interrupted run left in ``output_dir`` (temporary files, an uncertainty map without its label map) is
+        removed first; ``output_dir`` may lie inside ``input_dir`` (it is not taken for a case folder).
         """
         from tqdm import tqdm
 
         output_dir = Path(output_dir)
-        case_dirs = list_case_folders(input_dir)
+        case_dirs = list_case_folders(input_dir, skip=output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_unfinished_predictions(output_dir):
+            logger.warning("removed %s: left by an interrupted run", path)
         summary = {"input_dir": str(Path(input_dir).resolve()), "tta": self.inferer.tta,
                    "mask_dilation": self.mask_dilation, "with_uncertainty": self.with_uncertainty,
                    "cases": {}, "failures": {}}

@@ -41,9 +41,9 @@ import torch
 from custom.core.atomic import atomic_write_bytes, atomic_write_json
 from custom.core.constants import REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import ReportDir, RunDir, WorkDir, prediction_paths
+from custom.core.layout import ReportDir, RunDir, WorkDir
 from custom.data.datalist import fold_split, load_datalist
-from custom.data.nifti import load_case_arrays, save_nifti
+from custom.data.nifti import load_case_arrays, save_prediction
 from custom.evaluation.calibration import IsotonicCalibrator, cross_fit_calibrators
 from custom.evaluation.folder import evaluate_folder, summarize_rows, to_json_safe, write_rows_csv
 from custom.evaluation.segmentation import dice, region_mask
@@ -361,8 +361,7 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
             gt, outputs, (affine, _) = predict_case(e, methods, seg.plans)
             # the product's files: evaluated (and cross-checked) below like any other tool's output
             labels, unc, _ = outputs[reference]
-            for arr, path in zip((labels, unc), prediction_paths(pred_dir, cid)):
-                save_nifti(arr, affine, None, path)
+            save_prediction(labels, unc, affine, None, pred_dir, cid)
             collect_case(collected, cid, gt, outputs, reference)
             group_of_case[cid] = f
             print(f"[heldout] fold {f} {cid}: " + ", ".join(
