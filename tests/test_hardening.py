@@ -101,6 +101,58 @@ def test_loader_refuses_non_finite_weights_naming_file_and_tensor(tmp_path, plan
         assert "1 of" in message  # one tensor affected
 
 
+def test_loader_checks_the_checksum_training_wrote(tmp_path, plans_path):
+    """A bit flip that leaves the file loadable and finite is caught by the ``.sha256`` training writes beside a
+    checkpoint; a copy without it (e.g. bundle/models/model.pt) still loads."""
+    from custom.model.checkpoints import load_state_dict
+
+    good = _checkpoint(tmp_path / "run", plans_path)
+    assert good.with_name("model.pt.sha256").is_file() and load_state_dict(good)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    good.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.pt: SHA-256 .* differs from model\.pt\.sha256"):
+        load_state_dict(good)
+    copy = tmp_path / "copy" / "model.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(_checkpoint(tmp_path / "run2", plans_path), copy)
+    assert load_state_dict(copy)
+
+
+def _loads_that_may_run_pickled_code(source: str, filename: str) -> list[str]:
+    """``torch.load`` calls without ``weights_only=True`` and ``np.load`` calls with ``allow_pickle`` set, as
+    ``file:line`` (an unpickler runs whatever code a crafted file names)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        keywords = {k.arg: k.value for k in node.keywords}
+        if owner == "torch" and node.func.attr == "load":
+            flag = keywords.get("weights_only")
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                found.append(f"{filename}:{node.lineno}")
+        elif owner in ("np", "numpy") and node.func.attr == "load" and "allow_pickle" in keywords:
+            found.append(f"{filename}:{node.lineno}")
+    return found
+
+
+def test_every_torch_load_reads_weights_only():
+    """Every ``torch.load`` of the project (package, scripts, Triton models, MONAI Label app) passes
+    ``weights_only=True`` and no ``np.load`` allows pickles; the check itself finds a planted unsafe call."""
+    planted = "import torch\nimport numpy as np\ntorch.load(p)\ntorch.load(p, weights_only=False)\n" \
+              "np.load(p, allow_pickle=True)\ntorch.load(p, map_location='cpu', weights_only=True)\n"
+    assert _loads_that_may_run_pickled_code(planted, "planted.py") == ["planted.py:3", "planted.py:4", "planted.py:5"]
+    files = [p for top in ("custom", "scripts", "triton_models") for p in sorted((REPO_ROOT / top).rglob("*.py"))]
+    assert len(files) > 50 and any(p.name == "checkpoints.py" for p in files)
+    unsafe = [hit for p in files for hit in _loads_that_may_run_pickled_code(p.read_text(), str(p.relative_to(REPO_ROOT)))]
+    assert unsafe == []
+    configs = sorted((REPO_ROOT / "bundle" / "configs").glob("*.json"))
+    assert configs and not [c.name for c in configs if "torch.load" in c.read_text()]
+
+
 def test_bundle_inference_on_a_nan_model_prints_the_named_error_alone(tmp_path, plans_path, one_case):
     """Issue 15.7: a NaN model used to predict "no tumour" everywhere with exit 0. Now the bundle command stops
     before reading any case, with the loader's message alone, and writes nothing."""

@@ -15,10 +15,11 @@ from typing import Mapping
 
 import torch
 
+from custom.core.atomic import verify_checksum
 from custom.core.constants import NUM_REGIONS
 from custom.core.dist import unwrap_network
-from custom.core.errors import CheckpointError
-from custom.core.layout import RunDir, WorkDir
+from custom.core.errors import BraTSInputError, CheckpointError
+from custom.core.layout import RunDir, WorkDir, checksum_path
 from custom.model.networks import build_network
 
 _HEADER = "cannot load the model"
@@ -52,15 +53,21 @@ def load_state_dict(checkpoint) -> dict:
     """The network weights of a checkpoint, read with ``weights_only=True``, every floating tensor finite.
 
     Accepts ``model.pt`` / ``model_final.pt`` (``{"model": state_dict, ...}``), ``checkpoint_last.pt``
-    (``{"network": state_dict, ...}``) and a bare state dict.
+    (``{"network": state_dict, ...}``) and a bare state dict. When the ``<name>.sha256`` that training writes
+    lies beside the file, the file must match it.
 
     Raises:
-        CheckpointError: missing or unreadable file, no state dict inside, or weights holding NaN or infinite
-            values (the file and the first such tensor are named).
+        CheckpointError: missing or unreadable file, content that differs from its checksum file, no state dict
+            inside, or weights holding NaN or infinite values (the file and the first such tensor are named).
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found", header=_HEADER)
+    if checksum_path(path).is_file():  # written beside it by training (atomic_torch_save); a copy may lack it
+        try:
+            verify_checksum(path)
+        except BraTSInputError as exc:
+            raise CheckpointError(exc.problems, header=_HEADER) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/truncated files raise many different types
