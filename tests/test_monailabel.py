@@ -761,6 +761,54 @@ def test_server_upload_cap_and_labels(bare_server, tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj), np.where(seg == 4, 1, seg))
 
 
+def test_server_routes_monailabel_adds_on_our_behalf(bare_server):
+    """The routes MONAI Label serves beside the app's (bundle/docs/SECURITY.md lists them): the dataset archive,
+    which would leave a zip of every study in the server's temporary folder per request, is refused; ids and
+    dot segments are refused on the WSI, OHIF and proxy routes too; the server log is readable by any client
+    (without authentication every client is admin: hence --host 127.0.0.1); /proxy/dicom reaches no server
+    when the studies are a folder; and the guard survives /reload, which builds the app again."""
+    import http.client
+
+    import requests
+
+    url = bare_server.url
+
+    def refused_dataset_archive():
+        r = requests.get(f"{url}/datastore/dataset", timeout=60)
+        assert r.status_code == 403 and "dataset archive is disabled" in r.json()["detail"], (r.status_code, r.text[:300])
+
+    refused_dataset_archive()
+    r = requests.post(f"{url}/wsi/infer/segmentation", params={"image": "../outside/victim"}, timeout=60)
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    conn = http.client.HTTPConnection("127.0.0.1", bare_server.port, timeout=60)
+    for raw in ("/ohif/../../custom/__init__.py", "/proxy/dicom/wado/..%2F..%2Fetc"):
+        conn.request("GET", raw)
+        answer = conn.getresponse()
+        body = answer.read()
+        assert answer.status in (400, 404), (raw, answer.status, body[:300])
+    conn.close()
+    r = requests.get(f"{url}/proxy/dicom/qido/studies", timeout=60)
+    assert r.status_code >= 400, (r.status_code, r.text[:300])
+    r = requests.get(f"{url}/logs/", params={"text": "true", "lines": 20}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain") and r.text, r.text[:300]
+    r = requests.post(f"{url}/reload", timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    refused_dataset_archive()
+    r = requests.get(f"{url}/datastore/image", params={"image": "../outside/victim"}, timeout=60)
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+
+
+def test_listen_host_is_monailabels_all_interfaces_without_host():
+    """The app warns when the server listens beyond loopback without authentication; MONAI Label binds
+    0.0.0.0 when --host is left out."""
+    from lib.security import listen_host
+
+    assert listen_host(["monailabel", "start_server", "--app", "a", "--studies", "s"]) == "0.0.0.0"
+    assert listen_host(["start_server", "--host", "127.0.0.1", "--port", "8010"]) == "127.0.0.1"
+    assert listen_host(["start_server", "-i", "::1"]) == "::1"
+    assert listen_host(["start_server", "--host=10.0.0.5"]) == "10.0.0.5"
+
+
 def test_server_refuses_a_study_whose_spacing_would_blow_up(server, tmp_path):
     """Issue 15.5: a study whose spacing resamples to an enormous grid is a 4xx naming the problem."""
     import requests

@@ -14,8 +14,10 @@ unknown image, model or strategy with HTTP 500. The app closes these in four pla
   same for active-learning strategies.
 - ``RequestGuard``, an ASGI middleware: bodies over the upload cap get 413; query parameters that name a
   study, label or tag (``ID_PARAMS``) must be plain ids and a path may not hold ``.``/``..`` segments (400);
-  sessions (arbitrary uploads, archives unpacked on the server) and model uploads/deletions over HTTP are
-  refused (403): studies come from the datastore, models from training or the administrator.
+  sessions (arbitrary uploads, archives unpacked on the server), model uploads/deletions over HTTP and the
+  dataset archive (``GET /datastore/dataset``: MONAI Label zips every study and label into a temporary file
+  it never removes, so each request costs the datastore's size in disk) are refused (403): studies come from
+  the datastore, models from training or the administrator.
 - ``secure_server``: installs ``RequestGuard``, answers cross-origin requests only for the origins of the app
   conf ``cors_origins`` (none by default; credentials only for listed origins, never for ``*``), and maps
   errors to 4xx answers naming the problem (``ERROR_STATUS``; a model that cannot serve, e.g. with non-finite
@@ -105,8 +107,8 @@ class _BodyTooLarge(Exception):
 
 
 class RequestGuard:
-    """ASGI middleware: refuse oversized bodies, non-plain ids in query parameters, dot segments, sessions
-    and model uploads, before MONAI Label's routes see the request.
+    """ASGI middleware: refuse oversized bodies, non-plain ids in query parameters, dot segments, sessions,
+    model uploads and the dataset archive, before MONAI Label's routes see the request.
 
     Args:
         app: the ASGI application it wraps.
@@ -133,6 +135,9 @@ class RequestGuard:
         if (len(segments) > 1 and segments[1] == "session") or any(k == "session_id" for k, _ in params):
             return 403, ("sessions are disabled in this app: upload the study to the datastore "
                          "(PUT /datastore/image) and use its id")
+        if segments[1:3] == ["datastore", "dataset"]:  # a full-dataset zip left in /tmp per request
+            return 403, ("the dataset archive is disabled in this app (each request would leave a copy of every "
+                         "study in the server's temporary folder): copy the studies folder on the server instead")
         if len(segments) > 1 and segments[1] == "model" and scope.get("method") in ("PUT", "DELETE"):
             return 403, ("model files are not uploaded or deleted over HTTP in this app: training publishes them, "
                          "or an administrator copies them (see the app README)")
