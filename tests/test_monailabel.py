@@ -798,6 +798,38 @@ def test_server_routes_monailabel_adds_on_our_behalf(bare_server):
     assert r.status_code == 400, (r.status_code, r.text[:300])
 
 
+def _peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process so far (MB, the kernel's VmHWM)."""
+    import re
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def test_server_refuses_a_header_that_declares_more_than_the_file_holds(bare_server, tmp_path):
+    """Issue 15.11: a study of a few dozen bytes whose header declares 512^3 x 4 float32 (2 GiB) drove the
+    server's validation to 1 GB; now it is a 422 naming the file, answered from the header and the file size,
+    and the server's peak memory does not move by the declared size."""
+    import gzip
+
+    import requests
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 512, 4))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    study = tmp_path / "BraTS-GLI-00055-000.nii.gz"
+    study.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    assert study.stat().st_size < 200
+    before = _peak_rss_mb(bare_server.proc.pid)
+    with open(study, "rb") as fh:
+        r = requests.put(f"{bare_server.url}/datastore/image", params={"image": "BraTS-GLI-00055-000"},
+                         files={"file": (study.name, fh)}, timeout=120)
+    assert r.status_code == 422 and "declares" in r.json()["detail"], (r.status_code, r.text[:500])
+    assert _peak_rss_mb(bare_server.proc.pid) - before < 256, "the declared 2 GiB were allocated"
+    assert not (bare_server.studies / study.name).exists()
+
+
 def test_listen_host_is_monailabels_all_interfaces_without_host():
     """The app warns when the server listens beyond loopback without authentication; MONAI Label binds
     0.0.0.0 when --host is left out."""
