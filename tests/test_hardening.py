@@ -423,3 +423,17 @@ def test_evaluate_runs_twice_with_its_output_inside_the_prediction_folder(evalua
         proc = _evaluate(gt, pred, pred / "report")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((pred / "report" / "summary.json").read_text())["num_cases"] == 2
+
+
+def test_evaluate_ignores_the_hidden_files_a_killed_writer_leaves(evaluation_folders, tmp_path):
+    """Issue 15.12: ``*.nii.gz`` matched the hidden ``.CASE-unc.tmp-PID.nii.gz`` a kill -9 left, and evaluate.py
+    stopped on it; hidden files are never read (here: garbage under the temporary names of a map and a label)."""
+    gt, pred = (shutil.copytree(p, tmp_path / p.name) for p in evaluation_folders)
+    case_id = sorted(p.name for p in gt.iterdir())[0]
+    label, unc = prediction_paths(pred, case_id)
+    for final in (label, unc):
+        temporary_path(final, pid=2**22 + 4321).write_bytes(b"half written")
+    proc = _evaluate(gt, pred, tmp_path / "report")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["num_cases"] == 2
