@@ -472,6 +472,32 @@ def test_infer_tasks_refuse_a_nan_model(studies, model_dir, tmp_path):
             task({"image": study, "device": "cpu"})
 
 
+def test_publish_replaces_a_stale_checksum_with_the_runs(prepared_work_dir, tmp_path):
+    """The loader checks a ``model.pt.sha256`` beside a model: publishing a trained model next to an old
+    checksum file (e.g. copied in by hand with an earlier model) must not leave the new model refused."""
+    import torch
+    from lib.trainers import BraTSBundleTrainTask
+
+    from custom.core.atomic import atomic_torch_save
+    from custom.model.checkpoints import load_state_dict
+    from custom.model.networks import build_network
+
+    plans = prepared_work_dir / "plans.json"
+    app_model = tmp_path / "app" / "model.pt"
+    app_model.parent.mkdir()
+    for seed, folder in ((0, tmp_path / "app"), (1, tmp_path / "run")):
+        torch.manual_seed(seed)
+        atomic_torch_save({"model": build_network(plans, with_uncertainty=True).state_dict()}, folder / "model.pt")
+        shutil.copyfile(plans, folder / "plans.json")
+    assert (tmp_path / "app" / "model.pt.sha256").is_file()  # the old model's checksum, at the model path
+    task = BraTSBundleTrainTask(str(REPO_ROOT / "bundle"), {}, str(app_model), str(tmp_path / "work"))
+    task.publish(tmp_path / "run")
+    published = load_state_dict(app_model)
+    expected = load_state_dict(tmp_path / "run" / "model.pt")
+    assert all(torch.equal(published[k], expected[k]) for k in expected)
+    assert (tmp_path / "app" / "model.pt.sha256").read_text() == (tmp_path / "run" / "model.pt.sha256").read_text()
+
+
 def test_entry_points_do_not_edit_sys_path():
     """MONAI Label puts the app directory on sys.path and ``custom`` is installed: no script edits it."""
     import ast

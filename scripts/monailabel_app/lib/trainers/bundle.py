@@ -37,6 +37,7 @@ from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
 from custom.core.atomic import atomic_path, atomic_write_json
 from custom.core.errors import BraTSInputError
+from custom.core.layout import checksum_path
 from custom.data.studies import study_case_id, study_id_of, study_to_case_folder
 
 logger = logging.getLogger(__name__)
@@ -235,16 +236,22 @@ class BraTSBundleTrainTask(BundleTrainTask):
         return stats
 
     def publish(self, run_dir) -> str:
-        """Copy ``model.pt`` and ``plans.json`` of a finished run to the app's model path (plans first)."""
+        """Copy ``model.pt`` and ``plans.json`` of a finished run to the app's model path (plans first), then the
+        run's ``model.pt.sha256``. A checksum file already at the model path is removed before the model is
+        replaced: the loader checks a checksum file beside a model, and an old one would refuse the new model."""
         run_dir = Path(run_dir)
         model, plans = run_dir / "model.pt", run_dir / "plans.json"
         missing = [str(p) for p in (model, plans) if not p.exists()]
         if missing:
             raise RuntimeError(f"training finished without {missing}")
         self.model_path.parent.mkdir(parents=True, exist_ok=True)
-        for src, dst in ((plans, self.model_path.parent / "plans.json"), (model, self.model_path)):
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(src, tmp)
+        published_checksum = checksum_path(self.model_path)
+        published_checksum.unlink(missing_ok=True)
+        for src, dst in ((plans, self.model_path.parent / "plans.json"), (model, self.model_path),
+                         (checksum_path(model), published_checksum)):
+            if src.exists():  # (a run always has its checksum file; a model copied in by hand may not)
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(src, tmp)
         return str(self.model_path)
 
     def stats(self):
