@@ -39,8 +39,8 @@ def main(
 
     Trains train.json + tiny.json through `python -m monai.bundle run training` and reads the run's metrics.csv:
     validation Dice WT/TC/ET and the correlation of unc_output, variance_stable and var1shot with error_stable.
-    Targets: Dice WT >= MIN_DICE_WT and corr(unc_output) > corr(var1shot); exit status 0 when both hold, 1 when
-    not, 2 when training fails.
+    Targets: Dice WT >= MIN_DICE_WT and corr(unc_output) > corr(variance_stable) > corr(var1shot) (the paper's
+    ordering); exit status 0 when both hold, 1 when not, 2 when training fails.
 
     Args:
         out: JSON summary path.

@@ -66,6 +66,7 @@ def check_learning(out, work_dir=None, num_cases: int = 16, shape: Sequence[int]
         raise TrainingFailed(cmd, proc)
     summary = learning_summary(run.metrics_csv, last_k_epochs=int(last_k) * int(val_interval))
     corr_unc, corr_var = summary.get("val_corr_unc", math.nan), summary.get("val_corr_var1shot", math.nan)
+    corr_stable = summary.get("val_corr_variance_stable", math.nan)
     result = {
         "work_dir": str(work.path),
         "run_dir": str(run.path),
@@ -80,8 +81,10 @@ def check_learning(out, work_dir=None, num_cases: int = 16, shape: Sequence[int]
         "target_dice_wt": float(min_dice_wt),
         "dice_wt_ok": bool(summary["val_dice_wt"] >= float(min_dice_wt)),
         "corr_unc_beats_var1shot": bool(corr_unc > corr_var),
+        # the paper's ordering on GT WT: unc_output > variance_stable > var1shot
+        "corr_ordering_ok": bool(corr_unc > corr_stable > corr_var),
     }
-    result["passed"] = result["dice_wt_ok"] and result["corr_unc_beats_var1shot"]
+    result["passed"] = result["dice_wt_ok"] and result["corr_ordering_ok"]
     result = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
     atomic_write_json(out, result)
     return result

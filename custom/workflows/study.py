@@ -63,10 +63,10 @@ from custom.workflows.prepare import prepare_data
 #: segmentation is then trained by the segmentation loss alone, so heads compare on equal segmentations
 STUDY_VARIANTS = {
     "baseline": {"config": "baseline.json", "overrides": {}},
-    "paper": {"config": None, "overrides": {"unc_loss": "paper"}},
-    "ring": {"config": None, "overrides": {"unc_loss": "ring"}},
-    "two_region": {"config": None, "overrides": {"unc_loss": "two_region"}},
-    "proper": {"config": None, "overrides": {"unc_loss": "proper"}},
+    "paper": {"config": None, "overrides": {"unc_loss": "paper", "unc_stop_gradient": "false"}},
+    "ring": {"config": None, "overrides": {"unc_loss": "ring", "unc_stop_gradient": "false"}},
+    "two_region": {"config": None, "overrides": {"unc_loss": "two_region", "unc_stop_gradient": "false"}},
+    "proper": {"config": None, "overrides": {"unc_loss": "proper", "unc_stop_gradient": "false"}},
     "paper_sg": {"config": None, "overrides": {"unc_loss": "paper", "unc_stop_gradient": "true"}},
     "ring_sg": {"config": None, "overrides": {"unc_loss": "ring", "unc_stop_gradient": "true"}},
     "two_region_sg": {"config": None, "overrides": {"unc_loss": "two_region", "unc_stop_gradient": "true"}},
