@@ -65,3 +65,27 @@ def test_deep_supervision_target_comes_from_the_full_resolution_output(tmp_path)
     p_wt = torch.sigmoid(logits[:, 0:1])
     torch.testing.assert_close(targets["error_stable"],
                                smooth_failure(((p_wt > 0.5) != (label[:, 0:1] > 0.5)).float()))
+
+
+def test_modalities_reach_the_network_as_t1c_t1n_t2f_t2w(tmp_path):
+    """Each modality file of a case holds its own constant; the training datalist and the inference loader both
+    give the channels in MODALITIES order."""
+    import nibabel as nib
+    import numpy as np
+
+    from custom.core.constants import MODALITIES
+    from custom.data.cases import find_case_files, scan_dataset
+    from custom.data.nifti import load_case, load_case_arrays
+
+    assert MODALITIES == ("t1c", "t1n", "t2f", "t2w")
+    cid = "BraTS-GLI-00042-000"
+    case_dir = tmp_path / "data" / cid
+    case_dir.mkdir(parents=True)
+    for value, m in enumerate(MODALITIES, start=1):
+        nib.save(nib.Nifti1Image(np.full((6, 6, 6), float(value), np.float32), np.eye(4)),
+                 str(case_dir / f"{cid}-{m}.nii.gz"))
+    (scanned,) = scan_dataset(tmp_path / "data")
+    image, _, _, _ = load_case_arrays([str(p) for p in scanned.image_paths])
+    assert [float(image[c].mean()) for c in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    image, _, _, _ = load_case(find_case_files(case_dir))
+    assert [float(image[c].mean()) for c in range(4)] == [1.0, 2.0, 3.0, 4.0]

@@ -46,6 +46,20 @@ def test_hd95_is_the_95th_percentile_on_a_case_where_the_percentile_matters():
     assert hd95(pred, gt, (1.0, 1.0, 1.0)) == 5.0
 
 
+def test_directed_percentile_takes_the_first_surfel_that_reaches_the_fraction():
+    """20 surfels of equal area: the cumulative fraction reaches exactly 0.95 at the 19th, whose distance is the
+    95th percentile (surface-distance's ``searchsorted`` on the left); 0.951 needs the 20th."""
+    from custom.evaluation.surface import directed_percentile
+
+    distances, areas = np.arange(20, dtype=float), np.ones(20)
+    assert directed_percentile(distances, areas, 95) == 18.0
+    assert directed_percentile(distances, areas, 95.1) == 19.0
+    assert directed_percentile(distances, areas, 100) == 19.0
+    # area-weighted: one surfel holding half the area reaches 50 % by itself
+    assert directed_percentile(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 2.0]), 50) == 2.0
+    assert directed_percentile(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 2.0]), 51) == 3.0
+
+
 # ------------------------------------------------------------------------------------------ ECE
 def test_ece_depends_on_the_bin_count():
     # 10 bins: each value alone: (.95 + .15 + .25 + .65) / 4 ; 5 bins: {.05, .15} and {.25, .35}: (.8 + .4) / 4

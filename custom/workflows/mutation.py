@@ -246,10 +246,13 @@ def check_mutants(mutants: Sequence[dict], repo_root=REPO_ROOT, timeout: float =
               "timeout_s": timeout, "jobs": jobs}
     try:
         copies = [copy_repository(repo_root, workdir / f"copy{j}") for j in range(jobs)]
-        if baseline:
-            union = list(dict.fromkeys(t for m in mutants for t in m["tests"]))
+        if baseline and mutants:
+            # selections naming a missing file are left to their mutants (reported as errors)
+            union = [t for t in dict.fromkeys(t for m in mutants for t in m["tests"])
+                     if (copies[0] / t.split("::")[0]).exists()]
             log(f"baseline: {len(union)} test selections on the unmutated copy ...")
-            run = run_tests(copies[0], union, timeout * 2, python)
+            run = run_tests(copies[0], union, timeout * 2, python) if union else \
+                {"rc": 0, "seconds": 0.0, "output": "", "timed_out": False}
             report["baseline"] = {"rc": run["rc"], "seconds": run["seconds"], "timed_out": run["timed_out"]}
             if run["rc"] != 0:
                 failed = _FAILED.findall(run["output"])
@@ -324,6 +327,23 @@ def _cell(text: str, width: int = 70) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+def _change(old: str, new: str, context: int = 16) -> tuple[str, str]:
+    """The differing middle of ``old`` and ``new`` with ``context`` characters around it (common ends elided)."""
+    p = 0
+    while p < min(len(old), len(new)) and old[p] == new[p]:
+        p += 1
+    s = 0
+    while s < min(len(old), len(new)) - p and old[-1 - s] == new[-1 - s]:
+        s += 1
+    start = max(p - context, 0)
+
+    def part(text: str) -> str:
+        stop = min(len(text) - s + context, len(text))
+        return ("…" if start > 0 else "") + text[start:stop] + ("…" if stop < len(text) else "")
+
+    return part(old), part(new)
+
+
 def render_markdown(report: dict, command: str, min_score: float = MIN_SCORE) -> str:
     """``bundle/docs/mutation.md``: score, date, command, counts per class, survivors, the whole list."""
     score = report["score"]
@@ -355,14 +375,16 @@ def render_markdown(report: dict, command: str, min_score: float = MIN_SCORE) ->
     if not flagged:
         lines.append("None: every mutant was killed.")
     for r in flagged:
-        why = r.get("equivalent") or r.get("note") or r["detail"] or ""
+        why = r.get("equivalent") or r.get("note") or r["detail"] or \
+            "no note: add a test that kills it, or argue in the list why it is equivalent"
         state = "equivalent" if r["outcome"] == "survived" and r.get("equivalent") else r["outcome"]
         lines.append(f"- `{r['id']}` ({state}, `{r['file']}`): {why}" + (
             f" [{r['detail']}]" if r["outcome"] in ("not_applicable", "error") else ""))
     lines += ["", "## Every mutant", "",
               "| id | class | file | old -> new | outcome | caught by |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
-        change = f"`{_cell(r['old'], 45)}` -> `{_cell(r['new'], 45)}`"
+        old, new = _change(r["old"], r["new"])
+        change = f"`{_cell(old, 60)}` -> `{_cell(new, 60)}`"
         lines.append(f"| {r['id']} | {r['class']} | {r['file']} | {change} | {r['outcome']} "
                      f"| {_cell(r['detail'], 80)} |")
     return "\n".join(lines) + "\n"
