@@ -89,3 +89,7 @@ def test_modalities_reach_the_network_as_t1c_t1n_t2f_t2w(tmp_path):
     assert [float(image[c].mean()) for c in range(4)] == [1.0, 2.0, 3.0, 4.0]
     image, _, _, _ = load_case(find_case_files(case_dir))
     assert [float(image[c].mean()) for c in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    # a {modality: path} mapping in any order
+    by_name = {m: str(case_dir / f"{cid}-{m}.nii.gz") for m in reversed(MODALITIES)}
+    image, _, _, _ = load_case_arrays(by_name)
+    assert [float(image[c].mean()) for c in range(4)] == [1.0, 2.0, 3.0, 4.0]
