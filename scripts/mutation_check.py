@@ -1,7 +1,7 @@
 """Plant the mutants of tests/mutants.json one at a time in a copy of the repository; report which the tests miss.
 
     python scripts/mutation_check.py --out /tmp/mutation.json [--markdown bundle/docs/mutation.md]
-        [--ids "[masking-no-final-mask]"] [--classes "[masking,config]"] [--jobs 1] [--timeout 900]
+        [--ids "[masking-no-mask-on-original-grid]"] [--classes "[masking,config]"] [--jobs 1] [--timeout 900]
 
 Run it before calling a change to the method core, inference, evaluation or the configs done (slow, not in CI:
 minutes per class on two cores). How it works and what the outcomes mean: :mod:`custom.workflows.mutation`.
@@ -28,7 +28,7 @@ def main(out: str | None = None, markdown: str | None = None, mutants: str = str
         out: JSON report (every mutant with its outcome and the test that caught it).
         markdown: the record to write (bundle/docs/mutation.md); by default written only for a full run.
         mutants: the mutant list.
-        ids: run only these mutant ids, e.g. "[masking-no-final-mask,config-corr-weight]".
+        ids: run only these mutant ids, e.g. "[masking-no-mask-on-original-grid,config-momentum-0.9]".
         classes: run only these classes, e.g. "[masking,channels]".
         jobs: copies of the repository tested in parallel.
         timeout: seconds per mutant's pytest run (a run past it counts as killed).

@@ -36,7 +36,8 @@ def tiny_repo(tmp_path):
     (root / "pkg" / "__init__.py").write_text("")
     (root / "pkg" / "calc.py").write_text(CALC)
     (root / "pkg" / "moved.py").write_text("def square(a):\n    return a ** 2\n")
-    (root / "tests" / "test_calc.py").write_text("from pkg.calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n")
+    (root / "tests" / "test_calc.py").write_text(
+        "from pkg.calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n")
     (root / ".gitignore").write_text("ignored/\n")
     _git(root, "init", "-q")
     _git(root, "add", "-A")

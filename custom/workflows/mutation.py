@@ -3,14 +3,14 @@ for it; a mutant the tests do not notice "survives" and names a gap in the suite
 
 The mutants are data (``tests/mutants.json``), a list of entries::
 
-    {"id": "masking-no-final-mask",          unique name
-     "class": "masking",                     one of MUTANT_CLASSES
+    {"id": "masking-no-mask-on-original-grid",          unique name
+     "class": "masking",                                 one of MUTANT_CLASSES
      "file": "custom/inference/postprocess.py",
      "old": "exact text", "new": "replacement",
-     "tests": ["tests/test_inference_masking.py"],   pytest files or node ids run for this mutant
-     "note": "why this bug matters / which test catches it",       optional
-     "all": true,                            optional: replace every occurrence (default: exactly one)
-     "equivalent": "why no test can catch it"}                       optional: excluded from the score
+     "tests": ["tests/test_inference_masking.py"],       pytest files or node ids run for this mutant
+     "note": "why this bug matters",                     optional
+     "all": true,                                        optional: replace every occurrence (default: exactly one)
+     "equivalent": "why no test can catch it"}           optional: left out of the score
 
 For each mutant the runner replaces ``old`` by ``new`` in the copy, runs ``pytest -x -q <tests>`` there with
 ``PYTHONPATH`` = the copy (so the copy's ``custom`` is imported, never the working tree's), records the outcome and
