@@ -230,3 +230,17 @@ def test_inference_config_follows_the_checkpoint_without_uncertainty(work_dir, t
     segmenter = parser.get_parsed_content("segmenter")
     assert segmenter.with_uncertainty is False and segmenter.out_channels == 3
     assert segmenter.network.output_block.conv.conv.out_channels == 3
+
+
+def test_multi_gpu_config_gives_each_rank_its_own_patch_stream(work_dir, tmp_path, monkeypatch):
+    """multi_gpu_train.json layered on train.json: the sampler's rank comes from RANK (a rank that reused rank 0's
+    stream would train on the same patches as rank 0); only rank 0 logs and writes TensorBoard. (The process group
+    and DDP are exercised by tests/test_bundle.py with torchrun.)"""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    parser = _parser(["train", "multi_gpu_train", "tiny"], {"work_dir": str(work_dir), "output_dir": str(tmp_path)})
+    dataset = parser.get_parsed_content("train#dataset")
+    assert (dataset.rank, dataset.iterations_per_epoch, dataset.batch_size) == (1, 8, 2)
+    assert parser.get_parsed_content("tb_writer") is None
+    assert parser.get_parsed_content("train#logging_handlers") == []
+    assert parser.get_parsed_content("validate#logging_handlers") == []
