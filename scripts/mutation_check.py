@@ -6,7 +6,8 @@
 Run it before calling a change to the method core, inference, evaluation or the configs done (slow, not in CI:
 minutes per class on two cores). How it works and what the outcomes mean: :mod:`custom.workflows.mutation`.
 Exit status 0 when the score is >= --min_score and every mutant applied; 1 otherwise (a survivor names a gap
-in the tests; "not applicable" means the mutated code moved and tests/mutants.json must follow it).
+in the tests; an error with "'old' text not found" means the mutated code moved and tests/mutants.json must
+follow it).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main(out: str | None = None, markdown: str | None = None, mutants: str = str
             print(f"{r['outcome'].upper()}: {r['id']} ({r['file']}): {r.get('equivalent') or r['detail']}")
     n = report["killed"] + report["survived"]
     print(f"mutation score {report['killed']}/{n} = {100 * report['score']:.1f} % (required {100 * min_score:.0f} %); "
-          f"not applicable {report['not_applicable']}, errors {report['errors']}, equivalent {report['equivalent']}"
+          f"errors {report['errors']}, equivalent {report['equivalent']}"
           + (f" -> {out}" if out else "") + (f", {markdown}" if markdown else ""))
     sys.exit(0 if report["passed"] else 1)
 

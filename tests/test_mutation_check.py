@@ -67,17 +67,18 @@ def test_every_outcome_on_a_tiny_repository(tiny_repo, tmp_path):
     report = mutation_check(path, out=tmp_path / "out" / "m.json", markdown=tmp_path / "out" / "m.md",
                             repo_root=tiny_repo, timeout=120, log=logged.append)
     outcome = {r["id"]: r["outcome"] for r in report["results"]}
-    assert outcome == {"killed": "killed", "survived": "survived", "equivalent": "survived", "moved": "not_applicable",
-                       "twice": "not_applicable", "no-such-test": "error"}
+    # a snippet that no longer matches is an error, never skipped
+    assert outcome == {"killed": "killed", "survived": "survived", "equivalent": "survived", "moved": "error",
+                       "twice": "error", "no-such-test": "error"}
     detail = {r["id"]: r["detail"] for r in report["results"]}
     assert detail["killed"] == "tests/test_calc.py::test_add"
     assert "not found in pkg/calc.py; the text is now in ['pkg/moved.py']" in detail["moved"]
     assert "occurs" in detail["twice"] and "times" in detail["twice"]
-    # the score leaves out equivalents, not-applicable and errors; those fail the check
+    # the score leaves out equivalents and errors; errors fail the check whatever the score
     assert (report["killed"], report["survived"], report["equivalent"]) == (1, 1, 1)
-    assert report["score"] == 0.5 and report["not_applicable"] == 2 and report["errors"] == 1
+    assert report["score"] == 0.5 and report["errors"] == 3
     assert report["passed"] is False and report["commit"] and report["baseline"]["rc"] == 0
-    assert report["counts"]["core"] == {"killed": 1, "survived": 1, "not_applicable": 2, "error": 1, "equivalent": 1}
+    assert report["counts"]["core"] == {"killed": 1, "survived": 1, "error": 3, "equivalent": 1}
     # the working tree is never written
     assert (tiny_repo / "pkg" / "calc.py").read_text() == CALC
     saved = json.loads((tmp_path / "out" / "m.json").read_text())
@@ -139,9 +140,9 @@ def test_the_mutant_list_applies_to_this_tree():
 def test_markdown_escapes_table_cells():
     result = {"id": "x", "class": "core", "file": "f.py", "old": "a | b", "new": "`c`", "tests": ["t"],
               "outcome": "killed", "detail": "t::test", "seconds": 1.0}
-    report = {"results": [result], "killed": 1, "survived": 0, "not_applicable": 0, "errors": 0, "equivalent": 0,
+    report = {"results": [result], "killed": 1, "survived": 0, "errors": 0, "equivalent": 0,
               "score": 1.0, "date": "2025-01-01T00:00:00+00:00", "commit": "abc", "dirty": False, "baseline": None,
-              "counts": {c: {"killed": int(c == "core"), "survived": 0, "not_applicable": 0, "error": 0,
+              "counts": {c: {"killed": int(c == "core"), "survived": 0, "error": 0,
                              "equivalent": 0} for c in MUTANT_CLASSES}}
     md = render_markdown(report, "python scripts/mutation_check.py")
     assert "| x | core | f.py | `a \\| b` -> `'c'` | killed | t::test |" in md

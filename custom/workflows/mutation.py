@@ -18,9 +18,10 @@ puts the file back. Outcomes:
 
 - ``killed``: a selected test failed (or the run timed out, or a module no longer imports);
 - ``survived``: every selected test passed with the bug in place;
-- ``not_applicable``: ``old`` is not in ``file`` (the code moved on: the runner names the files that hold the text
-  now, if any) or occurs more than once without ``"all"``; the list must be brought up to date;
-- ``error``: pytest could not run the selection (a test file or node id that does not exist, nothing collected).
+- ``error``: the mutant could not be tested. Either its ``old`` text is not in ``file`` (the code moved on: the
+  detail names the files that hold the text now, if any) or occurs more than once without ``"all"``, and the list
+  must follow the code; or pytest could not run the selection (a test file or node id that does not exist, nothing
+  collected). An error is never skipped: it fails the check like a low score.
 
 ``score = killed / (killed + survived)`` over the mutants not marked ``equivalent``. Before the mutants, the union
 of all selections runs once on the unmutated copy: a failing baseline would make every mutant look killed, so the
@@ -56,7 +57,7 @@ MUTANT_CLASSES = {
     "core": "the method's formulas: loss terms, EMA, regions and labels, dilation, metric definitions",
 }
 
-OUTCOMES = ("killed", "survived", "not_applicable", "error")
+OUTCOMES = ("killed", "survived", "error")
 
 DEFAULT_MUTANTS = REPO_ROOT / "tests" / "mutants.json"
 
@@ -168,7 +169,7 @@ def where_text_is(root, text: str, skip: str | None = None) -> list[str]:
 
 def apply_mutant(root, mutant: dict) -> tuple[str | None, str]:
     """Write the mutant into the copy at ``root``. Returns ``(original text, "")`` when applied, or
-    ``(None, reason)`` when it is not applicable (the reason names the file and where the text is now)."""
+    ``(None, reason)`` when its ``old`` text does not match (the reason names the file and where the text is now)."""
     root = Path(root)
     path = root / mutant["file"]
     if not path.is_file():
@@ -274,7 +275,7 @@ def check_mutants(mutants: Sequence[dict], repo_root=REPO_ROOT, timeout: float =
                 m = mutants[i]
                 original, reason = apply_mutant(copy, m)
                 if original is None:
-                    res = {"outcome": "not_applicable", "detail": reason, "seconds": 0.0}
+                    res = {"outcome": "error", "detail": reason, "seconds": 0.0}
                 else:
                     try:
                         run = run_tests(copy, m["tests"], timeout, python)
@@ -314,7 +315,6 @@ def score_results(results: Sequence[dict]) -> dict:
     killed = sum(c["killed"] for c in counts.values())
     survived = sum(c["survived"] for c in counts.values())
     return {"counts": counts, "killed": killed, "survived": survived,
-            "not_applicable": sum(c["not_applicable"] for c in counts.values()),
             "errors": sum(c["error"] for c in counts.values()),
             "equivalent": sum(c["equivalent"] for c in counts.values()),
             "score": killed / (killed + survived) if killed + survived else float("nan")}
@@ -354,7 +354,7 @@ def render_markdown(report: dict, command: str, min_score: float = MIN_SCORE) ->
              "`custom/workflows/mutation.py` says how it works.", "",
              f"**Score: {report['killed']} of {report['killed'] + report['survived']} mutants killed "
              f"({100 * score:.1f} %; required {100 * min_score:.0f} %).** "
-             f"Not applicable: {report['not_applicable']}; errors: {report['errors']}; "
+             f"Errors (not tested: stale snippet or bad test selection): {report['errors']}; "
              f"equivalent (left out of the score): {report['equivalent']}.", "",
              f"- date: {report['date']}",
              f"- commit: `{report['commit'] or 'unknown'}`{' with uncommitted changes' if report['dirty'] else ''}",
@@ -364,13 +364,13 @@ def render_markdown(report: dict, command: str, min_score: float = MIN_SCORE) ->
              f"- time: {sum(r['seconds'] for r in report['results']):.0f} s of pytest over {len(report['results'])} "
              f"mutants", "",
              "## Per class", "",
-             "| class | what it plants | mutants | killed | survived | equivalent | not applicable | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| class | what it plants | mutants | killed | survived | equivalent | errors |",
+             "|---|---|---|---|---|---|---|"]
     for c, what in MUTANT_CLASSES.items():
         n = report["counts"][c]
         lines.append(f"| {c} | {what} | {sum(n.values())} | {n['killed']} | {n['survived']} | {n['equivalent']} "
-                     f"| {n['not_applicable']} | {n['error']} |")
-    lines += ["", "## Survivors, equivalents, not applicable", ""]
+                     f"| {n['error']} |")
+    lines += ["", "## Survivors, equivalents, errors", ""]
     flagged = [r for r in report["results"] if r["outcome"] != "killed"]
     if not flagged:
         lines.append("None: every mutant was killed.")
@@ -379,7 +379,7 @@ def render_markdown(report: dict, command: str, min_score: float = MIN_SCORE) ->
             "no note: add a test that kills it, or argue in the list why it is equivalent"
         state = "equivalent" if r["outcome"] == "survived" and r.get("equivalent") else r["outcome"]
         lines.append(f"- `{r['id']}` ({state}, `{r['file']}`): {why}" + (
-            f" [{r['detail']}]" if r["outcome"] in ("not_applicable", "error") else ""))
+            f" [{r['detail']}]" if r["outcome"] == "error" else ""))
     lines += ["", "## Every mutant", "",
               "| id | class | file | old -> new | outcome | caught by |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -402,12 +402,12 @@ def mutation_check(mutants=DEFAULT_MUTANTS, out=None, markdown=None, ids=None, c
                    jobs: int = 1, baseline: bool = True, repo_root=REPO_ROOT, min_score: float = MIN_SCORE,
                    command: str | None = None, log=print) -> dict:
     """Load, select and run the mutants; write ``out`` (JSON) and ``markdown`` if given; returns the report with
-    ``"passed"``: score >= ``min_score`` and no mutant not applicable or in error."""
+    ``"passed"``: score >= ``min_score`` and no mutant in error (a stale snippet included)."""
     selected = select_mutants(load_mutants(mutants), ids, classes)
     report = check_mutants(selected, repo_root=repo_root, timeout=timeout, jobs=jobs, baseline=baseline, log=log)
     report["min_score"] = float(min_score)
     report["mutants_file"] = str(mutants)
-    report["passed"] = bool(report["score"] >= min_score and not report["not_applicable"] and not report["errors"])
+    report["passed"] = bool(report["score"] >= min_score and not report["errors"])
     if out:
         atomic_write_json(out, json_report(report))
     if markdown:
