@@ -123,6 +123,25 @@ def test_train_config_hands_every_setting_to_its_component(work_dir, tmp_path):
     assert sorted(x["case_id"] for x in evaluator.data_loader.dataset.data) == sorted(x["case_id"] for x in val_items)
 
 
+
+def test_store_device_reaches_the_store(work_dir, tmp_path):
+    """``store_device`` is handed to create_error_map_store: the default is the CPU store; a device that is neither
+    CPU nor CUDA is refused by name, which it could not be if the setting never arrived (a CUDA device cannot be
+    built without a GPU, so the refusal is the CPU-side proof that the value is wired)."""
+    from custom.uncertainty.store import ErrorMapStore
+
+    parser = _parser(["train", "tiny"], {"work_dir": str(work_dir), "output_dir": str(tmp_path / "cpu")})
+    assert type(parser.get_parsed_content("store")) is ErrorMapStore
+    parser = _parser(["train", "tiny"], {"work_dir": str(work_dir), "output_dir": str(tmp_path / "meta"),
+                                         "store_device": "meta"})
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("store")
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any("store_device must be 'cpu' or a CUDA device, got meta" in m for m in chain), chain
+
 def test_train_defaults_are_the_papers(work_dir, tmp_path):
     parser = _parser(["train"], {"work_dir": str(work_dir), "output_dir": str(tmp_path / "unc")})
     loss = parser.get_parsed_content("loss")
