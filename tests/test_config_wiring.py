@@ -20,11 +20,12 @@ from custom.training.setup import load_fold_data
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 
-#: every numeric setting of the loss, the store and the schedule gets a value no other setting has
+#: every numeric setting of the loss, the store and the schedule gets a value no other setting has; every switch
+#: the value that is not its default
 DISTINCT = {"unc_weight": 0.11, "rmsd_weight_cancer": 0.22, "corr_weight": 0.33, "ring_weight": 0.44,
             "proper_weight": 0.55, "unc_loss": "two_region", "mask_dilation": 2, "target_transform": "paper",
             "ema_window": 17, "learning_rate": 0.0123, "grad_clip_norm": 7.5, "val_interval": 3,
-            "fg_fraction": 0.5, "seed": 5, "sw_batch_size": 3, "deep_supervision": True, "unc_stop_gradient": True}
+            "fg_fraction": 0.5, "seed": 5, "sw_batch_size": 3, "deep_supervision": True, "unc_stop_gradient": False}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_train_config_hands_every_setting_to_its_component(work_dir, tmp_path):
     assert loss.with_uncertainty is True
 
     net = trainer.network
-    assert net.deep_supervision and net.unc_stop_gradient and net.output_block.conv.conv.out_channels == 4
+    assert net.deep_supervision and not net.unc_stop_gradient and net.output_block.conv.conv.out_channels == 4
     assert [list(s) for s in net.strides] == [list(s) for s in parser.get_parsed_content("plans").strides]
 
     opt = trainer.optimizer
@@ -150,7 +151,8 @@ def test_train_defaults_are_the_papers(work_dir, tmp_path):
     val_maps = _of_type(parser.get_parsed_content("validate#error_map_handlers"), "ValidationErrorMapHandler")
     assert (val_maps.mask_dilation, val_maps.target_transform) == (3, "none")
     net = parser.get_parsed_content("network_def")
-    assert type(net).__name__ == "DynUNet" and not net.deep_supervision
+    # the head on detached features by default (main 0c5f35d), without deep supervision
+    assert type(net).__name__ == "TrainingDynUNet" and net.unc_stop_gradient and not net.deep_supervision
     assert parser.get_parsed_content("train#dataset").iterations_per_epoch == 250
     assert parser.get_parsed_content("num_epochs") == 500
 
