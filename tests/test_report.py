@@ -20,10 +20,35 @@ COLUMNS = ("epoch,train_loss,lr,time_s,val_dice_wt,val_dice_tc,val_dice_et,val_d
            "ema_pseudo_dice").split(",")
 
 
-def write_run(work, variant, fold, dice_wt, finished=True, val_every=1, corr_unc=None):
-    """A metrics.csv with one row per epoch; validation every ``val_every`` epochs (other rows empty)."""
+def cv_work(prepared_work_dir, path):
+    """A work dir with the prepared datalist (2 folds) and plan, and no runs: what the report resolves settings from."""
+    import shutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("datalist.json", "plans.json"):
+        shutil.copy(prepared_work_dir / name, path / name)
+    return path
+
+
+def write_settings(work, variant, fold, config=None, overrides=None, **changed):
+    """train_config.json of the settings cross_validate plans for (config, overrides), with ``changed`` values."""
+    from custom.workflows.cross_validate import config_files, planned_run_config
+
     d = work / "runs" / variant / f"fold{fold}"
     d.mkdir(parents=True, exist_ok=True)
+    settings = planned_run_config(config_files(variant, config), work, fold, overrides)
+    settings.update(changed)
+    (d / "train_config.json").write_text(json.dumps(settings))
+    return settings
+
+
+def write_run(work, variant, fold, dice_wt, finished=True, val_every=1, corr_unc=None, settings=True):
+    """A metrics.csv with one row per epoch; validation every ``val_every`` epochs (other rows empty); with
+    ``settings`` (and a plan in ``work``) the train_config.json of train.json's defaults."""
+    d = work / "runs" / variant / f"fold{fold}"
+    d.mkdir(parents=True, exist_ok=True)
+    if settings and (work / "plans.json").is_file():
+        write_settings(work, variant, fold)
     with open(d / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(COLUMNS)
@@ -96,10 +121,8 @@ def test_bad_metrics_csv_is_named(tmp_path):
         read_metrics_csv(p)
 
 
-def test_report_cli_tables_figure1_and_missing_fold(tmp_path):
-    work, out = tmp_path / "W", tmp_path / "R"
-    work.mkdir()
-    (work / "datalist.json").write_text(json.dumps({"num_folds": 2}))
+def test_report_cli_tables_figure1_and_missing_fold(tmp_path, prepared_work_dir):
+    work, out = cv_work(prepared_work_dir, tmp_path / "W"), tmp_path / "R"
     n = 12
     write_run(work, "unc", 0, [0.5 + 0.02 * e for e in range(n)], val_every=2,
               corr_unc=[0.3 + 0.05 * e for e in range(n)])
@@ -134,9 +157,9 @@ def test_report_cli_tables_figure1_and_missing_fold(tmp_path):
     assert [r["last_k_epochs"] for r in t1 if r["variant"] == "unc"] == ["10", "9 10 11", ""]
 
 
-def test_report_includes_heldout_section(tmp_path):
+def test_report_includes_heldout_section(tmp_path, prepared_work_dir):
     """report.md embeds R/heldout.md (the held-out study's own rendering) between its marks."""
-    work, out = tmp_path / "W", tmp_path / "R"
+    work, out = cv_work(prepared_work_dir, tmp_path / "W"), tmp_path / "R"
     write_run(work, "unc", 0, [0.5, 0.6])
     out.mkdir()
     (out / "heldout.md").write_text("## Self-assessment (cross-validation)\n\n| method | x |\n|---|---|\n| `tta` | 8 |\n")
@@ -154,31 +177,87 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "no training runs" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cross_validate_plans_skip_resume_and_fresh_runs(tmp_path):
-    work = tmp_path / "W"
-    work.mkdir()
-    (work / "datalist.json").write_text(json.dumps({"num_folds": 3}))
-    write_run(work, "unc", 0, [0.5])                                   # FINISHED -> skipped
-    interrupted = write_run(work, "unc", 1, [0.5], finished=False)     # checkpoint, no FINISHED -> resume
+def test_cross_validate_plans_skip_resume_and_fresh_runs(tmp_path, prepared_work_dir):
+    work = cv_work(prepared_work_dir, tmp_path / "W")
+    tiny3 = ("tiny", {"num_epochs": 3})
+    write_run(work, "unc", 0, [0.5], settings=False)                  # FINISHED, same settings -> skipped
+    write_settings(work, "unc", 0, *tiny3)
+    interrupted = write_run(work, "unc", 1, [0.5], finished=False, settings=False)  # checkpoint, no FINISHED
+    write_settings(work, "unc", 1, "tiny", {"num_epochs": 2})         # -> resumed, to 3 epochs
     (interrupted / "checkpoint_last.pt").write_bytes(b"")
     proc = run_cmd([sys.executable, "scripts/cross_validate.py", "--work_dir", work, "--variants", "[unc,baseline]",
                     "--config", "tiny", "--overrides", '{"num_epochs": 3}', "--dry_run", "true"], timeout=120)
-    assert "unc fold 0: finished already, skipped" in proc.stdout
+    assert "unc fold 0: finished already (same settings), skipped" in proc.stdout
     jobs = {(j["variant"], j["fold"]): j for j in json.loads(proc.stdout.strip().splitlines()[-1])}
-    assert len(jobs) == 6
+    assert len(jobs) == 4
     assert jobs[("unc", 0)]["state"] == "finished"
-    assert jobs[("unc", 1)]["state"] == "resume" and jobs[("unc", 1)]["cmd"][-4:] == ["--resume", "true",
-                                                                                      "--num_epochs", "3"]
-    assert jobs[("unc", 2)]["state"] == "fresh" and "--resume" not in jobs[("unc", 2)]["cmd"]
-    cmd = jobs[("baseline", 2)]["cmd"]
+    assert jobs[("unc", 1)]["state"] == "resume" and jobs[("unc", 1)]["cmd"][-6:] == [
+        "--progress_bar", "false", "--resume", "true", "--num_epochs", "3"]
+    assert jobs[("baseline", 1)]["state"] == "fresh" and "--resume" not in jobs[("baseline", 1)]["cmd"]
+    cmd = jobs[("baseline", 1)]["cmd"]
     assert cmd[1:5] == ["-m", "monai.bundle", "run", "training"]
     cfg = cmd[cmd.index("--config_file") + 1]
     assert cfg.index("train.json") < cfg.index("baseline.json") < cfg.index("tiny.json")
-    assert "baseline.json" not in jobs[("unc", 2)]["cmd"][jobs[("unc", 2)]["cmd"].index("--config_file") + 1]
-    assert cmd[cmd.index("--fold") + 1] == "2"
+    assert "baseline.json" not in jobs[("unc", 1)]["cmd"][jobs[("unc", 1)]["cmd"].index("--config_file") + 1]
+    assert cmd[cmd.index("--fold") + 1] == "1"
     bad = run_cmd([sys.executable, "scripts/cross_validate.py", "--work_dir", work, "--folds", "[0,7]",
                    "--dry_run", "true"], check=False, timeout=120)
-    assert bad.returncode != 0 and "folds [7] outside [0, 3)" in bad.stderr
+    assert bad.returncode != 0 and "folds [7] outside [0, 2)" in bad.stderr
+
+
+def test_cross_validate_does_not_count_a_run_of_other_settings(tmp_path, prepared_work_dir):
+    """Issue 21.3: a finished 2-epoch smoke test in fold 0 is not fold 0 of the 500-epoch cross-validation."""
+    from custom.workflows import cross_validate as cv
+
+    work = cv_work(prepared_work_dir, tmp_path / "W")
+    smoke = write_run(work, "unc", 0, [0.5, 0.6], settings=False)
+    write_settings(work, "unc", 0, "tiny")                            # the smoke test: train.json + tiny.json
+    same = write_run(work, "unc", 1, [0.5], settings=False)
+    write_settings(work, "unc", 1)                                    # train.json alone, as planned
+    jobs = {j["fold"]: j for j in cv.plan_jobs(work, variants=["unc"])}
+    assert jobs[1]["state"] == "finished" and jobs[1]["differences"] == []
+    assert jobs[0]["state"] == "other_config"
+    assert "num_epochs: 2 here, 500 expected" in jobs[0]["differences"]
+    assert "iterations_per_epoch: 8 here, 250 expected" in jobs[0]["differences"]
+    # the command stops before training anything, naming the run and each setting
+    proc = run_cmd([sys.executable, "scripts/cross_validate.py", "--work_dir", work, "--variants", "[unc]"],
+                   check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{smoke}: trained with other settings (" in proc.stderr and "num_epochs: 2 here, 500 expected" in proc.stderr
+    assert "--other_config retrain" in proc.stderr
+    # the same settings as the smoke test: it is a finished fold 0 of THAT cross-validation
+    tiny = {j["fold"]: j for j in cv.plan_jobs(work, variants=["unc"], config="tiny")}
+    assert tiny[0]["state"] == "finished" and tiny[1]["state"] == "other_config"
+    # --other_config retrain: the run is set aside (kept) and its fold planned anew, without --resume
+    cv.set_aside_other_config_runs(list(jobs.values()))
+    assert jobs[0]["state"] == "fresh" and "--resume" not in jobs[0]["cmd"]
+    assert not smoke.exists() and (smoke.parent / "fold0.other_config-1" / "FINISHED").is_file()
+    assert same.is_dir()
+    from custom.core.layout import WorkDir
+    assert WorkDir(work).folds_of("unc") == [1]
+
+
+def test_report_averages_only_runs_of_the_cross_validation_settings(tmp_path, prepared_work_dir):
+    """Issue 21.3: report.py applies the same rule: a run of other settings is shown, named and never averaged."""
+    work, out = cv_work(prepared_work_dir, tmp_path / "W"), tmp_path / "R"
+    write_run(work, "unc", 0, [0.5, 0.6])
+    write_run(work, "unc", 1, [0.1, 0.2], settings=False)
+    write_settings(work, "unc", 1, num_epochs=2, unc_loss="ring")
+    proc = run_cmd([sys.executable, "scripts/report.py", "--work_dir", work, "--out_dir", out, "--variants", "[unc]",
+                    "--figures", "false"], timeout=300)
+    tables = json.loads((out / "tables.json").read_text())
+    unc = tables["averages"]["unc"]
+    assert unc["folds_used"] == [0] and unc["folds_excluded"] == {"1": "other_config"}
+    assert unc["val_dice_wt"]["final"] == pytest.approx(0.6)          # 0.2 of the other run never averaged
+    reason = tables["runs"]["unc"]["1"]["reason"]
+    assert "num_epochs: 2 here, 500 expected" in reason and 'unc_loss: "ring" here, "paper" expected' in reason
+    assert "unc fold 1: OTHER_CONFIG" in proc.stderr
+    md = (out / "report.md").read_text()
+    assert "unc fold 1: OTHER_CONFIG" in md and "excluded from the averages" in md
+    # told the settings fold 1 was trained with, the report averages fold 1 and leaves fold 0 out
+    run_cmd([sys.executable, "scripts/report.py", "--work_dir", work, "--out_dir", out, "--variants", "[unc]",
+             "--figures", "false", "--overrides", '{"num_epochs": 2, "unc_loss": "ring"}'], timeout=300)
+    assert json.loads((out / "tables.json").read_text())["averages"]["unc"]["folds_used"] == [1]
 
 
 def test_cross_validate_spreads_runs_one_per_device(tmp_path):

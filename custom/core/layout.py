@@ -9,6 +9,7 @@
       preprocessed/<case_id>_image.npy  <case_id>_seg.npy  <case_id>.json
       runs/<variant>/fold<k>/                        one training run (RunDir)
       runs/<variant>/fold<k>.log                     its log when cross_validate.py started it
+      runs/<variant>/fold<k>.other_config-<n>/       a run of other settings set aside (cross_validate.py)
     W/runs/<variant>/fold<k>/
       train_config.json  plans.json  metrics.csv  tb/
       checkpoint_last.pt  store/  store_snapshot/    resume state (checkpoint + EMA store snapshot)
@@ -73,6 +74,10 @@ METRICS_CSV_COLUMNS = (
 RUN_FINISHED, RUN_RESUMABLE, RUN_FRESH = "finished", "resume", "fresh"
 #: report statuses (:meth:`RunDir.status`): only RUN_FINISHED runs enter an average
 RUN_UNFINISHED, RUN_MISSING = "unfinished", "missing"
+#: a run whose train_config.json differs from the planned settings (custom.core.run_config): not skipped as done,
+#: not resumed, not averaged
+RUN_OTHER_CONFIG = "other_config"
+_SET_ASIDE_INFIX = ".other_config-"
 
 
 def case_file_name(case_id: str, kind: str) -> str:
@@ -242,6 +247,15 @@ class RunDir:
         if self.checkpoint_last.is_file():
             return RUN_RESUMABLE
         return RUN_FRESH
+
+    def set_aside(self) -> Path:
+        """Rename the run folder to ``fold<k>.other_config-<n>`` (the first free ``n``), so a run of other settings
+        is kept while its fold is trained anew; returns the new path."""
+        n = 1
+        while (target := self.path.with_name(f"{self.path.name}{_SET_ASIDE_INFIX}{n}")).exists():
+            n += 1
+        self.path.rename(target)
+        return target
 
     def status(self) -> tuple[str, str]:
         """``(status, reason)`` for a report: :data:`RUN_FINISHED` (FINISHED marker and metrics.csv),

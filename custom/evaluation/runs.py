@@ -11,12 +11,14 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
 from custom.core.errors import BraTSInputError
-from custom.core.layout import RUN_FINISHED, RUN_MISSING, WorkDir
+from custom.core.layout import RUN_FINISHED, RUN_MISSING, RUN_OTHER_CONFIG, RunDir, WorkDir
 from custom.core.numeric import nanmean
+from custom.core.run_config import config_differences, read_run_config
 
 #: metrics.csv validation columns (DESIGN.md) summarised by the report
 DICE_COLUMNS = ("val_dice_wt", "val_dice_tc", "val_dice_et", "val_dice_mean")
@@ -106,12 +108,29 @@ def learning_summary(metrics_csv, last_k_epochs: int = 1) -> dict:
     return out
 
 
-def collect_runs(work_dir, variants=("unc", "baseline"), folds=None, k: int = 30) -> dict:
+def other_config_reason(run: RunDir, expected: Mapping) -> str:
+    """Why ``run`` is not a run of the ``expected`` settings (:func:`custom.core.run_config.config_differences`
+    on its ``train_config.json``), or "" when it is."""
+    try:
+        saved = read_run_config(run.train_config)
+    except BraTSInputError as exc:
+        return "; ".join(exc.problems)
+    if saved is None:
+        return f"{run.train_config}: missing, so its settings cannot be checked"
+    differences = config_differences(saved, expected)
+    return f"trained with other settings than expected: {'; '.join(differences)}" if differences else ""
+
+
+def collect_runs(work_dir, variants=("unc", "baseline"), folds=None, k: int = 30,
+                 expected: Callable[[str, int], Mapping] | None = None) -> dict:
     """Status and last-K summary of every ``W/runs/<variant>/fold<k>``.
 
     ``folds`` defaults to ``range(num_folds)`` of ``W/datalist.json`` (else the folds found on disk).
+    ``expected(variant, fold)`` gives the settings the run should have been trained with (the resolved
+    ``run_config`` of the cross-validation's configs): a run with a metrics.csv whose ``train_config.json``
+    differs (:func:`other_config_reason`) gets the status ``other_config`` and is never averaged.
     Returns ``{variant: {fold: {"status", "reason", "dir", "num_epochs", "summary" (None unless
-    metrics.csv exists)}}}``. Unfinished runs keep their summary (shown, never averaged).
+    metrics.csv exists)}}}``. Unfinished and other-settings runs keep their summary (shown, never averaged).
     """
     work = WorkDir(work_dir)
     if folds is None:
@@ -126,6 +145,10 @@ def collect_runs(work_dir, variants=("unc", "baseline"), folds=None, k: int = 30
             run = work.run(v, f)
             status, reason = run.status()
             entry = {"status": status, "reason": reason, "dir": str(run.path), "num_epochs": 0, "summary": None}
+            if status != RUN_MISSING and expected is not None:
+                reason = other_config_reason(run, expected(v, int(f)))
+                if reason:
+                    entry["status"], entry["reason"] = RUN_OTHER_CONFIG, f"{run.path}: {reason}"
             if status != RUN_MISSING:
                 rows = read_metrics_csv(run.metrics_csv)
                 entry["num_epochs"] = len(rows)

@@ -15,6 +15,7 @@ from custom.core.cli import as_bool
 from custom.core.dist import dist_ready, is_main_process
 from custom.core.errors import BraTSInputError
 from custom.core.layout import WorkDir
+from custom.core.run_config import jsonable
 from custom.data.datalist import fold_split, load_datalist
 from custom.uncertainty.store import ErrorMapStore
 from custom.uncertainty.store_device import DeviceErrorMapStore
@@ -172,23 +173,15 @@ def attach_progress_bar(trainer, enabled: bool = True):
 
 
 def write_run_config(path, config: Mapping) -> str:
-    """Write the resolved run settings (paths, hyper-parameters, versions) as JSON, atomically, on rank 0."""
+    """Write the resolved run settings (paths, hyper-parameters, versions) as JSON, atomically, on rank 0.
 
-    def _jsonable(v):
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            return v
-        if isinstance(v, (list, tuple)):
-            return [_jsonable(x) for x in v]
-        if isinstance(v, Mapping):
-            return {str(k): _jsonable(x) for k, x in v.items()}
-        if hasattr(v, "to_dict"):
-            return _jsonable(v.to_dict())
-        return str(v)
-
+    Values are made JSON by :func:`custom.core.run_config.jsonable`, the form
+    :func:`custom.core.run_config.config_differences` compares.
+    """
     if is_main_process():
         import monai
 
-        out = _jsonable(dict(config))
+        out = jsonable(dict(config))
         out["versions"] = {"monai": monai.__version__, "torch": torch.__version__, "numpy": np.__version__}
         out["pid"] = os.getpid()
         atomic_write_json(path, out)

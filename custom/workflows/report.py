@@ -10,8 +10,9 @@ Reads ``W/runs/<variant>/fold<k>/metrics.csv`` (DESIGN.md columns) and writes in
   fold-0 validation cases, axial slice through the tumour over the t2f image, shared colour bar);
 - ``report.md`` (tables beside the paper's numbers, figures, run states, and the held-out
   self-assessment section when ``R/heldout.md`` exists).
-Only FINISHED runs enter the fold averages; missing and unfinished runs are listed in report.md and on
-stderr.
+Only FINISHED runs of the cross-validation's settings enter the fold averages: a run whose train_config.json
+differs from the settings resolved from ``--config``/``--overrides`` (the ones given to cross_validate.py) is
+``other_config``; missing, unfinished and other-settings runs are listed in report.md and on stderr.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from custom.evaluation.folder import to_json_safe, write_rows_csv
 from custom.evaluation.runs import DICE_COLUMNS, UNC_METRIC_COLUMNS, collect_runs, fold_average, read_metrics_csv
 from custom.inference.postprocess import masked_uncertainty
 from custom.inference.segmenter import UncertaintySegmenter
+from custom.workflows.cross_validate import expected_run_configs
 from custom.uncertainty.store import ErrorMapStore
 from custom.uncertainty.targets import compute_prediction_variance
 
@@ -105,7 +107,8 @@ def build_tables(runs: dict) -> dict:
 
 
 def run_problems(runs: dict) -> list:
-    """One message per run that is not finished (these never enter an average)."""
+    """One message per run that is not finished, or not of the cross-validation's settings (these never enter an
+    average)."""
     msgs = []
     for variant, folds in runs.items():
         for fold, e in sorted(folds.items()):
@@ -245,7 +248,8 @@ def render_report(runs, tables, k, figures: dict, problems: list, heldout_markdo
             lines.append(f"| {v} | {f} | {e['status']} | {e['num_epochs']} | {e['reason'] or ''} |")
     lines.append("")
     if problems:
-        lines += ["**Not every run is finished: the averages below hold only the finished folds.**", ""]
+        lines += ["**Not every run is finished with the cross-validation's settings: the averages below hold only "
+                  "those that are.**", ""]
         lines += [f"- {p}" for p in problems] + [""]
 
     lines += ["## Table 1: Dice with vs without the uncertainty channel", "",
@@ -319,12 +323,17 @@ def render_report(runs, tables, k, figures: dict, problems: list, heldout_markdo
 
 
 def make_report(work_dir, out_dir, last_k: int = 30, folds=None, variants=("unc", "baseline"),
-                num_cases: int = 6, figures: bool = True) -> dict:
-    """Write the tables, figures and report.md into ``out_dir``; returns the tables dict."""
+                num_cases: int = 6, figures: bool = True, config=None, overrides=None) -> dict:
+    """Write the tables, figures and report.md into ``out_dir``; returns the tables dict.
+
+    ``config``/``overrides``: those the cross-validation was run with (``scripts/cross_validate.py``); runs of
+    other settings are shown and never averaged (:func:`custom.evaluation.runs.collect_runs`).
+    """
     work, out = WorkDir(work_dir), ReportDir(out_dir)
     if not work.runs.is_dir():
         raise BraTSInputError(f"{work.runs}: no training runs (run scripts/cross_validate.py first)")
-    runs = collect_runs(work_dir, variants=tuple(variants), folds=folds, k=int(last_k))
+    runs = collect_runs(work_dir, variants=tuple(variants), folds=folds, k=int(last_k),
+                        expected=expected_run_configs(work_dir, config, overrides))
     tables = build_tables(runs)
     problems = run_problems(runs)
     for p in problems:
@@ -367,5 +376,6 @@ def summary_line(result: dict, last_k: int) -> str:
              f"{_fmt(avg[v]['val_dice_mean']['last_k_mean'])} (last {last_k} epochs) over folds {avg[v]['folds_used']}"
              for v in avg]
     if result["problems"]:
-        parts.append(f"{len(result['problems'])} run(s) not finished (see report.md)")
+        parts.append(f"{len(result['problems'])} run(s) not finished or of other settings, not averaged "
+                     "(see report.md)")
     return " | ".join(parts)
