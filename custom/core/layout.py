@@ -17,6 +17,8 @@
       model_final.pt  FINISHED                       written when the schedule completes
       *.pt.sha256                                    SHA-256 of each checkpoint (sha256sum -c format)
     OUT/ (inference)                                 <case_id>.nii.gz  <case_id>-unc.nii.gz  summary.json
+                                                     <case_id>-ensvar.nii.gz (fold ensemble: members' disagreement)
+    SUBMISSION/ (scripts/make_submission.py)         <case_id>.nii.gz label maps only  (+ SUBMISSION.zip)
     R/ (report, held-out study; ReportDir)           report.md  table1.csv  table2.csv  tables.json
                                                      metrics_fold0_<N>_epochs.png  Comparison_models_6_views.png
                                                      heldout.json  heldout.md  heldout_per_case.csv
@@ -54,6 +56,10 @@ _FOLD_PREFIX = "fold"
 SUMMARY_NAME = "summary.json"
 NIFTI_SUFFIX = ".nii.gz"
 UNC_SUFFIX = "unc"
+#: the fold ensemble's disagreement map: 4 x variance of p_WT across the members (custom.inference.ensemble)
+ENSEMBLE_VARIANCE_SUFFIX = "ensvar"
+#: the float maps inference may write beside a case's label map, ``<case_id>-<suffix>.nii.gz``
+PREDICTION_MAP_SUFFIXES = (UNC_SUFFIX, ENSEMBLE_VARIANCE_SUFFIX)
 #: the weights a run selects (best EMA pseudo-Dice); also the name the bundle ships (``bundle/models/model.pt``)
 MODEL_NAME = "model.pt"
 FINAL_MODEL_NAME = "model_final.pt"
@@ -93,9 +99,30 @@ def prediction_paths(out_dir, case_id: str) -> tuple[Path, Path]:
     return out_dir / f"{case_id}{NIFTI_SUFFIX}", out_dir / f"{case_id}-{UNC_SUFFIX}{NIFTI_SUFFIX}"
 
 
+def prediction_map_path(out_dir, case_id: str, suffix: str) -> Path:
+    """``OUT/<case_id>-<suffix>.nii.gz`` for a map of :data:`PREDICTION_MAP_SUFFIXES` (``unc``, ``ensvar``)."""
+    if suffix not in PREDICTION_MAP_SUFFIXES:
+        raise ValueError(f"suffix must be one of {PREDICTION_MAP_SUFFIXES}, got {suffix!r}")
+    return Path(out_dir) / f"{case_id}-{suffix}{NIFTI_SUFFIX}"
+
+
+def label_prediction_case_id(name: str) -> str | None:
+    """The case id of a label-map file name ``<case_id>.nii.gz``; None for anything else (a ``-unc``/``-ensvar``
+    map, another extension, a hidden name: editors' files and the unfinished atomic writes a killed run leaves,
+    ``.<id>.tmp-PID.nii.gz``)."""
+    if not name.endswith(NIFTI_SUFFIX) or name.startswith("."):
+        return None
+    stem = name[: -len(NIFTI_SUFFIX)]
+    if not stem or any(stem.endswith(f"-{s}") for s in PREDICTION_MAP_SUFFIXES):
+        return None
+    return stem
+
+
 def remove_predictions(out_dir, case_id: str) -> None:
-    """Remove both outputs of a case: a stale result beside a failure would be mistaken for a current one."""
-    for p in prediction_paths(out_dir, case_id):
+    """Remove every output of a case: a stale result beside a failure would be mistaken for a current one."""
+    paths = [prediction_paths(out_dir, case_id)[0]] + [prediction_map_path(out_dir, case_id, s)
+                                                        for s in PREDICTION_MAP_SUFFIXES]
+    for p in paths:
         p.unlink(missing_ok=True)
 
 
@@ -149,20 +176,22 @@ def remove_stale_temporaries(folder) -> list[Path]:
 
 
 def remove_unfinished_predictions(out_dir) -> list[Path]:
-    """Clean an inference output folder before writing into it: stale temporary files and every uncertainty map
-    without its label map. A case's label map is written last (:func:`custom.data.nifti.save_prediction`), so an
-    ``-unc`` map alone is the remainder of an interrupted write. Returns the removed paths."""
+    """Clean an inference output folder before writing into it: stale temporary files and every map of
+    :data:`PREDICTION_MAP_SUFFIXES` (``-unc``, ``-ensvar``) without its label map. A case's label map is written
+    last (:func:`custom.data.nifti.save_prediction`), so a map alone is the remainder of an interrupted write.
+    Returns the removed paths."""
     out_dir = Path(out_dir)
     removed = remove_stale_temporaries(out_dir)
-    unc_suffix = f"-{UNC_SUFFIX}{NIFTI_SUFFIX}"
     if out_dir.is_dir():
-        for unc in sorted(out_dir.glob(f"*{unc_suffix}")):
-            if unc.name.startswith("."):
-                continue
-            label, _ = prediction_paths(out_dir, unc.name[: -len(unc_suffix)])
-            if not label.exists():
-                unc.unlink(missing_ok=True)
-                removed.append(unc)
+        for suffix in PREDICTION_MAP_SUFFIXES:
+            ending = f"-{suffix}{NIFTI_SUFFIX}"
+            for path in sorted(out_dir.glob(f"*{ending}")):
+                if path.name.startswith("."):
+                    continue
+                label, _ = prediction_paths(out_dir, path.name[: -len(ending)])
+                if not label.exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
     return removed
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from custom.core.atomic import atomic_paths, atomic_save_nifti
 from custom.core.constants import LABEL_VALUES, MODALITIES, SEG_SUFFIX
 from custom.core.errors import BraTSInputError
-from custom.core.layout import prediction_paths
+from custom.core.layout import prediction_map_path, prediction_paths
 
 #: largest allowed absolute difference between the affines of a case's files
 AFFINE_TOLERANCE = 1e-3
@@ -312,20 +312,26 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, ref_header, path: Path) ->
 
 
 def save_prediction(labels: np.ndarray, unc: np.ndarray, affine: np.ndarray, ref_header, out_dir,
-                    case_id: str) -> tuple[Path, Path]:
-    """Write a case's label map and uncertainty map (:func:`custom.core.layout.prediction_paths`) as one unit.
+                    case_id: str, maps: Mapping[str, np.ndarray] | None = None) -> tuple[Path, Path]:
+    """Write a case's label map, uncertainty map (:func:`custom.core.layout.prediction_paths`) and further float
+    maps ``maps`` (``{suffix: (X, Y, Z)}``, e.g. the fold ensemble's ``ensvar``:
+    :func:`custom.core.layout.prediction_map_path`) as one unit.
 
-    Both are written to temporary files first; then the uncertainty map is renamed and the label map last
-    (:func:`custom.core.atomic.atomic_paths`): a label map on disk always has its uncertainty map from the same
-    prediction, and an uncertainty map alone is the remainder of an interrupted write, removed by the next run
+    All are written to temporary files first; then the maps are renamed and the label map last
+    (:func:`custom.core.atomic.atomic_paths`): a label map on disk always has its maps from the same prediction,
+    and a map alone is the remainder of an interrupted write, removed by the next run
     (:func:`custom.core.layout.remove_unfinished_predictions`). Returns ``(label path, unc path)``.
     """
     import nibabel as nib
 
     label_path, unc_path = prediction_paths(out_dir, case_id)
-    with atomic_paths([unc_path, label_path]) as (unc_tmp, label_tmp):
-        nib.save(_nifti_image(unc, affine, ref_header), str(unc_tmp))
-        nib.save(_nifti_image(labels, affine, ref_header), str(label_tmp))
+    extra = [(prediction_map_path(out_dir, case_id, suffix), np.asarray(values, dtype=np.float32))
+             for suffix, values in (maps or {}).items()]
+    with atomic_paths([p for p, _ in extra] + [unc_path, label_path]) as tmps:
+        for tmp, (_, values) in zip(tmps, extra):
+            nib.save(_nifti_image(values, affine, ref_header), str(tmp))
+        nib.save(_nifti_image(unc, affine, ref_header), str(tmps[-2]))
+        nib.save(_nifti_image(labels, affine, ref_header), str(tmps[-1]))
     return label_path, unc_path
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from custom.core.atomic import atomic_write_bytes, atomic_write_json
 from custom.core.constants import MODALITIES, REGIONS
 from custom.core.errors import BraTSInputError
+from custom.core.layout import label_prediction_case_id
 from custom.core.numeric import nanmean
 from custom.data.cases import find_label_files
 from custom.data.nifti import BRATS2023, LABEL_CONVENTIONS, load_label_map, open_nifti, read_nifti
@@ -46,10 +47,9 @@ def match_prediction_files(pred_dir, gt_dir, unc_dir=None, case_ids=None) -> lis
         case_ids = list(case_ids)
         problems += [f"{gt_dir}: no ground truth '{c}-seg.nii.gz' for requested case {c}" for c in case_ids if c not in gts]
         gts = {c: gts[c] for c in case_ids if c in gts}
-    # hidden names are never predictions: editors' files and unfinished atomic writes (".<id>.tmp-PID.nii.gz",
-    # which "*.nii.gz" matches) left by a killed run
-    preds = {p.name[: -len(".nii.gz")]: p for p in pred_dir.glob("*.nii.gz")
-             if not p.name.startswith(".") and not p.name.endswith("-unc.nii.gz")}
+    # hidden names are never predictions (editors' files, unfinished atomic writes of a killed run), nor
+    # the -unc/-ensvar maps: custom.core.layout.label_prediction_case_id
+    preds = {c: p for p in pred_dir.glob("*.nii.gz") if (c := label_prediction_case_id(p.name)) is not None}
     for c in sorted(set(gts) - set(preds)):
         problems.append(f"{pred_dir / (c + '.nii.gz')}: prediction missing for ground-truth case {c} ({gts[c]})")
     if case_ids is None:

@@ -24,7 +24,9 @@ class Prediction:
 
     labels: uint8 ``(X,Y,Z)`` 0..3; unc: float32 ``(X,Y,Z)`` in [0, 1], zero outside the cancer mask;
     probs: float32 ``(3,X,Y,Z)`` region probabilities [WT, TC, ET]; unc_source: "unc_output" or, for a
-    network without the uncertainty channel, "var1shot" (4 p_WT (1 - p_WT)).
+    network without the uncertainty channel, "var1shot" (4 p_WT (1 - p_WT)); maps: further float32 ``(X,Y,Z)``
+    maps written beside the labels as ``<case_id>-<suffix>.nii.gz``, keyed by their
+    :data:`custom.core.layout.PREDICTION_MAP_SUFFIXES` suffix (the fold ensemble's ``ensvar``).
     """
 
     labels: np.ndarray
@@ -32,6 +34,7 @@ class Prediction:
     probs: np.ndarray
     unc_source: str = "unc_output"
     info: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
 
 
 def predicted_tumour(probs: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from custom.core.atomic import atomic_write_json
 from custom.core.cli import as_bool
 from custom.core.constants import MODALITIES, NUM_REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import SUMMARY_NAME, remove_predictions, remove_unfinished_predictions
+from custom.core.layout import SUMMARY_NAME, prediction_map_path, remove_predictions, remove_unfinished_predictions
 from custom.data.cases import find_case_files, list_case_folders
 from custom.data.nifti import load_case, save_prediction
 from custom.inference.folders import case_summary
@@ -103,6 +103,10 @@ class UncertaintySegmenter:
         network, with_uncertainty = load_network(checkpoint, plans, device=device)
         return cls(network, plans, device=device, with_uncertainty=with_uncertainty, **kw)
 
+    def summary_info(self) -> dict:
+        """What ``summary.json`` records about the model beyond the settings (the ensemble lists its members)."""
+        return {}
+
     @property
     def out_channels(self) -> int:
         return NUM_REGIONS + 1 if self.with_uncertainty else NUM_REGIONS
@@ -135,16 +139,23 @@ class UncertaintySegmenter:
         image_pp, _, properties = preprocess_case(image, spacing, self.plans, name=name,
                                                   max_voxels=self.max_preprocessed_voxels)
         t1 = time.perf_counter()
+        pred = self.predict_preprocessed_case(image_pp, properties, patch_fn)
+        pred.info = {"preprocess_s": t1 - t0, **pred.info, "preprocessed_shape": list(image_pp.shape[1:])}
+        return pred
+
+    def predict_preprocessed_case(self, image_pp, properties: Mapping, patch_fn: PatchFn | None = None) -> Prediction:
+        """A preprocessed case ``(4,X',Y',Z')`` and its ``preprocess_case`` properties -> ``Prediction`` on the
+        original grid; ``info`` holds ``network_s`` and ``postprocess_s``."""
+        t0 = time.perf_counter()
         probs_pp = self.predict_preprocessed(image_pp, patch_fn)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         pred = self.postprocess(probs_pp, properties)
-        t3 = time.perf_counter()
-        pred.info = {"preprocess_s": t1 - t0, "network_s": t2 - t1, "postprocess_s": t3 - t2,
-                     "preprocessed_shape": list(image_pp.shape[1:])}
+        pred.info = {"network_s": t1 - t0, "postprocess_s": time.perf_counter() - t1}
         return pred
 
     def predict_case_folder(self, case_dir, out_dir) -> dict:
-        """Predict one BraTS case folder; write ``<case_id>.nii.gz`` and ``<case_id>-unc.nii.gz`` as one unit
+        """Predict one BraTS case folder; write ``<case_id>.nii.gz``, ``<case_id>-unc.nii.gz`` and the further maps
+        of the prediction (``Prediction.maps``, e.g. ``<case_id>-ensvar.nii.gz``) as one unit
         (:func:`custom.data.nifti.save_prediction`).
 
         Returns the case's summary entry. On any error no output file of this case is left in ``out_dir``.
@@ -156,12 +167,14 @@ class UncertaintySegmenter:
         try:
             image, affine, spacing, ref_header = load_case(case)
             pred = self.predict(image, spacing, name=case["image"][0])
-            label_path, unc_path = save_prediction(pred.labels, pred.unc, affine, ref_header, out_dir, case_id)
+            label_path, unc_path = save_prediction(pred.labels, pred.unc, affine, ref_header, out_dir, case_id,
+                                                   maps=pred.maps)
+            map_names = {suffix: prediction_map_path(out_dir, case_id, suffix).name for suffix in pred.maps}
         except BaseException:
             remove_predictions(out_dir, case_id)
             raise
         entry = case_summary(pred.labels, pred.unc, spacing)
-        entry.update({"case_id": case_id, "labels": label_path.name, "unc": unc_path.name,
+        entry.update({"case_id": case_id, "labels": label_path.name, "unc": unc_path.name, **map_names,
                       "unc_source": pred.unc_source, "shape": list(pred.labels.shape),
                       "spacing_mm": list(spacing), "time_s": round(time.perf_counter() - t0, 3)})
         return entry
@@ -183,7 +196,7 @@ class UncertaintySegmenter:
             logger.warning("removed %s: left by an interrupted run", path)
         summary = {"input_dir": str(Path(input_dir).resolve()), "tta": self.inferer.tta,
                    "mask_dilation": self.mask_dilation, "with_uncertainty": self.with_uncertainty,
-                   "cases": {}, "failures": {}}
+                   **self.summary_info(), "cases": {}, "failures": {}}
         bar = tqdm(case_dirs, desc="inference", unit="case", disable=not progress)
         for case_dir in bar:
             bar.set_postfix_str(case_dir.name)
