@@ -1,6 +1,6 @@
 """The cost of uncertainty, measured side by side in one process on the same cases.
 
-    python scripts/benchmark_inference.py --out bench_inference.json [--cases DIR] [--num_cases 3]
+    .venv/bin/python scripts/benchmark_inference.py --out bench_inference.json [--cases DIR] [--num_cases 3]
         [--shape "[64,64,48]"] [--patch_size "[32,32,32]"] [--filters "[8,16,32,64]"] [--repeats 2]
         [--mc_samples 10] [--device cpu] [--threads 1] [--real_size false]
 
@@ -24,7 +24,7 @@ import time
 import fire
 import numpy as np
 
-GPU_COMMAND = ("python scripts/benchmark_inference.py --device cuda --threads 8 --real_size true "
+GPU_COMMAND = (".venv/bin/python scripts/benchmark_inference.py --device cuda --threads 8 --real_size true "
                "--real_size_methods all --out bench_inference_gpu.json")
 
 

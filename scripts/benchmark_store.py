@@ -19,7 +19,7 @@ With ``--device cuda`` the same scenarios also run through the GPU store (``stor
 :class:`custom.uncertainty.store_device.DeviceErrorMapStore`), resident on the GPU and streamed through
 pinned host memory, timed as wall time with the device synchronised.
 
-Usage: python scripts/benchmark_store.py --out store_benchmark.json [--iterations 60] [--numba False]
+Usage: .venv/bin/python scripts/benchmark_store.py --out store_benchmark.json [--iterations 60] [--numba False]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from custom.uncertainty.store_kernels import HAVE_NUMBA
 
 NUM_CASES_REAL = 1248
 FLOOR_BYTES_PER_VOXEL = 34
-GPU_COMMAND = "python scripts/benchmark_store.py --device cuda --out store_benchmark_gpu.json"
+GPU_COMMAND = ".venv/bin/python scripts/benchmark_store.py --device cuda --out store_benchmark_gpu.json"
 
 
 def _rss_mb() -> float:

@@ -7,7 +7,7 @@ the loader workers must sustain), and peak memory. ``--store_devices cpu,cuda`` 
 measurement for each ``store_device``. Each measurement runs in its own process so peak memory is its own.
 Writes ONE JSON object to --out and prints a one-line summary and the one-command GPU check.
 
-    python scripts/benchmark_training.py --out benchmark_training.json
+    .venv/bin/python scripts/benchmark_training.py --out benchmark_training.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from custom.core.atomic import atomic_write_json
 from custom.core.layout import CONFIG_DIR, REPO_ROOT
 from custom.workflows.prepare import prepare_synthetic
 from custom.workflows.training_benchmark import measure_training
-GPU_CHECK = ("python scripts/benchmark_training.py --out benchmark_training_gpu.json --device cuda "
+GPU_CHECK = (".venv/bin/python scripts/benchmark_training.py --out benchmark_training_gpu.json --device cuda "
              "--real_iterations 20 --tiny_iterations 50 --num_workers 8 --store_devices cpu,cuda")
 
 

@@ -1,6 +1,6 @@
 """Throughput and latency through Triton, eager vs exported patch model, against in-process inference, one run.
 
-    python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench.json \
+    .venv/bin/python scripts/benchmark_triton.py --checkpoint CKPT --input_dir CASES --out triton_bench.json \
         [--variants "[eager,torchscript]"] [--concurrency "[1,2,4,8]"] [--requests_per_level 12] [--rounds 3] \
         [--protocol grpc] [--threads 1] [--volume_instances 4]
 

@@ -1,7 +1,7 @@
 """Learning check: train the tiny config on synthetic data and report what the network learned.
 
-    python scripts/check_learning.py --out check_learning.json
-    python scripts/check_learning.py --out check_learning_mni152.json --anatomy mni152   # real brain anatomy
+    .venv/bin/python scripts/check_learning.py --out check_learning.json
+    .venv/bin/python scripts/check_learning.py --out check_learning_mni152.json --anatomy mni152   # real brain anatomy
 
 Sized for about 10 minutes on 2 CPU cores; the procedure is :mod:`custom.workflows.learning_check`.
 """
@@ -37,7 +37,7 @@ def main(
 ):
     """Prepare a synthetic set (unless WORK_DIR already holds plans.json), train, write ONE JSON summary to OUT.
 
-    Trains train.json + tiny.json through `python -m monai.bundle run training` and reads the run's metrics.csv:
+    Trains train.json + tiny.json through `.venv/bin/python -m monai.bundle run training` and reads the run's metrics.csv:
     validation Dice WT/TC/ET and the correlation of unc_output, variance_stable and var1shot with error_stable.
     Targets: Dice WT >= MIN_DICE_WT and corr(unc_output) > corr(variance_stable) > corr(var1shot) (the paper's
     ordering); exit status 0 when both hold, 1 when not, 2 when training fails.

@@ -23,7 +23,7 @@ def main(work_dir: str, folds=None, variants="unc,baseline", config: str | None 
          overrides=None, other_config: str = "stop", dry_run: bool = False):
     """Train the missing and interrupted runs of a work dir; print one line per run and a summary line.
 
-    Each run is ``python -m monai.bundle run training --bundle_root bundle --config_file "[train.json,
+    Each run is ``.venv/bin/python -m monai.bundle run training --bundle_root bundle --config_file "[train.json,
     <variant>.json?, <config>.json?]" --work_dir W --fold k --progress_bar false`` (the ``unc`` variant is
     train.json alone), its output appended to ``W/runs/<variant>/fold<k>.log``. A run with a FINISHED marker and
     the planned settings (its train_config.json against the resolved configs and overrides) is skipped; one

@@ -39,7 +39,7 @@ step "3/8 2-fold cross-validation of the variants unc, baseline and mcdropout (t
 
 step "4/8 held-out evaluation (unc_output vs var1shot, TTA, MC dropout, ensemble) and the report"
 "$PY" scripts/evaluate_heldout.py --work_dir "$W" --out_dir "$R" --mc_samples 10
-"$PY" scripts/report.py --work_dir "$W" --out_dir "$R"
+"$PY" scripts/report.py --work_dir "$W" --out_dir "$R" --config tiny --overrides "$DEMO_TRAINING"
 
 CKPT="$W/runs/unc/fold0/model.pt"
 step "5/8 bundle inference on unseen cases with $CKPT"

@@ -1,6 +1,6 @@
 """Evaluate label maps (ours or another tool's) against a BraTS dataset folder.
 
-    python scripts/evaluate.py --pred_dir P --gt_dir G --out_dir R [--unc_dir U] [--unc_max 1.0]
+    .venv/bin/python scripts/evaluate.py --pred_dir P --gt_dir G --out_dir R [--unc_dir U] [--unc_max 1.0]
         [--crosscheck false] [--label_convention brats2023]
 
 P holds ``<case_id>.nii.gz`` label maps (BraTS submission names), G a BraTS dataset folder (case
@@ -33,7 +33,23 @@ from custom.evaluation.folder import evaluate_folder
 
 def main(pred_dir: str, gt_dir: str, out_dir: str, unc_dir: str | None = None, unc_max: float = 1.0,
          crosscheck: bool = False, cases=None, label_convention: str = BRATS2023):
-    """Write per_case.csv and summary.json into ``out_dir``; print a one-line summary."""
+    """Score label maps against ground truth: per_case.csv and summary.json into OUT_DIR, a one-line summary.
+
+    Metrics of the BraTS 2023 ranking code (legacy and lesion-wise Dice and HD95 per region WT, TC, ET; with
+    --unc_dir the quality of the uncertainty maps for the WT errors). Missing, extra or mismatched files stop
+    the run with every one of them named (exit status 2).
+
+    Args:
+        pred_dir: folder of <case_id>.nii.gz label maps (labels 0-3; the -unc/-ensvar maps beside them are
+            ignored), e.g. the bundle's inference output or a submission folder.
+        gt_dir: BraTS data folder with the ground truth: case folders holding <case_id>-seg.nii.gz.
+        out_dir: where per_case.csv and summary.json go (created).
+        unc_dir: folder of <case_id>-unc.nii.gz uncertainty maps to score as well (default: none).
+        unc_max: the value of full uncertainty in those maps (1.0 for this bundle's maps).
+        crosscheck: also run the organisers' newer brats_evaluation and write crosscheck.csv.
+        cases: score only these case ids, e.g. "[BraTS-GLI-00001-000]" (default: every ground-truth case).
+        label_convention: "brats2023" (ET = 3; a label 4 stops the run) or "brats2021" (ET = 4, mapped to 3).
+    """
     try:
         crosscheck = as_bool(crosscheck, "crosscheck")
         summary = evaluate_folder(pred_dir, gt_dir, out_dir, unc_dir=unc_dir,

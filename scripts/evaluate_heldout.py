@@ -1,7 +1,7 @@
 """Held-out evaluation of the self-assessment: each fold's FINAL model on its validation cases, every uncertainty
 method by voxel type, calibrated out of fold, at case level, with its cost and bootstrap intervals.
 
-    python scripts/evaluate_heldout.py --work_dir W --out_dir R [--folds "[0,1]"] [--variant unc]
+    .venv/bin/python scripts/evaluate_heldout.py --work_dir W --out_dir R [--folds "[0,1]"] [--variant unc]
         [--mc_variant mcdropout] [--mc_samples 10] [--tta true] [--ensemble true] [--crosscheck true]
         [--max_cases_per_fold N] [--device cpu] [--n_boot 1000] [--seed 0]
 

@@ -1,7 +1,7 @@
 """Export a trained checkpoint for deployment: one TorchScript (+ its ONNX twin) with parity checks, and the Triton
 model repository that serves it.
 
-    python scripts/export.py --checkpoint W/runs/unc/fold0/model.pt [--work_dir W] [--out_dir bundle/models]
+    .venv/bin/python scripts/export.py --checkpoint W/runs/unc/fold0/model.pt [--work_dir W] [--out_dir bundle/models]
         [--triton_repo triton_models] [--triton_backend python|pytorch_libtorch|onnxruntime]
         [--patch_runtime torchscript|onnxruntime|eager] [--tensorrt false] [--tolerance 1e-4] [--overwrite false]
 

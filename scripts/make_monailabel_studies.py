@@ -1,6 +1,6 @@
 """BraTS case folder(s) -> MONAI Label studies: one 4-channel NIfTI per case, labels under labels/final.
 
-    .venv/bin/python scripts/make_monailabel_studies.py --cases RAW --studies STUDIES [--labels true]
+    .venv/bin/python scripts/make_monailabel_studies.py --cases CASES --studies STUDIES [--labels true]
         [--unlabeled "['BraTS-GLI-00003-000']"] [--overwrite false]
 
 ``--cases`` is one case folder or a folder of case folders. Each study is ``STUDIES/<case_id>.nii.gz``,
@@ -22,6 +22,18 @@ from custom.data.studies import make_studies
 
 
 def main(cases, studies, labels=True, unlabeled=(), overwrite=False):
+    """Write one MONAI Label study per BraTS case; print how many were written, kept and labelled.
+
+    Exit status 1 with every problem named when a case folder is incomplete or unreadable.
+
+    Args:
+        cases: one BraTS case folder, or a folder of case folders (BraTS-GLI-XXXXX-YYY/...-t1c.nii.gz, ...).
+        studies: the MONAI Label studies folder to fill (created): STUDIES/<case_id>.nii.gz, 4 channels last.
+        labels: copy each case's -seg file to STUDIES/labels/final/<case_id>.nii.gz.
+        unlabeled: case ids that get no label, e.g. "['BraTS-GLI-00003-000']" (the ones MONAI Label scores and
+            proposes for review).
+        overwrite: rewrite studies that exist already (default: keep them).
+    """
     try:
         records = make_studies(cases, studies, labels=as_bool(labels, "labels"),
                                unlabeled=as_list(unlabeled, "unlabeled", cast=str) or (),

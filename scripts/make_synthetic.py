@@ -1,6 +1,6 @@
 """Write a synthetic BraTS 2023 GLI data set (case folders with t1c, t1n, t2f, t2w and seg NIfTI files).
 
-    python scripts/make_synthetic.py --out_dir DIR --num_cases N --shape "[64,64,48]" --spacing "[1,1,1]" --seed S
+    .venv/bin/python scripts/make_synthetic.py --out_dir DIR --num_cases N --shape "[64,64,48]" --spacing "[1,1,1]" --seed S
         [--anatomy blob|mni152] [--first_index I] [--id_offset K]
 
 Defaults give BraTS-sized volumes (240x240x155 at 1 mm) of the blob generator. ``--anatomy mni152`` puts the

@@ -1,6 +1,6 @@
 """Validate a BraTS 2023 data set, write the datalist with folds, then plan and preprocess.
 
-    python scripts/prepare_data.py --dataset_dir RAW --work_dir W [--num_folds 5] [--seed 0] [--skip_invalid false]
+    .venv/bin/python scripts/prepare_data.py --dataset_dir RAW --work_dir W [--num_folds 5] [--seed 0] [--skip_invalid false]
         [--plan true] [--gpu_memory_gb 8] [--patch_size "[128,128,128]"] [--filters "[32,64,128,256,320,320]"]
 
 Every problem of every case is reported in one message (file and problem) and the exit status is 1;

@@ -1,6 +1,6 @@
 """Figure: one synthetic case of each generator, four contrasts and the labels on the axial slice of largest tumour.
 
-    python scripts/render_synthetic_figure.py --out bundle/docs/synthetic_cases.png [--seed 0]
+    .venv/bin/python scripts/render_synthetic_figure.py --out bundle/docs/synthetic_cases.png [--seed 0]
         [--shape "[240,240,155]"] [--spacing "[1,1,1]"] [--anatomies "[blob,mni152]"] [--case_dirs "[A,B]"]
 
 Writes the cases with ``write_dataset`` into a temporary folder (or reads existing case folders given by

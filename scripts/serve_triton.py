@@ -1,6 +1,6 @@
 """Serve the Triton model repository with a real ``tritonserver`` until Ctrl-C / SIGTERM, restarting it if it crashes.
 
-    python scripts/serve_triton.py [--model_repository triton_models] [--http_port 8000] [--grpc_port 8001]
+    .venv/bin/python scripts/serve_triton.py [--model_repository triton_models] [--http_port 8000] [--grpc_port 8001]
                                    [--metrics_port 8002] [--address 127.0.0.1] [--http true] [--max_restarts 5]
 
 Uses ``tritonserver`` from PATH (NVIDIA's container) or the one bundled in the nvidia-pytriton wheel,

@@ -1,13 +1,13 @@
 """The self-assessment study: candidate uncertainty heads vs var1shot, TTA, MC dropout and an ensemble, on unseen cases,
 over several training seeds (issue 13; custom/workflows/study.py).
 
-    python scripts/study_uncertainty.py --out_dir R [--seeds "[0,1,2]"] [--anatomy mni152]
+    .venv/bin/python scripts/study_uncertainty.py --out_dir R [--seeds "[0,1,2]"] [--anatomy mni152]
         [--variants "[baseline,paper,paper_sg,ring_sg,two_region_sg,proper_sg,mcdropout]"] [--num_epochs 70]
         [--parallel 2]
 
 BraTS scale on a GPU (real data, nnU-Net's plan; hold out a folder of labelled cases as --test_dir):
 
-    python scripts/study_uncertainty.py --out_dir R --dataset_dir BRATS_TRAIN --test_dir BRATS_HELDOUT --plan real \
+    .venv/bin/python scripts/study_uncertainty.py --out_dir R --dataset_dir BRATS_TRAIN --test_dir BRATS_HELDOUT --plan real \
         --num_epochs 500 --iterations_per_epoch 250 --val_interval 5 --num_folds 5 --device cuda --parallel 1
 """
 

@@ -1,7 +1,7 @@
 """Segment BraTS case folders through a running Triton server (tritonclient, HTTP or gRPC).
 
-    python scripts/triton_infer.py --url 127.0.0.1:8001 --protocol grpc --input_dir CASES --output_dir OUT [--concurrency 4]
-    python scripts/triton_infer.py --url 127.0.0.1:8000 --protocol http --input_dir CASES --output_dir OUT
+    .venv/bin/python scripts/triton_infer.py --url 127.0.0.1:8001 --protocol grpc --input_dir CASES --output_dir OUT [--concurrency 4]
+    .venv/bin/python scripts/triton_infer.py --url 127.0.0.1:8000 --protocol http --input_dir CASES --output_dir OUT
 
 Writes ``OUT/<case_id>.nii.gz`` (uint8 labels 0..3) and ``OUT/<case_id>-unc.nii.gz`` (float32 uncertainty),
 same shape and affine as the input, like bundle inference. Bad input files are rejected before sending.

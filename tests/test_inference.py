@@ -360,7 +360,7 @@ def test_benchmark_counts_forward_passes_side_by_side(tmp_path, capsys):
     for key in ("b_over_a_ratio", "c_over_b_ratio", "d_over_b_ratio"):
         assert res["tiny"][key] > 0
     line = capsys.readouterr().out
-    assert "b/a=" in line and "GPU: python scripts/benchmark_inference.py --device cuda" in line
+    assert "b/a=" in line and "GPU: .venv/bin/python scripts/benchmark_inference.py --device cuda" in line
 
 
 def test_case_folder_discovery(tmp_path, synthetic_dataset):

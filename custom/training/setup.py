@@ -57,7 +57,7 @@ def check_work_dir(work_dir, datalist_path=None, plans_path=None) -> str:
     if missing:
         raise BraTSInputError(
             [f"{p}: not found" for p in missing]
-            + [f"run: python scripts/prepare_data.py --dataset_dir <BraTS folder> --work_dir {work.path}"],
+            + [f"run: .venv/bin/python scripts/prepare_data.py --dataset_dir <BraTS folder> --work_dir {work.path}"],
             header=f"work directory {work.path} is not prepared for training",
         )
     return str(work.path)
