@@ -79,21 +79,22 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 
 def config_differences(found: Mapping, expected: Mapping, keys: Iterable[str] = RESULT_KEYS,
-                       ignore: Iterable[str] = ()) -> list[str]:
+                       ignore: Iterable[str] = (), labels: tuple[str, str] = ("here", "expected")) -> list[str]:
     """``["<key>: <found> here, <expected> expected", ...]`` for every setting of ``keys`` (minus ``ignore``)
-    whose values differ; an empty list means the same training.
+    whose values differ; an empty list means the same training. ``labels`` name the two sides.
 
     Booleans written on a command line ("true") equal their JSON form; a setting missing from ``found``
     (a run of an older version) is a difference. The plan is compared as a whole and named by its fields.
     """
     ignore = set(ignore)
+    here, there = labels
     out = []
     for key in keys:
         if key in ignore or key not in expected:
             continue
         want = _canonical(expected[key])
         if key not in found:
-            out.append(f"{key}: not recorded here, {_shown(want)} expected")
+            out.append(f"{key}: not recorded {here}, {_shown(want)} {there}")
             continue
         have = _canonical(found[key])
         if have == want:
@@ -101,16 +102,16 @@ def config_differences(found: Mapping, expected: Mapping, keys: Iterable[str] = 
         if isinstance(have, dict) and isinstance(want, dict):
             fields = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
             out.append(f"{key}: differs in {', '.join(fields)} "
-                       + "; ".join(f"{f} {_shown(have.get(f))} here, {_shown(want.get(f))} expected"
+                       + "; ".join(f"{f} {_shown(have.get(f))} {here}, {_shown(want.get(f))} {there}"
                                    for f in fields[:3]))
         elif isinstance(have, list) and isinstance(want, list) and key in FOLD_KEYS:
             extra, missing = sorted(set(map(str, have)) - set(map(str, want))), sorted(
                 set(map(str, want)) - set(map(str, have)))
-            out.append(f"{key}: {len(have)} here, {len(want)} expected"
+            out.append(f"{key}: {len(have)} {here}, {len(want)} {there}"
                        + (f" ({len(extra)} not expected, e.g. {extra[0]})" if extra else "")
                        + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else ""))
         else:
-            out.append(f"{key}: {_shown(have)} here, {_shown(want)} expected")
+            out.append(f"{key}: {_shown(have)} {here}, {_shown(want)} {there}")
     return out
 
 

@@ -15,7 +15,7 @@ from custom.core.cli import as_bool
 from custom.core.dist import dist_ready, is_main_process
 from custom.core.errors import BraTSInputError
 from custom.core.layout import WorkDir
-from custom.core.run_config import jsonable
+from custom.core.run_config import RESUMABLE_KEYS, config_differences, jsonable, read_run_config
 from custom.data.datalist import fold_split, load_datalist
 from custom.uncertainty.store import ErrorMapStore
 from custom.uncertainty.store_device import DeviceErrorMapStore
@@ -170,6 +170,44 @@ def attach_progress_bar(trainer, enabled: bool = True):
     bar = ProgressBar(persist=False)
     bar.attach(trainer, output_transform=_loss)
     return bar
+
+
+#: what ``--resume true`` does when the resumed command's settings differ from the run's (``resume_config_mismatch``)
+RESUME_MISMATCH_ACTIONS = ("refuse", "warn")
+
+
+def check_resume_settings(path, config: Mapping, resume=False, mismatch: str = "refuse") -> list[str]:
+    """Before a resumed run overwrites ``train_config.json``: compare the resumed command's settings (``config``,
+    the ``run_config`` of train.json) with the run's saved ones on :data:`custom.core.run_config.RESULT_KEYS`;
+    ``num_epochs`` may change (training longer). Nothing to check without ``resume`` or without a saved config.
+
+    ``mismatch``: ``"refuse"`` (default) raises, ``"warn"`` logs each difference and the run continues with the
+    resumed command's settings (its epoch length too: :class:`custom.training.handlers.checkpoint.ResumeHandler`).
+
+    Returns:
+        the differences (empty when the settings agree).
+
+    Raises:
+        BraTSInputError: with ``"refuse"``, naming each differing setting with both values.
+    """
+    if mismatch not in RESUME_MISMATCH_ACTIONS:
+        raise BraTSInputError(f"--resume_config_mismatch must be one of {', '.join(RESUME_MISMATCH_ACTIONS)}, "
+                              f"got {mismatch!r}", header="invalid command-line option")
+    if not as_bool(resume, "resume"):
+        return []
+    saved = read_run_config(path)
+    if saved is None:
+        return []
+    differences = config_differences(jsonable(dict(config)), saved, ignore=RESUMABLE_KEYS,
+                                     labels=("now", f"in {Path(path).name}"))
+    if differences and mismatch == "refuse":
+        raise BraTSInputError(
+            differences + [f"resume with the run's own settings (the config files and overrides it was started "
+                           f"with), or pass --resume_config_mismatch warn to continue with these"],
+            header=f"cannot resume {Path(path).parent}: other settings than the run was trained with")
+    for d in differences:
+        logger.warning("resuming %s with another setting (continuing with the new one): %s", Path(path).parent, d)
+    return differences
 
 
 def write_run_config(path, config: Mapping) -> str:

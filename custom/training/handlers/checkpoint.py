@@ -247,7 +247,8 @@ class ResumeHandler:
     (``weights_only=True``) into the objects of ``load_dict`` (network, optimizer, lr_scheduler, …; the engine
     itself as ``"trainer"``) and restore the store from the snapshot written with it (checked map by map).
 
-    The trainer keeps its configured ``max_epochs`` (training can be extended). Without a checkpoint it warns
+    The trainer keeps its configured ``max_epochs`` (training can be extended; the learning rate then follows the
+    new horizon: :class:`custom.training.schedule.PolyLRScheduler`) and epoch length. Without a checkpoint it warns
     and starts from scratch, like nnU-Net's ``--c``, with the store reset to zero (a run killed before its
     first checkpoint left updates in it). Disabled (a no-op) when ``enabled`` is False.
 
@@ -318,10 +319,15 @@ class ResumeHandler:
             else:
                 self.store.close()
             barrier()
-        max_epochs = engine.state.max_epochs
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         for key, obj in self.load_dict.items():
             _load_into(obj, state[key])
         engine.state.max_epochs = max_epochs
+        if epoch_length is not None and engine.state.epoch_length != epoch_length:
+            # resumed with another iterations_per_epoch (--resume_config_mismatch warn): the configured length
+            # holds from the epoch reached, whose boundary the iteration counter keeps
+            engine.state.epoch_length = epoch_length
+            engine.state.iteration = engine.state.epoch * epoch_length
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
