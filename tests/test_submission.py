@@ -225,3 +225,24 @@ def test_submission_of_a_brats_grid_case_has_no_warning(tmp_path):
     img = nib.load(tmp_path / "sub" / f"{cid}.nii.gz")
     assert img.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(img.dataobj), labels)
     assert np.allclose(img.get_qform(), BRATS_QFORM)
+
+
+def test_an_ensemble_case_is_written_as_one_unit(tmp_path):
+    """save_prediction writes the -ensvar map with the label and -unc maps, the label map last; a map left without
+    its label map (a killed write) is removed by the next inference run, a complete case is kept."""
+    from custom.core.layout import remove_unfinished_predictions
+    from custom.data.nifti import save_prediction
+
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[1, 1, 1] = 3
+    save_prediction(labels, labels / 6.0, np.eye(4), None, tmp_path, "BraTS-GLI-00001-000",
+                    maps={"ensvar": labels / 12.0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "BraTS-GLI-00001-000-ensvar.nii.gz", "BraTS-GLI-00001-000-unc.nii.gz", "BraTS-GLI-00001-000.nii.gz"]
+    assert nib.load(tmp_path / "BraTS-GLI-00001-000-ensvar.nii.gz").get_fdata()[1, 1, 1] == pytest.approx(0.25)
+    for suffix in ("unc", "ensvar"):  # the remainder of a killed write of case 2
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+                 tmp_path / f"BraTS-GLI-00002-000-{suffix}.nii.gz")
+    removed = remove_unfinished_predictions(tmp_path)
+    assert sorted(p.name for p in removed) == ["BraTS-GLI-00002-000-ensvar.nii.gz", "BraTS-GLI-00002-000-unc.nii.gz"]
+    assert len(list(tmp_path.iterdir())) == 3
