@@ -184,7 +184,7 @@ def test_package_writes_the_zoo_layout_with_release_weights(packaged, run_folder
     assert f"package_bundle: {bundle.path}" in proc.stdout
 
 
-def test_metadata_is_this_models_and_passes_the_schema_rules(packaged):
+def test_metadata_is_this_models_and_passes_the_schema_rules(packaged, tmp_path):
     from custom.deploy.package import metadata_problems
 
     bundle, _, _ = packaged
@@ -205,6 +205,15 @@ def test_metadata_is_this_models_and_passes_the_schema_rules(packaged):
     fmt = meta["network_data_format"]
     assert fmt["inputs"]["image"]["spatial_shape"] == ["8*(n+1)"] * 3 == fmt["outputs"]["pred"]["spatial_shape"]
     assert fmt["outputs"]["pred"]["num_channels"] == 4
+    # MONAI's own verify_metadata, as the model zoo runs it, offline against the shipped schema
+    from custom.deploy.package import META_SCHEMA
+
+    schema = tmp_path / "schema.json"
+    shutil.copyfile(META_SCHEMA, schema)
+    proc = run_cmd([PYTHON, "-m", "monai.bundle", "verify_metadata", "--meta_file", bundle.metadata, "--filepath",
+                    schema], timeout=300)
+    assert "skipped downloading" in proc.stdout + proc.stderr
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
 
 
 def test_metadata_rules_catch_what_the_schema_rejects():
@@ -233,6 +242,61 @@ def test_metadata_rules_catch_what_the_schema_rejects():
     problems = metadata_problems(bad)
     assert "'version' '9.9.9' has no entry in 'changelog'" in problems
     assert "network_data_format: 'outputs' missing" in problems
+
+
+def _verify_metadata(meta: dict, tmp_path: Path, schema_copy: Path) -> str | None:
+    """MONAI's own ``verify_metadata`` on ``meta`` against a copy of the shipped schema: None when it passes, else
+    its message. No download: MONAI skips it when the schema file exists (the URL here is unreachable)."""
+    from monai.bundle import verify_metadata
+
+    meta_file = tmp_path / "metadata.json"
+    meta_file.write_text(json.dumps(meta))
+    try:
+        verify_metadata(meta_file=str(meta_file), filepath=str(schema_copy))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_monai_verify_metadata_offline_agrees_with_the_schema_rules(tmp_path):
+    """The shipped JSON Schema (custom/deploy/bundle_meta_schema.json) and metadata_problems are one set of rules:
+    the same required fields, and every planted error is rejected by both MONAI's verify_metadata and
+    metadata_problems; the repository's metadata.json passes both."""
+    from custom.deploy.package import META_SCHEMA, SCHEMA_REQUIRED, TENSOR_REQUIRED, metadata_problems
+
+    schema = json.loads(META_SCHEMA.read_text())
+    assert set(schema["required"]) == set(SCHEMA_REQUIRED)
+    assert set(schema["definitions"]["tensor"]["required"]) == set(TENSOR_REQUIRED)
+    copy = tmp_path / "schema.json"
+    shutil.copyfile(META_SCHEMA, copy)
+    good = json.loads((REPO_ROOT / "bundle" / "configs" / "metadata.json").read_text())
+    assert _verify_metadata(good, tmp_path, copy) is None and metadata_problems(good) == []
+    assert copy.read_bytes() == META_SCHEMA.read_bytes()  # used as given, nothing downloaded over it
+
+    def planted(edit):
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        return bad
+
+    fmt = lambda m: m["network_data_format"]  # noqa: E731
+    cases = {
+        "authors missing": lambda m: m.pop("authors"),
+        "required_packages_version missing": lambda m: m.pop("required_packages_version"),
+        "version not a string": lambda m: m.update(version=1),
+        "reference not a string": lambda m: m.update(references=["x", 2]),
+        "outputs missing": lambda m: fmt(m).pop("outputs"),
+        "spatial_shape item a float": lambda m: fmt(m)["inputs"]["image"].update(spatial_shape=[32.5, 32, 32]),
+        "value_range missing": lambda m: fmt(m)["outputs"]["pred"].pop("value_range"),
+        "num_channels a string": lambda m: fmt(m)["post_processed_outputs"]["pred"].update(num_channels="1"),
+        "is_patch_data a string": lambda m: fmt(m)["inputs"]["image"].update(is_patch_data="yes"),
+        "tensor not an object": lambda m: fmt(m)["post_processed_outputs"].update(unc="a map"),
+        "other data format without inputs": lambda m: m.update(export_data_format={"outputs": {}}),
+    }
+    for what, edit in cases.items():
+        bad = planted(edit)
+        assert metadata_problems(bad), what
+        message = _verify_metadata(bad, tmp_path, copy)
+        assert message is not None and "Failed validating" in message, what
 
 
 def test_shipped_code_is_what_the_configs_need(packaged):

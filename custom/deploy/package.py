@@ -64,6 +64,11 @@ BUNDLE_SCRIPTS = ("prepare_data.py",)
 BUNDLE_DOCS = ("README.md", "data_license.txt")
 _MD_LINK = re.compile(r"\]\(([^)#\s]+)")
 
+#: the same rules as a JSON Schema file, for MONAI's own ``verify_metadata`` offline (it downloads nothing when the
+#: file it is given exists): ``python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath
+#: COPY_OF_THIS_FILE``; tests/test_package.py checks that it and :func:`metadata_problems` agree
+META_SCHEMA = Path(__file__).with_name("bundle_meta_schema.json")
+
 #: required fields of MONAI's bundle metadata schema (meta_schema_20240725.json, the URL in metadata.json's
 #: "schema") and the JSON type each must have; tensor fields below
 SCHEMA_REQUIRED = {
@@ -116,7 +121,8 @@ def metadata_problems(meta: Mapping) -> list[str]:
     The schema itself cannot be downloaded here; this restates its rules: the required fields and their JSON types,
     ``network_data_format`` (and any ``<name>_data_format``) with ``inputs`` and ``outputs`` (and optionally
     ``post_processed_outputs``) whose tensors carry type, format, num_channels, spatial_shape (strings or
-    integers), dtype and value_range (numbers).
+    integers), dtype and value_range (numbers). :data:`META_SCHEMA` holds the same rules as a JSON Schema for
+    MONAI's ``verify_metadata``; this function names every problem at once, with no JSON Schema package.
     """
     if not isinstance(meta, Mapping):
         return ["metadata: must be a JSON object"]
@@ -137,9 +143,12 @@ def metadata_problems(meta: Mapping) -> list[str]:
             if part not in io:
                 problems.append(f"{key}: '{part}' missing")
         for part in ("inputs", "outputs", "post_processed_outputs"):
-            for name, tensor in (io.get(part) or {}).items():
-                if not isinstance(tensor, (str, int, float, bool)):
-                    problems.extend(_tensor_problems(f"{key}.{part}.{name}", tensor))
+            tensors = io.get(part, {})
+            if not isinstance(tensors, Mapping):
+                problems.append(f"{key}.{part}: must be an object")
+                continue
+            for name, tensor in tensors.items():
+                problems.extend(_tensor_problems(f"{key}.{part}.{name}", tensor))
     return problems
 
 
