@@ -46,7 +46,7 @@ from custom.core.atomic import atomic_write_bytes, atomic_write_json
 from custom.core.constants import NUM_REGIONS
 from custom.core.errors import BraTSInputError
 from custom.core.layout import BUNDLE_ROOT, REPO_ROOT, BundleDir, RunDir
-from custom.deploy.export import check_finite_weights, export_torchscript
+from custom.deploy.export import export_torchscript
 from custom.deploy.triton_repository import sha256_file
 from custom.evaluation.runs import read_metrics_csv
 from custom.model.checkpoints import (checkpoint_epoch, checkpoint_out_channels, load_state_dict, resolve_plans_path,
@@ -318,8 +318,7 @@ def package_bundle(checkpoint, out_dir, name: str = BUNDLE_NAME, work_dir=None, 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise BraTSInputError(f"bundle name {name!r}: use letters, digits and '_'", header=_HEADER)
-    state = load_state_dict(checkpoint)
-    check_finite_weights(state, checkpoint)
+    state = load_state_dict(checkpoint)  # the one loader: refuses non-finite weights, naming the file
     out_channels = checkpoint_out_channels(state)
     plans_path = resolve_plans_path(checkpoint, work_dir)
     plans = load_plans(plans_path)
