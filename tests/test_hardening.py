@@ -366,6 +366,13 @@ def test_output_folder_inside_the_input_folder_runs_twice(tmp_path, plans_path, 
     second = infer_folder(segmenter, cases, out)
     assert set(first["cases"]) == set(second["cases"]) == {p.name for p in one_case.iterdir()}
     assert not second["failures"]
+    # the bundle's inference.json lists its cases the same way (its datalist skips the output folder)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("bundle/configs/inference.json")
+    parser.update({"bundle_root": "bundle", "dataset_dir": str(cases), "output_dir": str(out)})
+    assert {d["case_id"] for d in parser.get_parsed_content("datalist")} == {p.name for p in one_case.iterdir()}
 
 
 # --------------------------------------------------------------------- 15.13 evaluate.py names every file
