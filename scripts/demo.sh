@@ -44,7 +44,7 @@ step "4/8 held-out evaluation (unc_output vs var1shot, TTA, MC dropout, ensemble
 CKPT="$W/runs/unc/fold0/model.pt"
 step "5/8 bundle inference on unseen cases with $CKPT"
 "$PY" -m monai.bundle run --bundle_root bundle --config_file bundle/configs/inference.json \
-  --input_dir "$NEW" --output_dir "$OUT/predictions" --checkpoint "$CKPT"
+  --dataset_dir "$NEW" --output_dir "$OUT/predictions" --checkpoint "$CKPT"
 
 step "6/8 evaluating those predictions (legacy and BraTS 2023 lesion-wise metrics, uncertainty quality)"
 "$PY" scripts/evaluate.py --pred_dir "$OUT/predictions" --gt_dir "$NEW" --out_dir "$OUT/evaluation" \

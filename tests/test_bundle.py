@@ -49,21 +49,95 @@ def test_configs_are_json_and_layer_on_train():
 
 
 def test_metadata_complete():
+    from custom.deploy.package import metadata_problems
+
     meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert metadata_problems(meta) == []
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
                 "required_packages_version", "name", "task", "description", "authors", "copyright",
-                "data_source", "data_type", "image_classes", "label_classes", "pred_classes", "eval_metrics",
+                "data_source", "data_type", "image_classes", "label_classes", "pred_classes",
                 "intended_use", "references", "network_data_format"):
         assert meta.get(key), f"metadata.json: '{key}' missing or empty"
     assert meta["version"] in meta["changelog"]
+    # no figures of a model this repository does not ship: a packaged bundle gets its own model's (test_package)
+    assert "eval_metrics" not in meta
     refs = " ".join(meta["references"])
     assert "Uncertainty-Aware nnU-Net" in refs and "nnU-Net" in refs and "BraTS" in refs and "2023" in refs
-    image = meta["network_data_format"]["inputs"]["image"]
-    pred = meta["network_data_format"]["outputs"]["pred"]
+    fmt = meta["network_data_format"]
+    image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
     assert image["num_channels"] == 4 and list(image["channel_def"].values()) == ["t1c", "t1n", "t2f", "t2w"]
-    assert pred["num_channels"] == 4 and len(pred["channel_def"]) == 4
-    assert [v.split()[0] for v in pred["channel_def"].values()] == ["p_WT", "p_TC", "p_ET", "unc_output"]
+    # outputs.pred is network_def's raw output (what verify_net_in_out and ckpt_export check): 4 logit channels
+    assert pred["num_channels"] == 4 and pred["format"] == "logits" and pred["value_range"] == []
+    assert [v.split()[0] for v in pred["channel_def"].values()] == ["WT", "TC", "ET", "unc_output"]
+    # the label map (what generic tools such as MONAI Label show) is a post-processed output
+    labels = fmt["post_processed_outputs"]["pred"]
+    assert labels["channel_def"] == {"0": "background", "1": "NCR", "2": "ED", "3": "ET"}
+    assert labels["num_channels"] == 1 and labels["dtype"] == "uint8" and labels["value_range"] == [0, 3]
+    assert fmt["post_processed_outputs"]["unc"]["value_range"] == [0, 1]
     assert meta["label_names"] == {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
+
+
+def test_bundle_properties_of_train_and_inference(prepared_work_dir, tmp_path):
+    """MONAI's `create_workflow(...).check_properties()` (what the model zoo checks) passes for train.json and
+    inference.json; `dataset_dir` is the data each reads, `train#inferer` the trainer's."""
+    from monai.bundle import create_workflow
+
+    common = dict(meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
+                  bundle_root="bundle")
+    for extra in ([], ["baseline.json"]):
+        train = create_workflow(workflow_type="train", config_file=[str(CONFIGS / c) for c in
+                                                                   ["train.json", *extra, "tiny.json"]],
+                                work_dir=str(prepared_work_dir), output_dir=str(tmp_path / "out"), **common)
+        assert train.check_properties() == []
+        # train.json reads the prepared work directory; its dataset_dir is the data set it was prepared from
+        datalist = json.loads((prepared_work_dir / "datalist.json").read_text())
+        assert train.dataset_dir == datalist["dataset_dir"]
+        assert type(train.train_inferer).__name__ == "SimpleInferer"
+        assert train.parser["train"]["trainer"]["inferer"].replace("::", "#") == "@train#inferer"
+        names = [type(h).__name__ for h in train.train_handlers]
+        assert ("ErrorMapHandler" in names) == (not extra), names  # baseline.json: no error-map handlers
+        train.finalize()
+    infer = create_workflow(workflow_type="inference", config_file=str(CONFIGS / "inference.json"),
+                            dataset_dir=str(datalist["dataset_dir"]), output_dir=str(tmp_path / "pred"),
+                            checkpoint=str(_fresh_checkpoint(prepared_work_dir, tmp_path)), **common)
+    assert infer.check_properties() == []
+    assert len(infer.dataset) == len(datalist["training"])
+    # one execution path: `run` runs the evaluator, nothing else
+    assert infer.parser["run"] == ["$@evaluator.run()"]
+    assert type(infer.evaluator).__name__ == "CaseFolderEvaluator"
+
+
+def _fresh_checkpoint(work_dir, root):
+    from custom.model.networks import build_network
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save({"model": build_network(work_dir / "plans.json").state_dict()}, root / "model.pt")
+    shutil.copyfile(work_dir / "plans.json", root / "plans.json")
+    return root / "model.pt"
+
+
+def test_run_ids_are_one_list(prepared_work_dir):
+    """`run training` / `run evaluating` and MONAI's default `run` are the same expressions, not two copies."""
+    from monai.bundle import ConfigParser
+
+    for files, alias in ((["train.json"], "training"), (["train.json", "evaluate.json"], "evaluating"),
+                         (["train.json", "multi_gpu_train.json"], "training")):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in files])
+        assert parser[alias] == "@run", (files, alias)
+        assert isinstance(parser["run"], list) and parser["run"]
+
+
+def test_dataset_dir_other_than_the_prepared_one_is_refused(prepared_work_dir, tmp_path):
+    from custom.core.errors import BraTSInputError
+    from custom.training.setup import check_dataset_dir, prepared_from
+
+    datalist = prepared_work_dir / "datalist.json"
+    check_dataset_dir(datalist, prepared_from(datalist))  # the default: what the work dir was prepared from
+    with pytest.raises(BraTSInputError, match="prepared from .* not from dataset_dir") as e:
+        check_dataset_dir(datalist, tmp_path)
+    assert "scripts/prepare_data.py --dataset_dir" in str(e.value)
 
 
 def test_verify_net_in_out(prepared_work_dir):
@@ -116,9 +190,9 @@ def test_config_paths_agree_with_the_layout(tmp_path):
     assert Path(parser.get_parsed_content("datalist")) == work.datalist
     assert Path(parser.get_parsed_content("plans_path")) == work.plans
     assert Path(parser.get_parsed_content("tb_writer#log_dir", instantiate=False)) == run.tensorboard
-    handlers = parser["train"]["core_handlers"]
+    handlers = parser["train"]["handlers"]
     i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("MetricsCSVHandler"))
-    assert Path(parser.get_parsed_content(f"train#core_handlers#{i}#path")) == run.metrics_csv
+    assert Path(parser.get_parsed_content(f"train#handlers#{i}#path")) == run.metrics_csv
     assert f"@output_dir + '/{run.store.name}'" in parser["store"]
     assert any(f"@output_dir + '/{run.train_config.name}'" in x for x in parser["initialize"])
     evaluate = ConfigParser()

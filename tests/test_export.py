@@ -42,7 +42,12 @@ def test_export_writes_models_and_reports_parity(exported, ckpt):
     proc, out, _ = exported
     for name in ("model.ts", "model.onnx", "model.pt", "plans.json", "export.json"):
         assert (out / name).is_file(), name
-    assert (out / "model.pt").read_bytes() == ckpt.read_bytes()
+    # the released weights: a plain state dict (what MONAI's ckpt_export / CheckpointLoader load by default) with
+    # the checkpoint's tensors; the training checkpoint keeps its {"model": ...} dict
+    released = torch.load(str(out / "model.pt"), weights_only=True)
+    trained = torch.load(str(ckpt), weights_only=True)
+    assert set(trained) == {"model"} and set(released) == set(trained["model"])
+    assert all(torch.equal(released[k], trained["model"][k]) for k in released)
     report = json.loads((out / "export.json").read_text())
     parity = report["parity"]
     assert parity["max_abs_diff_torchscript"] <= 1e-4 and parity["max_abs_diff_onnx"] <= 1e-4
@@ -69,6 +74,8 @@ def test_torchscript_has_metadata_and_matches_pytorch(exported, ckpt, prepared_w
     assert pred["value_range"] == [0, 1] and pred["dtype"] == "float32" and "sigmoid" in pred["activation"]
     assert "logit" not in json.dumps(pred["channel_def"]) and "probability" in pred["channel_def"]["0"]
     assert "unc_output before the cancer mask" in pred["channel_def"]["3"]
+    # the exported network keeps the patch size: the output shape is the input's, as metadata.json states it
+    assert pred["spatial_shape"] == fmt["inputs"]["image"]["spatial_shape"] == ["32*(n+1)"] * 3
     assert "network_export" in embedded["inference.json"]
     ts = torch.jit.load(str(out / "model.ts"))
     module = build_export_module("bundle/configs/inference.json", "bundle", ckpt, prepared_work_dir)
@@ -284,7 +291,7 @@ def test_export_refuses_to_overwrite_another_export(exported, ckpt, prepared_wor
     # the same checkpoint again: nothing to refuse
     assert find_overwrites(ckpt, prepared_work_dir / "plans.json", out, repo) == []
     conflicts = find_overwrites(other / "model.pt", other / "plans.json", out, repo)
-    assert any(c.startswith(f"{out / 'model.pt'}: a different model.pt") for c in conflicts)
+    assert any(c.startswith(f"{out / 'model.pt'}: other weights") for c in conflicts)
     assert any(c.startswith(str(out / "model.ts")) for c in conflicts)
     assert any("serves another checkpoint" in c for c in conflicts)
     before = {p: p.read_bytes() for p in (out / "model.pt", out / "model.ts", repo / "brats_unc_patch/1/model.pt")}
@@ -298,7 +305,9 @@ def test_export_refuses_to_overwrite_another_export(exported, ckpt, prepared_wor
     with pytest.raises(ExportOverwriteError):
         export_model(other / "model.pt", out_dir=target, triton_repo=None, verify=False)
     report = export_model(other / "model.pt", out_dir=target, triton_repo=None, verify=False, overwrite=True)
-    assert (target / "model.pt").read_bytes() == (other / "model.pt").read_bytes()
+    from custom.model.checkpoints import load_state_dict, same_weights
+
+    assert same_weights(load_state_dict(target / "model.pt"), load_state_dict(other / "model.pt"))
     assert str(target / "model.pt") in " ".join(report["overwritten"])
 
 

@@ -52,7 +52,7 @@ def _some_weight_key(plans_path: Path) -> str:
 
 def _bundle_inference(checkpoint, input_dir, output_dir, timeout=600):
     return run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle",
-                    "--config_file", "bundle/configs/inference.json", "--input_dir", input_dir,
+                    "--config_file", "bundle/configs/inference.json", "--dataset_dir", input_dir,
                     "--output_dir", output_dir, "--checkpoint", checkpoint, "--progress", "false"],
                    check=False, timeout=timeout)
 
@@ -320,6 +320,7 @@ def test_a_case_killed_mid_write_leaves_no_label_without_its_map(tmp_path, plans
     reverse: the label map is renamed last, after the old one was removed). The next run removes that
     remainder and stale temporary files before writing; evaluation never takes a temporary file for a prediction."""
     from custom.evaluation.folder import match_prediction_files
+    from custom.inference.engine import infer_folder
     from custom.inference.segmenter import UncertaintySegmenter
 
     case_id = next(p.name for p in one_case.iterdir())
@@ -343,7 +344,7 @@ def test_a_case_killed_mid_write_leaves_no_label_without_its_map(tmp_path, plans
     assert stale.name not in str(err.value)
 
     segmenter = UncertaintySegmenter.from_checkpoint(_checkpoint(tmp_path / "ckpt", plans_path))
-    summary = segmenter.predict_folder(one_case, out, progress=False)
+    summary = infer_folder(segmenter, one_case, out)  # the bundle run's engine
     assert set(summary["cases"]) == {case_id}
     assert label.exists() and unc.exists() and not stale.exists() and alive.exists()
     alive.unlink()
@@ -354,16 +355,24 @@ def test_a_case_killed_mid_write_leaves_no_label_without_its_map(tmp_path, plans
 def test_output_folder_inside_the_input_folder_runs_twice(tmp_path, plans_path, one_case):
     """Issue 15.13: ``--output_dir`` inside ``--input_dir``: the second run used to take the output folder for a
     case folder and fail; it is skipped when the cases are listed."""
-    from custom.inference.segmenter import UncertaintySegmenter, run_inference
+    from custom.inference.engine import infer_folder
+    from custom.inference.segmenter import UncertaintySegmenter
 
     cases = tmp_path / "cases"
     shutil.copytree(one_case, cases)
     out = cases / "predictions"
     segmenter = UncertaintySegmenter.from_checkpoint(_checkpoint(tmp_path / "ckpt", plans_path))
-    first = run_inference(segmenter, cases, out, progress=False)
-    second = run_inference(segmenter, cases, out, progress=False)
+    first = infer_folder(segmenter, cases, out)  # the bundle run's engine
+    second = infer_folder(segmenter, cases, out)
     assert set(first["cases"]) == set(second["cases"]) == {p.name for p in one_case.iterdir()}
     assert not second["failures"]
+    # the bundle's inference.json lists its cases the same way (its datalist skips the output folder)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("bundle/configs/inference.json")
+    parser.update({"bundle_root": "bundle", "dataset_dir": str(cases), "output_dir": str(out)})
+    assert {d["case_id"] for d in parser.get_parsed_content("datalist")} == {p.name for p in one_case.iterdir()}
 
 
 # --------------------------------------------------------------------- 15.13 evaluate.py names every file

@@ -83,7 +83,7 @@ def bundle_run(cases_dir, fresh_ckpt, tmp_path_factory):
     """One real `python -m monai.bundle run` over the four cases (one of them corrupt)."""
     out = tmp_path_factory.mktemp("pred")
     proc = run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle",
-                    "--config_file", "bundle/configs/inference.json", "--input_dir", cases_dir,
+                    "--config_file", "bundle/configs/inference.json", "--dataset_dir", cases_dir,
                     "--output_dir", out, "--checkpoint", fresh_ckpt], check=False, timeout=600)
     return proc, out
 
@@ -228,9 +228,9 @@ def test_mirroring_tta_is_the_mean_of_the_eight_flips(segmenter):
     assert not torch.allclose(tta.predict_probabilities(x, fn), plain.predict_probabilities(x, fn))
 
 
-def test_bundle_components_are_the_same_path(synthetic_dataset, fresh_ckpt, segmenter):
-    """What MONAI Label runs (preprocessing -> inferer(network_def) -> postprocessing) and the bundle
-    evaluator give what UncertaintySegmenter.predict gives."""
+def test_bundle_components_are_the_same_path(synthetic_dataset, fresh_ckpt, segmenter, tmp_path):
+    """What MONAI Label runs (preprocessing -> inferer(network_def) -> postprocessing) and the bundle's
+    evaluator (what `run` runs: the segmenter per case folder) give what UncertaintySegmenter.predict gives."""
     from monai.bundle import ConfigParser
 
     from custom.data.nifti import load_case_arrays
@@ -242,7 +242,8 @@ def test_bundle_components_are_the_same_path(synthetic_dataset, fresh_ckpt, segm
     parser.read_config("bundle/configs/inference.json")
     parser["bundle_root"] = "bundle"
     parser["checkpoint"] = str(fresh_ckpt)
-    parser["input_dir"] = str(case)
+    parser["dataset_dir"] = str(case)
+    parser["output_dir"] = str(tmp_path / "out")
     parser["device"] = "$torch.device('cpu')"
     net = load_weights(parser.get_parsed_content("network_def"), fresh_ckpt)
     data = parser.get_parsed_content("preprocessing")({"image": files})
@@ -256,10 +257,14 @@ def test_bundle_components_are_the_same_path(synthetic_dataset, fresh_ckpt, segm
     assert np.abs(data["unc"][0].numpy() - pred.unc).max() <= 1e-4
 
     evaluator = parser.get_parsed_content("evaluator")
-    evaluator.run()
-    ev = evaluator.state.output
-    assert (np.asarray(ev["pred"][0]) == pred.labels).mean() >= 0.999
-    assert np.abs(np.asarray(ev["unc"][0]) - pred.unc).max() <= 1e-4
+    # the config's inferer is the one the evaluator's segmenter slides (MONAI Label and the run share it)
+    assert evaluator.segmenter.inferer is parser.get_parsed_content("inferer")
+    summary = evaluator.run()
+    assert set(summary["cases"]) == {case.name} and not summary["failures"]
+    labels = np.asarray(nib.load(tmp_path / "out" / f"{case.name}.nii.gz").dataobj)
+    unc = np.asarray(nib.load(tmp_path / "out" / f"{case.name}-unc.nii.gz").dataobj)
+    assert (labels == pred.labels).mean() >= 0.999 and (labels == data["pred"][0].numpy()).mean() >= 0.999
+    assert np.abs(unc - pred.unc).max() <= 1e-4
 
 
 def test_plan_and_checkpoint_errors_are_clear(tmp_path, prepared_work_dir, fresh_ckpt):
@@ -287,12 +292,14 @@ def test_plan_and_checkpoint_errors_are_clear(tmp_path, prepared_work_dir, fresh
 
 
 def test_missing_modality_names_the_file(tmp_path, synthetic_dataset, segmenter):
+    from custom.inference.engine import infer_folder
+
     case = sorted(p for p in synthetic_dataset.iterdir() if p.is_dir())[0]
     dst = tmp_path / "in" / case.name
     shutil.copytree(case, dst)
     (dst / f"{case.name}-t1n.nii.gz").unlink()
     with pytest.raises(BraTSInputError) as e:
-        segmenter.predict_folder(tmp_path / "in", tmp_path / "out", progress=False)
+        infer_folder(segmenter, tmp_path / "in", tmp_path / "out")
     assert f"{case.name}-t1n.nii.gz: missing t1n image" in str(e.value)
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
@@ -332,7 +339,7 @@ def test_bundle_run_with_the_trained_tiny_checkpoint(tiny_training_run, prepared
     case_dir = Path(entry["image"][0]).parent
     out = tmp_path / "out"
     run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file",
-             "bundle/configs/inference.json", "--input_dir", case_dir, "--output_dir", out,
+             "bundle/configs/inference.json", "--dataset_dir", case_dir, "--output_dir", out,
              "--checkpoint", tiny_training_run / "model.pt", "--tta", "true"], timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tta"] is True and set(summary["cases"]) == {entry["case_id"]}
@@ -373,9 +380,9 @@ def test_case_folder_discovery(tmp_path, synthetic_dataset):
     assert list_case_folders(tmp_path / "in") == [tmp_path / "in" / case.name]
     # a single case folder is accepted as the input folder too
     assert list_case_folders(tmp_path / "in" / case.name) == [tmp_path / "in" / case.name]
-    entry = case_datalist(tmp_path / "in")[0]
-    assert entry["case_id"] == case.name and [Path(p).name for p in entry["image"]] == \
-        [f"{case.name}-{m}.nii.gz" for m in MODALITIES]
+    # the engine's items: one folder each; its files are found when the case runs (an incomplete case fails alone)
+    assert case_datalist(tmp_path / "in") == [{"case_id": case.name, "case_dir": str(tmp_path / "in" / case.name)}]
+    assert case_datalist(None) == []
     with pytest.raises(BraTSInputError, match="no case folders"):
         list_case_folders(tmp_path / "in" / "notes")
 

@@ -73,7 +73,7 @@ def new_cases(synthetic_dataset, tmp_path_factory) -> Path:
 def ensemble_run(fold_work, new_cases, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ensemble_pred")
     run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file", ENSEMBLE,
-             "--work_dir", fold_work, "--input_dir", new_cases, "--output_dir", out], timeout=600)
+             "--work_dir", fold_work, "--dataset_dir", new_cases, "--output_dir", out], timeout=600)
     return out
 
 
@@ -142,7 +142,7 @@ def test_members_must_be_one_cross_validation(fold_work, new_cases, tmp_path):
         EnsembleSegmenter.from_checkpoints([ckpts[0], ckpts[0]])
     (ring / "FINISHED").unlink()
     proc = run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file", ENSEMBLE,
-                    "--work_dir", other, "--folds", "[1]", "--input_dir", new_cases,
+                    "--work_dir", other, "--folds", "[1]", "--dataset_dir", new_cases,
                     "--output_dir", tmp_path / "out"], check=False, timeout=300)
     assert proc.returncode != 0 and f"{ring}: not finished (no FINISHED marker)" in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))

@@ -753,7 +753,7 @@ def test_bundle_inference_refuses_a_volume_that_would_resample_too_large(tiny_ch
     case_id = next(raw.iterdir()).name
     out = tmp_path / "out"
     proc = run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file",
-                    "bundle/configs/inference.json", "--input_dir", raw, "--output_dir", out,
+                    "bundle/configs/inference.json", "--dataset_dir", raw, "--output_dir", out,
                     "--checkpoint", tiny_checkpoint, "--progress", "false"], check=False, timeout=300)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr

@@ -3,6 +3,10 @@
 ::
 
     <repository>/bundle/configs/*.json               bundle configs (CONFIG_DIR)
+    B/ (a MONAI bundle: bundle/ or a packaged one)   configs/{metadata,inference,train,...}.json  configs/logging.conf
+                                                     models/model.pt (plain state dict)  models/model.ts  models/plans.json
+                                                     docs/README.md  docs/data_license.txt  LICENSE  large_files.yml
+                                                     custom/ scripts/ (a packaged bundle's code; BundleDir)
     <repository>/triton_models/                      Triton model repository (MODEL_REPOSITORY)
     W/                                               work directory (WorkDir), from scripts/prepare_data.py
       datalist.json  fingerprint.json  plans.json
@@ -193,6 +197,80 @@ def remove_unfinished_predictions(out_dir) -> list[Path]:
                     path.unlink(missing_ok=True)
                     removed.append(path)
     return removed
+
+
+@dataclass(frozen=True)
+class BundleDir:
+    """A MONAI bundle folder and MONAI's names in it (the repository's ``bundle/`` or one that
+    ``scripts/package_bundle.py`` wrote, which also holds its code: ``custom/`` and ``scripts/``)."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def configs(self) -> Path:
+        return self.path / "configs"
+
+    def config(self, name: str) -> Path:
+        """``configs/<name>.json`` (``metadata``, ``inference``, ``train``, ``tiny`` ...)."""
+        return self.configs / f"{name}.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.config("metadata")
+
+    @property
+    def logging_conf(self) -> Path:
+        return self.configs / "logging.conf"
+
+    @property
+    def models(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def weights(self) -> Path:
+        """``models/model.pt``: the released weights, a plain state dict."""
+        return self.models / MODEL_NAME
+
+    @property
+    def torchscript(self) -> Path:
+        return self.models / "model.ts"
+
+    @property
+    def plans(self) -> Path:
+        """``models/plans.json``: the plan travels beside the weights (``resolve_plans_path``)."""
+        return self.models / PLANS_NAME
+
+    @property
+    def docs(self) -> Path:
+        return self.path / "docs"
+
+    @property
+    def readme(self) -> Path:
+        return self.docs / "README.md"
+
+    @property
+    def data_license(self) -> Path:
+        return self.docs / "data_license.txt"
+
+    @property
+    def license(self) -> Path:
+        return self.path / "LICENSE"
+
+    @property
+    def large_files(self) -> Path:
+        return self.path / "large_files.yml"
+
+    @property
+    def code(self) -> Path:
+        """``custom/``: the package a packaged bundle carries (MONAI puts the bundle root on ``sys.path``)."""
+        return self.path / "custom"
+
+    @property
+    def scripts(self) -> Path:
+        return self.path / "scripts"
 
 
 @dataclass(frozen=True)

@@ -227,15 +227,13 @@ def find_case_files(case_dir) -> dict:
             "label": str(case.label) if case.label is not None else None}
 
 
-def case_datalist(input_dir) -> list[dict]:
-    """``[{"case_id", "image": [4 paths]}]`` for the bundle's ``dataset`` (empty when no ``input_dir``)."""
+def case_datalist(input_dir, skip=None) -> list[dict]:
+    """``[{"case_id", "case_dir"}]`` of the case folders of ``input_dir``: the bundle's inference ``dataset``
+    (empty when no ``input_dir``; ``skip``, the output folder, is never a case). The files of a case are found
+    when it is predicted (:func:`find_case_files`), so an incomplete case fails alone."""
     if input_dir in (None, ""):
         return []
-    out = []
-    for case_dir in list_case_folders(input_dir):
-        case = find_case_files(case_dir)
-        out.append({"case_id": case["case_id"], "image": case["image"]})
-    return out
+    return [{"case_id": p.name, "case_dir": str(p)} for p in list_case_folders(input_dir, skip=skip)]
 
 
 def find_label_files(dataset_dir) -> dict:

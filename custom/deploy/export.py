@@ -33,7 +33,8 @@ from custom.data.synthetic import make_case
 from custom.deploy.triton_repository import (MODEL_INFO, PATCH_ARTEFACTS, PATCH_INPUT, PATCH_MAX_BATCH_SIZE,
                                              PATCH_MODEL, PATCH_OUTPUT, VOLUME_MODEL, prepare_model_repository,
                                              sha256_file)
-from custom.model.checkpoints import checkpoint_out_channels, load_state_dict, load_weights, resolve_plans_path
+from custom.model.checkpoints import (checkpoint_out_channels, load_state_dict, load_weights, release_state_dict,
+                                      resolve_plans_path, same_weights, save_release_weights)
 from custom.planning.plans import load_plans
 from custom.preprocessing.functional import preprocess_case
 
@@ -48,6 +49,10 @@ ONNX_OUTPUT = PATCH_OUTPUT
 
 ONNX_OPSET = 17
 
+#: metadata spatial shape of a patch without a metadata.json to read it from: multiples of 32 from 64 (a 6-stage plan
+#: divides by 32 and instance norm needs at least 2 voxels per axis at the bottleneck)
+DEFAULT_SPATIAL_SHAPE = ("32*(n+1)",) * 3
+
 
 class ExportParityError(RuntimeError):
     """An exported model disagrees with PyTorch by more than the tolerance, or an output is not finite."""
@@ -57,8 +62,9 @@ class ExportOverwriteError(BraTSInputError):
     """Export would replace files written from another checkpoint or plan (``overwrite=False``)."""
 
 
-def exported_output_metadata(out_channels: int) -> dict:
-    """What the exported network outputs, embedded in the TorchScript as ``network_data_format.outputs.pred``."""
+def exported_output_metadata(out_channels: int, spatial_shape=DEFAULT_SPATIAL_SHAPE) -> dict:
+    """What the exported network outputs, embedded in the TorchScript as ``network_data_format.outputs.pred``
+    (``spatial_shape``: the input's, from metadata.json: the network keeps the patch size)."""
     channels = {
         "0": "p_WT: sigmoid probability of the whole tumour (labels 1, 2, 3)",
         "1": "p_TC: sigmoid probability of the tumour core (labels 1, 3)",
@@ -69,9 +75,9 @@ def exported_output_metadata(out_channels: int) -> dict:
                          "it by the predicted WT dilated by mask_dilation voxels on the whole volume")
     return {
         "type": "image",
-        "format": "segmentation",
+        "format": "probabilities",
         "num_channels": int(out_channels),
-        "spatial_shape": ["32*n", "32*n", "32*n"],
+        "spatial_shape": list(spatial_shape),
         "dtype": "float32",
         "value_range": [0, 1],
         "is_patch_data": True,
@@ -80,6 +86,13 @@ def exported_output_metadata(out_channels: int) -> dict:
         "description": f"{EXPORT_NET_ID} = custom.model.networks.PatchProbabilityNetwork(network_def): "
                        f"(B, 4, X, Y, Z) float32 -> (B, {int(out_channels)}, X, Y, Z) float32 probabilities, no mask",
     }
+
+
+def _input_spatial_shape(meta_file) -> tuple:
+    """``network_data_format.inputs.image.spatial_shape`` of metadata.json (the default when there is none)."""
+    if meta_file is None or not Path(meta_file).is_file():
+        return DEFAULT_SPATIAL_SHAPE
+    return tuple(json.loads(Path(meta_file).read_text())["network_data_format"]["inputs"]["image"]["spatial_shape"])
 
 
 def _parser(config_file, bundle_root, checkpoint, work_dir, meta_file=None):
@@ -169,7 +182,8 @@ def export_torchscript(config_file, bundle_root, checkpoint, filepath, work_dir=
         kwargs = dict(net_id=EXPORT_NET_ID, ckpt_file=str(wrapped_ckpt), config_file=str(config_file),
                       key_in_ckpt="model", bundle_root=str(bundle_root), checkpoint=str(checkpoint),
                       work_dir=None if work_dir is None else str(work_dir),
-                      **{"_meta_#network_data_format#outputs#pred": exported_output_metadata(out_channels)})
+                      **{"_meta_#network_data_format#outputs#pred": exported_output_metadata(
+                          out_channels, _input_spatial_shape(meta_file))})
         if meta_file is not None and Path(meta_file).is_file():
             kwargs["meta_file"] = str(meta_file)
         tmp_ts = tmp_dir / filepath.name
@@ -305,17 +319,27 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
 
 
+def _holds_weights_of(path: Path, checkpoint: Path) -> bool:
+    try:
+        return same_weights(load_state_dict(path), release_state_dict(checkpoint))
+    except BraTSInputError:
+        return False
+
+
 def find_overwrites(checkpoint, plans_path, out_dir, triton_repo=None) -> list[str]:
-    """Files an export of ``checkpoint`` would replace that hold something else: a different ``model.pt`` or
-    ``plans.json`` in ``out_dir``, exported files there (``model.ts``, ``model.onnx``) whose ``export.json`` names
-    another checkpoint or plan (or is missing), and a Triton repository filled from another checkpoint."""
+    """Files an export of ``checkpoint`` would replace that hold something else: a ``model.pt`` in ``out_dir``
+    with other weights, a different ``plans.json``, exported files there (``model.ts``, ``model.onnx``) whose
+    ``export.json`` names another checkpoint or plan (or is missing), and a Triton repository filled from another
+    checkpoint."""
     checkpoint, plans_path, out_dir = Path(checkpoint), Path(plans_path), Path(out_dir)
     ckpt_sha, plans_sha = sha256_file(checkpoint), sha256_file(plans_path)
     found = []
-    for src, name in ((checkpoint, "model.pt"), (plans_path, "plans.json")):
-        dst = out_dir / name
-        if dst.is_file() and dst.resolve() != src.resolve() and not _same_bytes(src, dst):
-            found.append(f"{dst}: a different {name} (not {src})")
+    weights = out_dir / "model.pt"
+    if weights.is_file() and weights.resolve() != checkpoint.resolve() and not _holds_weights_of(weights, checkpoint):
+        found.append(f"{weights}: other weights (not those of {checkpoint})")
+    plans_dst = out_dir / "plans.json"
+    if plans_dst.is_file() and plans_dst.resolve() != plans_path.resolve() and not _same_bytes(plans_path, plans_dst):
+        found.append(f"{plans_dst}: a different plans.json (not {plans_path})")
     exported = [out_dir / n for n in ("model.ts", "model.onnx") if (out_dir / n).is_file()]
     if exported:
         try:
@@ -347,8 +371,9 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
                  volume_instances: int | None = None, overwrite: bool = False) -> dict:
     """Export ``checkpoint`` (see module docstring). Returns the report also written to ``out_dir/export.json``.
 
-    Writes ``out_dir/model.ts`` (the one exported artefact), ``out_dir/model.onnx`` (its ONNX twin), copies
-    ``model.pt`` + ``plans.json`` to ``out_dir`` (so the bundle's default ``checkpoint`` and MONAI Label find them)
+    Writes ``out_dir/model.ts`` (the one exported artefact), ``out_dir/model.onnx`` (its ONNX twin), the released
+    weights ``out_dir/model.pt`` (a bare state dict: ``custom.model.checkpoints.save_release_weights``) and
+    ``plans.json`` (so the bundle's default ``checkpoint``, MONAI's tools and MONAI Label find them)
     and fills the Triton repository ``triton_repo`` for ``triton_backend`` (``python`` with ``patch_runtime``
     torchscript, onnxruntime or eager; ``pytorch_libtorch``; ``onnxruntime`` [+ ``tensorrt``]):
     :func:`custom.deploy.triton_repository.prepare_model_repository`.
@@ -384,13 +409,13 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
 
     if verify:
         verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_dir, out_channels, plans)
-    copied = []
-    for src, name in ((checkpoint, "model.pt"), (plans_path, "plans.json")):
-        dst = out_dir / name
-        if src.resolve() != dst.resolve():
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(src, tmp)
-        copied.append(str(dst))
+    # the released weights (a bare state dict, what MONAI's tools load by default) and the plan beside them
+    copied = [str(save_release_weights(checkpoint, out_dir / "model.pt"))]
+    plans_dst = out_dir / "plans.json"
+    if Path(plans_path).resolve() != plans_dst.resolve():
+        with atomic_path(plans_dst) as tmp:
+            shutil.copyfile(plans_path, tmp)
+    copied.append(str(plans_dst))
     triton_dir = None
     if triton_repo:
         triton_dir = str(prepare_model_repository(
@@ -400,7 +425,7 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
     report = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint),
               "plans": str(Path(plans_path).resolve()), "plans_sha256": sha256_file(plans_path),
               "exported_module": f"{EXPORT_NET_ID}: PatchProbabilityNetwork (sigmoid of every channel, no mask)",
-              "exported_output": exported_output_metadata(out_channels),
+              "exported_output": exported_output_metadata(out_channels, _input_spatial_shape(meta_file)),
               "out_channels": out_channels, "torchscript": str(ts_path), "torchscript_sha256": sha256_file(ts_path),
               "onnx": str(onnx_path), "onnx_input": ONNX_INPUT, "onnx_output": ONNX_OUTPUT, "onnx_opset": ONNX_OPSET,
               "copied": copied, "overwritten": overwrites, "triton_repository": triton_dir,

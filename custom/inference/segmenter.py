@@ -13,25 +13,24 @@ the functions below, so that the three give the same answer for the same checkpo
 
 ``UncertaintyInferer`` (sliding window + TTA) and ``UncertaintyPostprocessd`` (mask, paste back, labels)
 are the thin MONAI wrappers the bundle config declares; ``UncertaintySegmenter`` chains the same objects.
+A folder of cases runs through :class:`custom.inference.engine.CaseFolderEvaluator` (the bundle's ``evaluator``),
+one :meth:`UncertaintySegmenter.predict_case_folder` per case.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from custom.core.atomic import atomic_write_json
-from custom.core.cli import as_bool
 from custom.core.constants import MODALITIES, NUM_REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import SUMMARY_NAME, prediction_map_path, remove_predictions, remove_unfinished_predictions
-from custom.data.cases import find_case_files, list_case_folders
+from custom.core.layout import prediction_map_path, remove_predictions
+from custom.data.cases import find_case_files
 from custom.data.nifti import load_case, save_prediction
 from custom.inference.folders import case_summary
 from custom.inference.inferer import UncertaintyInferer
@@ -178,64 +177,3 @@ class UncertaintySegmenter:
                       "unc_source": pred.unc_source, "shape": list(pred.labels.shape),
                       "spacing_mm": list(spacing), "time_s": round(time.perf_counter() - t0, 3)})
         return entry
-
-    def predict_folder(self, input_dir, output_dir, progress: bool = True, raise_on_failure: bool = True) -> dict:
-        """Predict every case folder under ``input_dir``; writes outputs and ``output_dir/summary.json``.
-
-        A failing case is reported (message naming it) and skipped; the others finish. With
-        ``raise_on_failure`` a ``BraTSInputError`` listing every failed case is raised at the end. What an
-        interrupted run left in ``output_dir`` (temporary files, an uncertainty map without its label map) is
-        removed first; ``output_dir`` may lie inside ``input_dir`` (it is not taken for a case folder).
-        """
-        from tqdm import tqdm
-
-        output_dir = Path(output_dir)
-        case_dirs = list_case_folders(input_dir, skip=output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for path in remove_unfinished_predictions(output_dir):
-            logger.warning("removed %s: left by an interrupted run", path)
-        summary = {"input_dir": str(Path(input_dir).resolve()), "tta": self.inferer.tta,
-                   "mask_dilation": self.mask_dilation, "with_uncertainty": self.with_uncertainty,
-                   **self.summary_info(), "cases": {}, "failures": {}}
-        bar = tqdm(case_dirs, desc="inference", unit="case", disable=not progress)
-        for case_dir in bar:
-            bar.set_postfix_str(case_dir.name)
-            try:
-                entry = self.predict_case_folder(case_dir, output_dir)
-                summary["cases"][entry.pop("case_id")] = entry
-            except Exception as exc:  # per-case isolation: one bad case must not stop the others
-                msg = f"{case_dir.name}: {exc}"
-                logger.error("case failed: %s", msg)
-                tqdm.write(f"FAILED {msg}")
-                summary["failures"][case_dir.name] = str(exc)
-            atomic_write_json(output_dir / SUMMARY_NAME, summary)
-        if summary["failures"] and raise_on_failure:
-            raise BraTSInputError(
-                [f"{cid}: {msg}" for cid, msg in summary["failures"].items()],
-                header=f"{len(summary['failures'])} of {len(case_dirs)} cases failed "
-                       f"(no output written for them; the others are in {output_dir})")
-        return summary
-
-
-def single_case_collate(items: Sequence[Mapping]) -> dict:
-    """Batch of one case for the bundle's ``evaluator``: image gets a batch axis, properties stay a plain dict
-    (default collation would turn the crop box and shapes into tensors)."""
-    if len(items) != 1:
-        raise ValueError(f"the inference evaluator runs one case per batch, got {len(items)}")
-    d = dict(items[0])
-    d["image"] = d["image"][None]
-    return d
-
-
-def run_inference(segmenter: UncertaintySegmenter, input_dir, output_dir, progress: bool = True) -> dict:
-    """Entry of the bundle's ``run``: validates the folders, then ``segmenter.predict_folder``."""
-    if input_dir in (None, ""):
-        raise BraTSInputError("--input_dir is required (a folder of BraTS case folders)",
-                              header="cannot run inference")
-    if output_dir in (None, ""):
-        raise BraTSInputError("--output_dir is required", header="cannot run inference")
-    t0 = time.perf_counter()
-    summary = segmenter.predict_folder(input_dir, output_dir, progress=as_bool(progress, "progress"))
-    logger.info("inference: %d cases in %.1f s -> %s", len(summary["cases"]), time.perf_counter() - t0,
-                os.fspath(output_dir))
-    return summary

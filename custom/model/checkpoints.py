@@ -1,5 +1,11 @@
 """THE checkpoint loader: weights (``weights_only=True``) into the network built from the plan that travels with them.
 
+Two kinds of files hold weights. Training writes checkpoints with their state (``model.pt`` / ``model_final.pt``:
+``{"model": state_dict, "epoch", ...}``; ``checkpoint_last.pt``: ``{"network": ..., "optimizer": ...}``). A released
+bundle's ``models/model.pt`` is a bare state dict of the inference network (:func:`save_release_weights`), what
+MONAI's tools (``ckpt_export``, ``CheckpointLoader``, MONAI Label) load with their default arguments. This loader
+reads both.
+
 Every reader of a checkpoint goes through :func:`load_state_dict` (one ``torch.load``, one set of checks and
 messages): the bundle's inference and evaluation configs, :class:`custom.inference.segmenter.UncertaintySegmenter`,
 export, the Triton models, MONAI Label's infer tasks and the held-out study. Weights holding NaN or infinite values
@@ -15,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from custom.core.atomic import verify_checksum
+from custom.core.atomic import atomic_torch_save, verify_checksum
 from custom.core.constants import NUM_REGIONS
 from custom.core.dist import unwrap_network
 from custom.core.errors import BraTSInputError, CheckpointError
@@ -106,6 +112,33 @@ def is_deep_supervision_key(key: str) -> bool:
     """A state-dict key of DynUNet's deep-supervision heads (``deep_supervision_heads.*``, registered a second
     time as ``...super_head.*`` in the skip layers); inference networks have none."""
     return key.startswith("deep_supervision_heads.") or ".super_head." in key
+
+
+def checkpoint_epoch(checkpoint) -> int | None:
+    """The epoch a training checkpoint records (``model.pt``: the best epoch), None for a bare state dict."""
+    load_state_dict(checkpoint)  # the checks and messages of the one loader
+    obj = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    epoch = obj.get("epoch") if isinstance(obj, Mapping) and not torch.is_tensor(obj.get("epoch")) else None
+    return int(epoch) if isinstance(epoch, (int, float)) else None
+
+
+def release_state_dict(checkpoint) -> dict:
+    """The weights of ``checkpoint`` as the released network holds them: the bare state dict, without
+    deep-supervision heads (the inference network has none) and without training state."""
+    return {k: v for k, v in load_state_dict(checkpoint).items() if not is_deep_supervision_key(k)}
+
+
+def save_release_weights(checkpoint, path) -> Path:
+    """Write a bundle's ``models/model.pt`` (atomically) from any checkpoint :func:`load_state_dict` reads:
+    :func:`release_state_dict`, a plain ``{name: tensor}`` dict. Training checkpoints are left as they are."""
+    path = Path(path)
+    atomic_torch_save(release_state_dict(checkpoint), path)
+    return path
+
+
+def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Two state dicts hold the same tensors (names, shapes, dtypes and values)."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def checkpoint_out_channels(state: Mapping[str, torch.Tensor]) -> int:

@@ -161,3 +161,12 @@ class PatchProbabilityNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.network(x))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also accepts the wrapped network's own state dict (the released ``models/model.pt``): this module has
+        no weights of its own, so MONAI's ``ckpt_export network_export --ckpt_file models/model.pt`` loads the
+        file with its defaults."""
+        prefix = "network."
+        if state_dict and not any(str(k).startswith(prefix) for k in state_dict):
+            state_dict = {prefix + k: v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -63,6 +63,33 @@ def check_work_dir(work_dir, datalist_path=None, plans_path=None) -> str:
     return str(work.path)
 
 
+def prepared_from(datalist_path) -> str | None:
+    """The raw data set ``datalist.json`` was built from (``scripts/prepare_data.py --dataset_dir``): the
+    bundle's ``dataset_dir`` property in ``train.json`` (training itself reads the prepared work directory)."""
+    return load_datalist(datalist_path).get("dataset_dir")
+
+
+def check_dataset_dir(datalist_path, dataset_dir) -> None:
+    """Refuse a ``--dataset_dir`` that is not the folder the work directory was prepared from.
+
+    Training never reads the raw folder: a different ``dataset_dir`` would be silently ignored, so a run
+    that names one must find it recorded in ``datalist.json``.
+
+    Raises:
+        BraTSInputError: naming both folders and the command that prepares a work directory from the new one.
+    """
+    if dataset_dir in (None, ""):
+        return
+    recorded = prepared_from(datalist_path)
+    if recorded is None or Path(dataset_dir).expanduser().resolve() != Path(recorded).expanduser().resolve():
+        work = Path(datalist_path).parent
+        raise BraTSInputError(
+            [f"{datalist_path}: prepared from {recorded}, not from dataset_dir {dataset_dir}",
+             f"run: python scripts/prepare_data.py --dataset_dir {dataset_dir} --work_dir <new work dir> "
+             f"(or leave --dataset_dir out to train on {work})"],
+            header="dataset_dir does not match the prepared work directory")
+
+
 def load_fold_data(datalist_path, fold: int) -> tuple[list[dict], list[dict]]:
     """Training and validation items of ``fold`` for :class:`custom.preprocessing.dictionary.LoadPreprocessedd`.
 

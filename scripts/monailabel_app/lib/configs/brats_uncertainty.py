@@ -3,7 +3,7 @@
 App conf (``--conf KEY VALUE``; relative paths are taken from the repository root):
 
     bundle_path          bundle directory (default ``<repo>/bundle``)
-    model_path           checkpoint ``{"model": state_dict}`` with ``plans.json`` beside it
+    model_path           checkpoint (``{"model": state_dict}`` or a plain state dict) with ``plans.json`` beside it
                          (default ``<bundle_path>/models/model.pt``)
     plans_path           explicit plans.json (default: beside ``model_path``)
     device               torch device for the shared engine and scoring (default: cuda if available, else cpu)

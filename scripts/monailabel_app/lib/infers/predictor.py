@@ -50,7 +50,7 @@ class StudyPredictor:
     """Loads ``UncertaintySegmenter`` from ``model_path`` (plans.json beside it) and predicts studies.
 
     Args:
-        model_path: checkpoint ``{"model": state_dict}``; ``plans.json`` must lie beside it
+        model_path: checkpoint (``{"model": state_dict}`` or a plain state dict); ``plans.json`` must lie beside it
             (or be given as ``plans_path``).
         plans_path: optional explicit plans.json.
         device: torch device name.
