@@ -107,7 +107,8 @@ def test_training_on_unprepared_work_dir_fails_clearly(tmp_path):
     proc = run_cmd(bundle_cmd(TINY, tmp_path / "nowhere"), check=False, env=ENV, timeout=300)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "BraTSInputError" in text and "is not prepared for training" in text
+    # the named error alone (custom.core.errors.report_input_errors), no traceback
+    assert "is not prepared for training" in text and "Traceback" not in text
     assert f"{tmp_path / 'nowhere' / 'plans.json'}: not found" in text and "scripts/prepare_data.py" in text
     assert not (tmp_path / "nowhere").exists(), "no partial output for a failed start"
 

@@ -150,8 +150,9 @@ def temporary_path(path, pid: int | None = None) -> Path:
 
 
 def is_temporary_name(name: str) -> bool:
-    """True for the hidden names of unfinished atomic writes (:func:`temporary_path`)."""
-    return _TEMPORARY_NAME.match(name) is not None
+    """True for the hidden names of unfinished atomic writes: files (:func:`temporary_path`) and the folders the
+    store and its snapshots are copied through (``.<name with dots>.tmp-<pid or random>``)."""
+    return name.startswith(".") and ".tmp-" in name
 
 
 def _process_alive(pid: int) -> bool:
