@@ -25,6 +25,9 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO_ROOT, TINY_FILTERS, TINY_PATCH, run_cmd
 
+from custom.core.errors import BraTSInputError
+from custom.evaluation.self_assessment import predicted_dice, reporting_region
+
 APP_DIR = REPO_ROOT / "scripts" / "monailabel_app"
 # MONAI Label puts the app directory on sys.path; the unit tests below import its lib.* modules the same way
 if str(APP_DIR) not in sys.path:
@@ -339,6 +342,53 @@ def test_prediction_summary_volumes_and_mean():
     assert s["mean_uncertainty_in_tumour"] == pytest.approx((100 * 0.2 + 200 * 0.5) / 300)
     empty = prediction_summary(np.zeros_like(labels), unc, (1, 1, 1))
     assert empty["mean_uncertainty_in_tumour"] == 0.0 and empty["tumour_voxels"] == 0
+    # predicted WT Dice from the raw map (uncalibrated): region = x 0..5 (the WT slabs x 0..2 dilated by 3);
+    # E[TP] = 100 * 0.8 + 200 * 0.5 = 180, E[FP] = 100 * 0.2 + 200 * 0.5 = 120, E[FN] = 0 (the ring's unc is 0)
+    assert s["predicted_wt_dice"] == pytest.approx(360 / 480) and s["predicted_dice_calibrated"] is False
+    assert empty["predicted_wt_dice"] == 1.0  # nothing predicted: nothing the map can judge
+
+
+def test_calibrated_error_probability_from_the_heldout_calibration_file(tmp_path):
+    """Issue 13.4: with the app conf's calibration_path the uncertain region and the predicted Dice use the
+    calibrated P(error) of evaluate_heldout's calibration.json (0 outside the reporting region)."""
+    from lib.configs.brats_uncertainty import BraTSUncertainty
+    from lib.transforms import ErrorProbability, prediction_summary, uncertain_region
+
+    from custom.evaluation.calibration import IsotonicCalibrator
+    from custom.evaluation.self_assessment import summarize_case
+
+    # validation voxels: raw map 0.5 wrong 3 in 4, raw map 0.2 wrong 1 in 4
+    values, errors = np.array([[[0.5] * 4 + [0.2] * 4]]), np.array([[[1, 1, 1, 0, 1, 0, 0, 0]]], bool)
+    val = summarize_case("v", errors, np.zeros_like(errors), values, region=np.ones_like(errors))
+    path = IsotonicCalibrator.fit([val]).save(tmp_path / "calibration.json", map="unc_output")
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[:2] = 2  # 288 voxels: WT slabs x 0..1, reporting region x 0..4
+    unc = np.zeros(labels.shape, np.float32)
+    unc[:2] = 0.5
+    unc[2] = 0.2
+    unc[11] = 0.9  # far outside the region: the calibration claims nothing there
+    calibrated = ErrorProbability.from_file(path)
+    p = calibrated(unc, labels)
+    assert p[0, 0, 0] == pytest.approx(0.75) and p[2, 0, 0] == pytest.approx(0.25) and p[11].max() == 0.0
+    assert p[4, 0, 0] == pytest.approx(calibrated.calibrator.predict([0.0])[0])
+    s = prediction_summary(labels, unc, (1, 1, 1), calibrated)
+    assert s["predicted_dice_calibrated"] is True
+    # by hand: E[TP] = 288 * 0.25, E[FP] = 288 * 0.75, E[FN] = 144 * 0.25 + 288 * P(0.0)
+    p0 = float(calibrated.calibrator.predict([0.0])[0])
+    tp, fp, fn = 288 * 0.25, 288 * 0.75, 144 * 0.25 + 288 * p0
+    assert s["predicted_wt_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-5)
+    # the uncertain region at 0.5: the tumour (0.75) but neither the 0.2 slab (0.25) nor the far 0.9 voxels
+    region = uncertain_region(labels, unc, 0.5, calibrated)
+    assert set(np.unique(np.nonzero(region == 4)[0]).tolist()) == {0, 1}
+    # the app reads the file from its conf; a bad file is named at start-up
+    app_conf = {"model_path": str(tmp_path / "none" / "model.pt"), "calibration_path": str(path)}
+    task = BraTSUncertainty()
+    task.init("brats", str(tmp_path / "model"), app_conf, None)
+    assert task.error_probability.calibrated and task.predictor.error_probability is task.error_probability
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(BraTSInputError, match="bad.json: not a usable calibration file"):
+        BraTSUncertainty().init("brats", str(tmp_path / "model"), {**app_conf, "calibration_path":
+                                                                   str(tmp_path / "bad.json")}, None)
 
 
 def test_uncertain_region_threshold_and_calibrator_hook():
@@ -357,8 +407,8 @@ def test_uncertain_region_threshold_and_calibrator_hook():
     region = uncertain_region(labels, unc, 0.5)
     assert set(zip(*np.nonzero(region == 4))) == {(1, 1, 1), (0, 0, 0)}  # p >= threshold, background included
     np.testing.assert_array_equal(region[region != 4], labels[region != 4])
-    # a calibrator is plugged in as a function unc -> P(error)
-    doubled = uncertain_region(labels, unc, 0.5, error_probability=lambda u: np.clip(2 * u, 0, 1))
+    # a calibrator is plugged in as a function (unc, labels) -> P(error)
+    doubled = uncertain_region(labels, unc, 0.5, error_probability=lambda u, lab: np.clip(2 * u, 0, 1))
     assert int((doubled == 4).sum()) == 3
     out, result = select_output("uncertain_region", labels, unc, (2.0, 1.0, 1.0), 0.5)
     assert result["uncertain_voxels"] == 2 and result["uncertain_ml"] == pytest.approx(2 * 2 / 1000)
@@ -368,9 +418,9 @@ def test_uncertain_region_threshold_and_calibrator_hook():
 
 
 def test_most_uncertain_strategy_on_local_datastore(studies, tmp_path):
-    """The strategy reads the stored scores through MONAI Label's own LocalDatastore."""
+    """The strategy reads the stored predicted Dice through MONAI Label's own LocalDatastore: worst first."""
     from lib.activelearning import MostUncertain
-    from lib.scoring import UNC_SCORE_KEY
+    from lib.scoring import PRED_DICE_KEY, UNC_SCORE_KEY
     from monailabel.datastore.local import LocalDatastore
 
     root = tmp_path / "studies"
@@ -380,12 +430,15 @@ def test_most_uncertain_strategy_on_local_datastore(studies, tmp_path):
     strategy = MostUncertain()
     # nothing scored yet: the first unlabeled study, never a labeled one
     assert strategy({"strategy": "most_uncertain"}, ds)["id"] == UNLABELED[0]
-    ds.update_image_info(UNLABELED[0], {UNC_SCORE_KEY: 0.10})
-    ds.update_image_info(UNLABELED[1], {UNC_SCORE_KEY: 0.30})
-    ds.update_image_info("BraTS-GLI-00000-000", {UNC_SCORE_KEY: 0.99})  # labeled: must be ignored
+    # the study with the higher mean uncertainty is not the one predicted worst: the predicted Dice decides
+    ds.update_image_info(UNLABELED[0], {PRED_DICE_KEY: 0.60, UNC_SCORE_KEY: 0.10})
+    ds.update_image_info(UNLABELED[1], {PRED_DICE_KEY: 0.85, UNC_SCORE_KEY: 0.30})
+    ds.update_image_info("BraTS-GLI-00000-000", {PRED_DICE_KEY: 0.01})  # labeled: must be ignored
     res = strategy({"strategy": "most_uncertain"}, ds)
-    assert res["id"] == UNLABELED[1] and res[UNC_SCORE_KEY] == pytest.approx(0.30)
-    assert res["ranking"] == [UNLABELED[1], UNLABELED[0], UNLABELED[2]]
+    assert res["id"] == UNLABELED[0] and res[PRED_DICE_KEY] == pytest.approx(0.60)
+    assert res["ranking"] == [UNLABELED[0], UNLABELED[1], UNLABELED[2]]
+    ds.update_image_info(UNLABELED[1], {PRED_DICE_KEY: 0.40})
+    assert strategy({"strategy": "most_uncertain"}, ds)["ranking"] == [UNLABELED[1], UNLABELED[0], UNLABELED[2]]
     # persisted in datastore.json: a new datastore object sees the same order
     ds2 = LocalDatastore(str(root), extensions=["*.nii.gz"], auto_reload=False)
     assert strategy({"strategy": "most_uncertain"}, ds2)["id"] == UNLABELED[1]
@@ -559,6 +612,11 @@ def test_server_infer_scoring_strategy(server, model_dir):
         assert js["volume_et_ml"] == pytest.approx(float((labels == 3).sum()) / 1000.0, abs=1e-4)
         expected = float(unc[labels > 0].mean()) if (labels > 0).any() else 0.0
         assert js["mean_uncertainty_in_tumour"] == pytest.approx(expected, abs=1e-5)
+        # no calibration_path on this server: the raw map read as P(error), said so
+        seg_wt = labels > 0
+        assert js["predicted_dice_calibrated"] is False
+        assert js["predicted_wt_dice"] == pytest.approx(
+            predicted_dice(unc, seg_wt, reporting_region(seg_wt)), abs=1e-5)
     # uncertainty is masked to the dilated predicted tumour: zero far away from it
     if not (labels > 0).any():
         assert unc.max() == 0.0
@@ -591,7 +649,7 @@ def test_server_infer_scoring_strategy(server, model_dir):
     ds = json.loads((studies / "datastore_v2.json").read_text())
     objects = ds["objects"]
     for image, obj in objects.items():
-        score = obj["image"]["info"].get("unc_mean_in_tumour")
+        score = obj["image"]["info"].get("predicted_wt_dice")
         if image in UNLABELED:
             assert score is not None, image
             stored[image] = score
@@ -599,19 +657,19 @@ def test_server_infer_scoring_strategy(server, model_dir):
             assert score is None
         else:
             assert score is None, f"labeled study {image} was scored"
-    assert stored[image_id] == pytest.approx(unc_json["mean_uncertainty_in_tumour"], abs=1e-6)
+    assert stored[image_id] == pytest.approx(unc_json["predicted_wt_dice"], abs=1e-6)
 
     # a second pass with the same model skips every study
     again = requests.post(f"{server.url}/scoring/uncertainty", params={"run_sync": "true"}, timeout=600).json()
     assert again["skipped"] == 3 and again["executed"] == 0
 
-    # strategy: the unlabeled study with the highest stored uncertainty (the unscored broken one ranks last)
+    # strategy: the unlabeled study with the lowest predicted Dice (the unscored broken one ranks last)
 
     r = requests.post(f"{server.url}/activelearning/most_uncertain", json={}, timeout=60)
     assert r.status_code == 200, r.text
-    best = max(sorted(stored), key=lambda k: stored[k])
-    assert r.json()["id"] == best, (r.json(), stored)
-    assert r.json()["unc_mean_in_tumour"] == pytest.approx(stored[best])
+    worst = min(sorted(stored), key=lambda k: stored[k])
+    assert r.json()["id"] == worst, (r.json(), stored)
+    assert r.json()["predicted_wt_dice"] == pytest.approx(stored[worst])
     assert r.json()["ranking"][-1] == BAD_STUDY
 
 

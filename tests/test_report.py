@@ -382,6 +382,15 @@ def test_evaluate_heldout_self_assessment(finished_runs, tmp_path):
     md = (out / "report.md").read_text()
     assert "Self-assessment (cross-validation)" in md and "| `tta` | mirroring TTA variance | 8 |" in md
     assert "Not run yet" not in md
+    # the deployable calibration of unc_output: fitted on every evaluated (out-of-fold) case, loadable
+    from custom.evaluation.calibration import IsotonicCalibrator
+
+    cal = IsotonicCalibrator.load(out / "calibration.json")
+    with open(out / "heldout_methods_per_case.csv") as fh:
+        evaluated = {r["case_id"] for r in csv.DictReader(fh)}
+    assert cal.fitted_case_ids == evaluated and len(evaluated) == 4
+    prov = json.loads((out / "calibration.json").read_text())["provenance"]
+    assert prov["map"] == "unc_output" and prov["folds"] == [0, 1] and prov["reporting_dilation"] == 3
 
 
 def test_evaluate_heldout_without_finished_models_names_the_runs(tmp_path):

@@ -6,16 +6,19 @@ count, calibration split, percentile or sort order gives a different answer.
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
+from custom.core.errors import BraTSInputError
 from custom.evaluation.bootstrap import bootstrap_indices, case_weights, percentile_interval
 from custom.evaluation.calibration import (SCORE_GRID_BINS, IsotonicCalibrator, cross_fit_calibrators, ece_bin,
                                            grid_bin, pool_adjacent_violators)
 from custom.evaluation.self_assessment import (MethodCases, auroc_and_average_precision, aurc, calibrate_case,
-                                               combine_seeds, evaluate_methods, predicted_dice, render_markdown,
+                                               combine_seeds, error_probability_map, evaluate_methods,
+                                               predicted_dice, render_markdown,
                                                render_reliability_diagram, render_risk_coverage,
                                                render_seed_markdown, reporting_region, risk_coverage,
                                                summarize_case, summarize_method_case, voxel_types)
@@ -359,3 +362,51 @@ def test_bad_input_is_named():
         evaluate_methods({"a.b": MethodCases([s], _identity_calibrator())})
     with pytest.raises(ValueError, match="table"):
         IsotonicCalibrator(np.linspace(1, 0, SCORE_GRID_BINS), [], 0)
+
+
+# ------------------------------------------------------------------------------ the deployable calibration
+def test_error_probability_map_of_a_new_case_matches_the_scored_predicted_dice(tmp_path):
+    """What inference writes for a new case (P(error) map, predicted Dice) is what the study scores: the same
+    calibrator, the same region, the same Dice; the saved and loaded calibrator gives the same answer."""
+    gt, seg, unc, region = _crafted_case()
+    # validation: map 0.9 wrong 3 in 4, map 0.1 wrong 1 in 4 (distinct rates: a swapped or raw map would show)
+    val = _flat_case("v", [0.9] * 4 + [0.1] * 4, [1, 1, 1, 0, 1, 0, 0, 0])
+    cal = IsotonicCalibrator.fit([val])
+    path = cal.save(tmp_path / "calibration.json", map="unc_output", reporting_dilation=3)
+    loaded = IsotonicCalibrator.load(path)
+    assert np.array_equal(loaded.table, cal.table) and loaded.fitted_case_ids == {"v"}
+    p, dice_pred = error_probability_map(unc, seg, loaded)
+    # inside the region: the calibrated rate of the map value (0.1 in seg -> 0.25, 0.9 on the ring -> 0.75)
+    assert p.dtype == np.float32 and p.shape == seg.shape
+    assert np.all(p[~region] == 0.0)
+    assert p[7, 7, 7] == pytest.approx(0.25) and p[4, 4, 4] == pytest.approx(0.75)
+    # by hand: seg 27 voxels at 0.25 -> E[TP] 20.25, E[FP] 6.75; ring 702 voxels at 0.75 -> E[FN] 526.5
+    assert dice_pred == pytest.approx(40.5 / (40.5 + 6.75 + 526.5), abs=1e-6)
+    assert dice_pred == pytest.approx(predicted_dice(cal.predict(unc) * region, seg, region), abs=1e-6)
+    assert dice_pred == pytest.approx(calibrate_case(summarize_case("c", gt, seg, unc), cal).predicted_dice, abs=1e-6)
+    # a map that is 1 far outside the region says nothing there
+    far = unc.copy()
+    far[0, 0, 0] = 1.0
+    assert error_probability_map(far, seg, loaded)[0][0, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("not json", "cannot read it as JSON"),
+    ('{"format": "other"}', "format must be 'brats-unc-isotonic-v1', got 'other'"),
+    ('{"format": "brats-unc-isotonic-v1", "grid_edges": [0, 1], "p_error": [0.5]}', "score grid (2 edges)"),
+])
+def test_a_bad_calibration_file_is_named(tmp_path, content, problem):
+    path = tmp_path / "calibration.json"
+    path.write_text(content)
+    with pytest.raises(BraTSInputError, match=str(path)) as err:
+        IsotonicCalibrator.load(path)
+    assert problem in str(err.value)
+    # a table that decreases is refused (a hand-edited or corrupted file)
+    cal = IsotonicCalibrator.fit([_flat_case("v", [0.2, 0.8], [0, 1])])
+    doc = json.loads(cal.save(tmp_path / "ok.json").read_text())
+    doc["p_error"][0] = 0.9
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BraTSInputError, match="non-decreasing"):
+        IsotonicCalibrator.load(path)
+    with pytest.raises(BraTSInputError, match="file not found"):
+        IsotonicCalibrator.load(tmp_path / "missing.json")

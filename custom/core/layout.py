@@ -474,6 +474,12 @@ class ReportDir:
         return self.path / "heldout.md"
 
     @property
+    def calibration(self) -> Path:
+        """The deployable calibration of ``unc_output`` (fitted on every evaluated out-of-fold case) that inference
+        reads to write ``<case_id>-perror.nii.gz`` and the predicted Dice."""
+        return self.path / "calibration.json"
+
+    @property
     def heldout_per_case(self) -> Path:
         return self.path / "heldout_per_case.csv"
 

@@ -14,9 +14,14 @@ points at ``SCORE_GRID_BINS`` however many voxels the validation cases hold.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from custom.core.atomic import atomic_write_json
+from custom.core.errors import BraTSInputError
 
 #: bin edges of the score grid over [0, 1] (see module docstring)
 SCORE_GRID_EDGES = np.concatenate([[0.0], np.geomspace(1e-6, 1e-2, 161), np.linspace(1e-2, 1.0, 991)[1:]])
@@ -25,6 +30,9 @@ SCORE_GRID_BINS = SCORE_GRID_EDGES.size - 1
 
 #: equal-width bins of expected calibration error
 ECE_BINS = 10
+
+#: ``format`` of a saved calibrator (``IsotonicCalibrator.save``); another value is refused on load
+CALIBRATION_FORMAT = "brats-unc-isotonic-v1"
 
 
 def grid_bin(values) -> np.ndarray:
@@ -147,6 +155,38 @@ class IsotonicCalibrator:
         """JSON-ready description: grid edges, table, fitted case ids and voxel count."""
         return {"grid_edges": SCORE_GRID_EDGES.tolist(), "p_error": self.table.tolist(),
                 "fitted_case_ids": sorted(self.fitted_case_ids), "n_fit_voxels": self.n_fit_voxels}
+
+    def save(self, path, **provenance) -> Path:
+        """Write the calibrator as JSON (atomically): ``format``, ``as_dict()`` and ``provenance`` (e.g. the map it
+        calibrates, the model file and the reporting-region dilation it was fitted with), for inference to load."""
+        path = Path(path)
+        atomic_write_json(path, {"format": CALIBRATION_FORMAT, **self.as_dict(), "provenance": dict(provenance)})
+        return path
+
+    @classmethod
+    def load(cls, path) -> "IsotonicCalibrator":
+        """Read a file written by ``save``; ``BraTSInputError`` naming the file and the problem otherwise (not JSON,
+        another format, another score grid, a table that is not finite, in [0, 1] and non-decreasing)."""
+        path = Path(path)
+        header = f"{path}: not a usable calibration file"
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BraTSInputError(["file not found"], header=header) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BraTSInputError([f"cannot read it as JSON ({exc})"], header=header) from None
+        if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise BraTSInputError([f"format must be {CALIBRATION_FORMAT!r}, got {got!r}"], header=header)
+        edges = np.asarray(doc.get("grid_edges", []), dtype=np.float64)
+        if edges.shape != SCORE_GRID_EDGES.shape or not np.allclose(edges, SCORE_GRID_EDGES, rtol=1e-9, atol=0):
+            raise BraTSInputError([f"its score grid ({edges.size} edges) is not this version's "
+                                   f"({SCORE_GRID_EDGES.size} edges); fit the calibration again"], header=header)
+        try:
+            return cls(np.asarray(doc.get("p_error"), dtype=np.float64), doc.get("fitted_case_ids", []),
+                       int(doc.get("n_fit_voxels", 0)))
+        except (TypeError, ValueError) as exc:
+            raise BraTSInputError([str(exc)], header=header) from None
 
 
 def cross_fit_calibrators(summaries: Sequence, group_of_case) -> dict:

@@ -155,6 +155,32 @@ def predicted_dice(p_error, seg_wt, region) -> float:
     return _dice_from_counts(float((1.0 - inside).sum()), float(inside.sum()), float(p[region & ~seg].sum()))
 
 
+def error_probability_map(unc, seg_wt, calibrator: IsotonicCalibrator,
+                          dilation: int = REPORT_DILATION) -> tuple[np.ndarray, float]:
+    """A new case's calibrated P(error) map and its predicted WT Dice (what inference reports, section 4 of the
+    self-assessment).
+
+    Args:
+        unc: ``(X, Y, Z)`` uncertainty map in [0, 1], of the kind ``calibrator`` was fitted on (e.g. ``unc_output``).
+        seg_wt: ``(X, Y, Z)`` bool predicted whole tumour (the segmentation the map judges).
+        calibrator: fitted on validation cases (``IsotonicCalibrator.fit`` / ``.load``).
+        dilation: reporting region = ``seg_wt`` dilated by this many voxels (26-neighbourhood), as in the fit.
+
+    Returns:
+        ``(p_error, predicted_dice)``: float32 ``(X, Y, Z)`` P(this voxel's WT label is wrong) inside the reporting
+        region and 0 outside it (the calibrator was fitted there only: no claim is made elsewhere), and the expected
+        WT Dice of ``seg_wt`` under those probabilities (:func:`predicted_dice`).
+    """
+    unc = np.asarray(unc)
+    seg = np.asarray(seg_wt, dtype=bool)
+    if unc.shape != seg.shape:
+        raise ValueError(f"shapes differ: unc {unc.shape}, seg_wt {seg.shape}")
+    region = reporting_region(seg, dilation)
+    p = np.zeros(unc.shape, dtype=np.float32)
+    p[region] = calibrator.predict(np.clip(unc[region], 0.0, 1.0))
+    return p, predicted_dice(p, seg, region)
+
+
 @dataclass(frozen=True)
 class CaseSummary:
     """Everything the evaluation needs of one (case, map, judged segmentation), without the voxels.

@@ -48,6 +48,7 @@ from custom.evaluation.calibration import IsotonicCalibrator, cross_fit_calibrat
 from custom.evaluation.folder import evaluate_folder, summarize_rows, to_json_safe, write_rows_csv
 from custom.evaluation.segmentation import dice, region_mask
 from custom.evaluation.self_assessment import (
+    REPORT_DILATION,
     MethodCases,
     SelfAssessment,
     evaluate_methods,
@@ -376,6 +377,12 @@ def evaluate_heldout(work_dir, out_dir, folds=None, variant: str = "unc", mc_var
             agreements.append(summ["crosscheck"])
 
     result = score(collected, all_methods, group_of_case=group_of_case, n_boot=n_boot, seed=seed)
+    if "unc" in collected:
+        # the deployable calibration: every evaluated case (all out of fold) fits the map of a NEW case; the
+        # figures above used cross-fitted calibrators, so none of them is scored by this fit
+        IsotonicCalibrator.fit(collected["unc"].own).save(
+            out.calibration, map="unc_output", variant=variant, folds=use, setup="cross_validation",
+            reporting_dilation=REPORT_DILATION, models=[str(finished[f]) for f in use])
     seg_summary = summarize_rows([{k: v for k, v in r.items() if k != "fold"} for r in seg_rows])
     write_rows_csv(out.heldout_per_case, seg_rows)
     setup = (f"Cross-validation: each fold's final `{variant}` model on its own validation cases ({len(group_of_case)} "

@@ -1,4 +1,4 @@
-"""Active-learning strategy: review the unlabeled study the model is least sure about first."""
+"""Active-learning strategy: review first the unlabeled study whose segmentation the model predicts to be worst."""
 
 from __future__ import annotations
 
@@ -7,30 +7,33 @@ import logging
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.scoring.uncertainty import UNC_SCORE_KEY
+from lib.scoring.uncertainty import PRED_DICE_KEY
 
 logger = logging.getLogger(__name__)
 
 
 class MostUncertain(Strategy):
-    """Return the unlabeled study with the highest stored ``UNC_SCORE_KEY`` (ties: smallest id).
+    """Return the unlabeled study with the lowest stored predicted WT Dice (``PRED_DICE_KEY``; ties: smallest id).
 
-    Studies not scored yet rank after every scored one; with no study scored at all the first unlabeled
-    study (by id) is returned, so an annotator is never left without work.
+    The predicted Dice comes from P(error) (calibrated when the app has a calibration file), so a large tumour
+    with a thin uncertain rim and a small tumour that is uncertain throughout are ranked by what matters to the
+    annotator: how wrong the segmentation is expected to be. Studies not scored yet rank after every scored one;
+    with no study scored at all the first unlabeled study (by id) is returned, so an annotator is never left
+    without work.
     """
 
-    def __init__(self, key: str = UNC_SCORE_KEY):
-        super().__init__("Unlabeled study with the highest mean predicted uncertainty in its tumour first")
+    def __init__(self, key: str = PRED_DICE_KEY):
+        super().__init__("Unlabeled study with the lowest predicted whole-tumour Dice (worst expected) first")
         self.key = key
 
     def ranking(self, datastore: Datastore, label_tag=None, labels=None) -> list:
-        """``[(image_id, score or None)]`` of the unlabeled studies, most uncertain first."""
+        """``[(image_id, predicted Dice or None)]`` of the unlabeled studies, worst predicted first."""
         images = datastore.get_unlabeled_images(label_tag, labels)
         scored = []
         for image_id in images:
             score = datastore.get_image_info(image_id).get(self.key)
             scored.append((image_id, None if score is None else float(score)))
-        return sorted(scored, key=lambda item: (item[1] is None, -(item[1] or 0.0), item[0]))
+        return sorted(scored, key=lambda item: (item[1] is None, item[1] or 0.0, item[0]))
 
     def __call__(self, request, datastore: Datastore):
         ranking = self.ranking(datastore, request.get("label_tag"), request.get("labels"))

@@ -11,6 +11,8 @@ App conf (``--conf KEY VALUE``; relative paths are taken from the repository roo
     infer_engine         "bundle" (default): infer tasks are ``BundleInferTask``s on inference.json;
                          "shared": they call ``UncertaintySegmenter`` directly (same computation)
     uncertain_threshold  default error-probability threshold of the ``uncertain`` region (default 0.5)
+    calibration_path     calibration.json of scripts/evaluate_heldout.py: the uncertain region and the predicted
+                         Dice (scoring, ``most_uncertain``) use calibrated P(error) (default: none, the raw map)
     train_configs        extra bundle configs merged after train.json, comma separated (e.g. bundle/configs/tiny.json)
     prepare_args         JSON object of extra scripts/prepare_data.py arguments for training
     train_dir            where training writes its cases and work dir (default ``<app>/model/train``)
@@ -42,7 +44,7 @@ from lib.labels import REVIEW_LABELS, TUMOUR_LABELS, UNCERTAIN_NAME
 from lib.scoring import UncertaintyScoring
 from lib.security import DEFAULT_MAX_UPLOAD_MB, check_cors_origins
 from lib.trainers import BraTSBundleTrainTask
-from lib.transforms import DEFAULT_UNCERTAIN_THRESHOLD, check_threshold, error_probability
+from lib.transforms import DEFAULT_UNCERTAIN_THRESHOLD, ErrorProbability, check_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,9 @@ class BraTSUncertainty(TaskConfig):
         self.path = resolve(conf.get("model_path", str(self.bundle_path / "models" / "model.pt"))).resolve()
         self.labels = REVIEW_LABELS
         self.threshold = check_threshold(conf.get("uncertain_threshold", DEFAULT_UNCERTAIN_THRESHOLD))
-        self.error_probability = error_probability
+        # P(error) and the predicted Dice: calibrated by evaluate_heldout's calibration.json when given
+        calibration = conf.get("calibration_path")
+        self.error_probability = ErrorProbability.from_file(resolve(calibration) if calibration else None)
         try:
             self.max_upload_mb = float(conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB))
         except ValueError:
@@ -90,7 +94,7 @@ class BraTSUncertainty(TaskConfig):
         self.predictor = StudyPredictor(
             self.path, plans_path=resolve(plans) if plans else None,
             device=conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"),
-            tta=as_bool(conf.get("tta", "false"), "conf tta"),
+            tta=as_bool(conf.get("tta", "false"), "conf tta"), error_probability=self.error_probability,
         )
         self.train_dir = resolve(conf.get("train_dir", str(Path(model_dir) / "train")))
         if not self.path.exists():

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
-import numpy as np
 from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
@@ -34,7 +33,8 @@ from lib.transforms import (
     BundleOutputd,
     CheckStudyd,
     check_threshold,
-    error_probability,
+    IDENTITY,
+    ErrorProbability,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class BraTSBundleInferTask(BundleInferTask):
 
     def __init__(self, bundle_path, model_path, output: str = "labels", labels: Optional[Dict[str, int]] = None,
                  conf: Optional[dict] = None, description: str = "", threshold: float = DEFAULT_UNCERTAIN_THRESHOLD,
-                 error_probability: Callable[[np.ndarray], np.ndarray] = error_probability):
+                 error_probability: ErrorProbability = IDENTITY):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.model_file = str(Path(model_path).resolve())

@@ -22,7 +22,7 @@ from custom.core.errors import BraTSInputError
 from custom.data.nifti import spacing_from_affine
 from custom.data.studies import load_study
 from custom.inference.segmenter import UncertaintySegmenter
-from lib.transforms import prediction_summary
+from lib.transforms import IDENTITY, ErrorProbability, prediction_summary
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ class StudyPredictor:
         plans_path: optional explicit plans.json.
         device: torch device name.
         cache_size: how many recent study predictions to keep in memory.
+        error_probability: gives each summary's predicted Dice (calibrated when the app has a calibration file).
         segmenter_kwargs: passed to ``UncertaintySegmenter.from_checkpoint`` (e.g. ``tta``, ``overlap``).
     """
 
-    def __init__(self, model_path, plans_path=None, device: str = "cpu", cache_size: int = 2, **segmenter_kwargs):
+    def __init__(self, model_path, plans_path=None, device: str = "cpu", cache_size: int = 2,
+                 error_probability: ErrorProbability = IDENTITY, **segmenter_kwargs):
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.model_path = Path(model_path)
@@ -66,6 +68,7 @@ class StudyPredictor:
         self.device = device
         self.cache_size = cache_size
         self.segmenter_kwargs = segmenter_kwargs
+        self.error_probability = error_probability
         self._segmenter = None
         self._segmenter_ts: Optional[float] = None
         self._cache: "OrderedDict[tuple, StudyPrediction]" = OrderedDict()
@@ -129,7 +132,8 @@ class StudyPredictor:
                     f"{image_path}: inference returned labels {labels.shape} / unc {unc.shape} for a study of "
                     f"spatial shape {image.shape[1:]}"
                 )
-            result = StudyPrediction(labels, unc, affine, spacing, prediction_summary(labels, unc, spacing))
+            result = StudyPrediction(labels, unc, affine, spacing, prediction_summary(labels, unc, spacing,
+                                                                                self.error_probability))
             if self.cache_size:
                 self._cache[key] = result
                 while len(self._cache) > self.cache_size:

@@ -23,7 +23,8 @@ from lib.transforms import (
     OUTPUTS,
     CheckStudyd,
     check_threshold,
-    error_probability,
+    IDENTITY,
+    ErrorProbability,
     select_output,
 )
 
@@ -43,12 +44,13 @@ class BraTSUncertaintyInfer(BasicInferTask):
         labels: label name -> value of the returned label map (None for the float map).
         description: shown in the client.
         threshold: default ``uncertain_threshold`` (``uncertain_region`` output; a request may set its own).
-        error_probability: ``unc -> P(error)`` (identity until a calibrator is plugged in).
+        error_probability: ``ErrorProbability`` (calibrated from the app conf's ``calibration_path``, else the
+            identity).
     """
 
     def __init__(self, predictor: StudyPredictor, output: str = "labels", labels: Optional[Dict[str, int]] = None,
                  description: str = "", threshold: float = DEFAULT_UNCERTAIN_THRESHOLD,
-                 error_probability: Callable[[np.ndarray], np.ndarray] = error_probability):
+                 error_probability: ErrorProbability = IDENTITY):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.predictor = predictor

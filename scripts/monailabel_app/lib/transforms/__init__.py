@@ -1,10 +1,11 @@
 from .transforms import (
     DEFAULT_UNCERTAIN_THRESHOLD,
+    IDENTITY,
     OUTPUTS,
     BundleOutputd,
     CheckStudyd,
+    ErrorProbability,
     check_threshold,
-    error_probability,
     prediction_summary,
     select_output,
     uncertain_region,

@@ -4,27 +4,31 @@ Outputs (``OUTPUTS``), each in the study's grid:
 
 - ``"labels"``: uint8 label map, 0 background, 1 NCR, 2 ED, 3 ET.
 - ``"uncertain_region"``: the same label map with ``UNCERTAIN_VALUE`` (4) wherever the error probability
-  ``error_probability(unc)`` is at least the threshold: the voxels an annotator should decide, as a
+  the error probability (``ErrorProbability``) is at least the threshold: the voxels an annotator should decide, as a
   segment Slicer shows.
 - ``"uncertainty"``: the float32 uncertainty map ``unc_output`` in [0, 1] (zero away from the dilated
   predicted tumour), a volume to overlay.
 
-``error_probability`` turns the raw ``unc_output`` into P(the segmentation is wrong here). Until a
-calibrator fitted on held-out cases exists it is the identity (``unc_output`` is trained to regress the
-smoothed whole-tumour error rate, so it is already on that scale, uncalibrated); a calibrator is plugged in
-by passing another function ``unc -> p`` to the infer tasks.
+``ErrorProbability`` turns the raw ``unc_output`` into P(the segmentation is wrong here) and a study's
+predicted whole-tumour Dice. With a calibration file (``scripts/evaluate_heldout.py`` writes
+``calibration.json``: isotonic regression fitted on out-of-fold cases; app conf ``calibration_path``) it is the
+calibrated map of ``custom.evaluation.self_assessment.error_probability_map``; without one it is the identity
+(``unc_output`` is trained to regress the smoothed whole-tumour error rate, so it is on that scale, uncalibrated),
+and the summary says ``predicted_dice_calibrated: false``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from monai.transforms import MapTransform
 
 from custom.core.errors import BraTSInputError
 from custom.data.nifti import spacing_from_affine
+from custom.evaluation.calibration import IsotonicCalibrator
+from custom.evaluation.self_assessment import error_probability_map, predicted_dice, reporting_region
 from custom.data.studies import check_study_array
 from custom.inference.folders import case_summary
 from lib.labels import UNCERTAIN_VALUE
@@ -35,12 +39,47 @@ OUTPUTS = ("labels", "uncertain_region", "uncertainty")
 DEFAULT_UNCERTAIN_THRESHOLD = 0.5
 
 
-def error_probability(unc: np.ndarray) -> np.ndarray:
-    """P(error) per voxel from the raw ``unc_output`` ``(X, Y, Z)`` in [0, 1]: the identity (uncalibrated).
+class ErrorProbability:
+    """P(error) per voxel of a study and its predicted WT Dice, from the raw ``unc_output`` and the labels.
 
-    The plug-in point for a calibrator: any function with this signature (same shape, values in [0, 1]).
+    Args:
+        calibrator: an ``IsotonicCalibrator`` fitted on held-out cases (``ErrorProbability.from_file``), or None for
+            the identity (the raw map read as a probability, uncalibrated).
     """
-    return np.asarray(unc, dtype=np.float32)
+
+    def __init__(self, calibrator: Optional[IsotonicCalibrator] = None):
+        self.calibrator = calibrator
+
+    @classmethod
+    def from_file(cls, path=None) -> "ErrorProbability":
+        """The calibrated version from a ``calibration.json`` (``BraTSInputError`` naming a bad file); the
+        identity when ``path`` is empty."""
+        return cls(IsotonicCalibrator.load(path) if path else None)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibrator is not None
+
+    def map_and_dice(self, unc: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(p_error float32 (X, Y, Z), predicted WT Dice)`` of ``unc`` and uint8 ``labels`` of one study.
+
+        Calibrated: P(error) inside the reporting region (predicted WT dilated by 3 voxels), 0 outside. Identity:
+        the clipped raw map everywhere; its predicted Dice is read in the same region.
+        """
+        unc = np.clip(np.asarray(unc, dtype=np.float32), 0.0, 1.0)
+        seg_wt = np.asarray(labels) > 0
+        if unc.shape != seg_wt.shape:
+            raise RuntimeError(f"uncertainty map of shape {unc.shape} for labels of shape {seg_wt.shape}")
+        if self.calibrator is not None:
+            return error_probability_map(unc, seg_wt, self.calibrator)
+        return unc, predicted_dice(unc, seg_wt, reporting_region(seg_wt))
+
+    def __call__(self, unc: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return self.map_and_dice(unc, labels)[0]
+
+
+#: the identity (uncalibrated) error probability, the default of every task
+IDENTITY = ErrorProbability()
 
 
 def check_threshold(value) -> float:
@@ -56,9 +95,9 @@ def check_threshold(value) -> float:
 
 
 def uncertain_region(labels: np.ndarray, unc: np.ndarray, threshold: float,
-                     error_probability: Callable[[np.ndarray], np.ndarray] = error_probability) -> np.ndarray:
-    """``labels`` (uint8 ``(X, Y, Z)``) with ``UNCERTAIN_VALUE`` where ``error_probability(unc) >= threshold``."""
-    p = np.asarray(error_probability(unc))
+                     error_probability: Callable[[np.ndarray, np.ndarray], np.ndarray] = IDENTITY) -> np.ndarray:
+    """``labels`` (uint8 ``(X, Y, Z)``) with ``UNCERTAIN_VALUE`` where ``error_probability(unc, labels) >= threshold``."""
+    p = np.asarray(error_probability(unc, labels))
     if p.shape != labels.shape:
         raise RuntimeError(f"error_probability returned shape {p.shape} for an uncertainty map of shape {labels.shape}")
     out = np.asarray(labels, dtype=np.uint8).copy()
@@ -66,29 +105,34 @@ def uncertain_region(labels: np.ndarray, unc: np.ndarray, threshold: float,
     return out
 
 
-def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing) -> dict:
-    """Numbers an annotator reads next to the maps (the bundle's ``summary.json`` entry, plus a score).
+def prediction_summary(labels: np.ndarray, unc: np.ndarray, spacing,
+                       error_probability: ErrorProbability = IDENTITY) -> dict:
+    """Numbers an annotator reads next to the maps (the bundle's ``summary.json`` entry, plus the review score).
 
     Args:
         labels: uint8 ``(X, Y, Z)`` label map (0..3).
         unc: float32 ``(X, Y, Z)`` uncertainty in [0, 1].
         spacing: voxel size in mm.
+        error_probability: gives the predicted Dice (calibrated or not).
 
     Returns:
         ``custom.inference.folders.case_summary`` (``volume_{wt,tc,et}_ml``, ``unc_mean_wt``, ``unc_p95_wt``; None
         without predicted tumour) plus ``mean_uncertainty_in_tumour`` (``unc_mean_wt``, 0.0 without predicted
-        tumour: the score the review order uses), ``max_uncertainty`` and ``tumour_voxels``.
+        tumour), ``max_uncertainty``, ``tumour_voxels``, ``predicted_wt_dice`` (the review order: worst first;
+        1.0 without predicted tumour, which the map cannot judge) and ``predicted_dice_calibrated``.
     """
     summary = case_summary(labels, unc, spacing)
     mean = summary.get("unc_mean_wt")
     summary["mean_uncertainty_in_tumour"] = float(mean) if mean is not None else 0.0
     summary["max_uncertainty"] = float(unc.max()) if unc.size else 0.0
     summary["tumour_voxels"] = int((labels > 0).sum())
+    summary["predicted_wt_dice"] = float(error_probability.map_and_dice(unc, labels)[1])
+    summary["predicted_dice_calibrated"] = bool(error_probability.calibrated)
     return summary
 
 
 def select_output(output: str, labels: np.ndarray, unc: np.ndarray, spacing, threshold: float,
-                  error_probability: Callable[[np.ndarray], np.ndarray] = error_probability) -> tuple[np.ndarray, dict]:
+                  error_probability: ErrorProbability = IDENTITY) -> tuple[np.ndarray, dict]:
     """The array an infer task returns for ``output`` and its result JSON (``prediction_summary`` + extras).
 
     Args:
@@ -99,7 +143,7 @@ def select_output(output: str, labels: np.ndarray, unc: np.ndarray, spacing, thr
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     unc = np.clip(np.asarray(unc, dtype=np.float32), 0.0, 1.0)
-    result = prediction_summary(labels, unc, spacing)
+    result = prediction_summary(labels, unc, spacing, error_probability)
     result["output"] = output
     if output == "labels":
         return np.asarray(labels, dtype=np.uint8), result
@@ -142,7 +186,7 @@ class BundleOutputd:
     def __init__(self, output: str = "labels", pred_key: str = "pred", unc_key: str = "unc",
                  image_key: str = "image", result_key: str = "result", model_path=None,
                  threshold: float = DEFAULT_UNCERTAIN_THRESHOLD,
-                 error_probability: Callable[[np.ndarray], np.ndarray] = error_probability):
+                 error_probability: ErrorProbability = IDENTITY):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.output, self.pred_key, self.unc_key = output, pred_key, unc_key
