@@ -41,10 +41,10 @@ step "4/8 held-out evaluation (unc_output vs var1shot, TTA, MC dropout, ensemble
 "$PY" scripts/evaluate_heldout.py --work_dir "$W" --out_dir "$R" --mc_samples 10
 "$PY" scripts/report.py --work_dir "$W" --out_dir "$R" --config tiny --overrides "$DEMO_TRAINING"
 
-CKPT="$W/runs/unc/fold0/model.pt"
-step "5/8 bundle inference on unseen cases with $CKPT"
+CKPT="$W/runs/unc/fold0/model_final.pt"
+step "5/8 bundle inference on unseen cases with $CKPT, P(error) calibrated by the held-out evaluation"
 "$PY" -m monai.bundle run --bundle_root bundle --config_file bundle/configs/inference.json \
-  --dataset_dir "$NEW" --output_dir "$OUT/predictions" --checkpoint "$CKPT"
+  --dataset_dir "$NEW" --output_dir "$OUT/predictions" --checkpoint "$CKPT" --calibration_file "$R/calibration.json"
 
 step "6/8 evaluating those predictions (legacy and BraTS 2023 lesion-wise metrics, uncertainty quality)"
 "$PY" scripts/evaluate.py --pred_dir "$OUT/predictions" --gt_dir "$NEW" --out_dir "$OUT/evaluation" \
@@ -73,8 +73,9 @@ kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; trap - EXIT
 
 echo
 echo "[demo] done. Look at:"
-echo "  $R/report.md                      Tables 1-2, quality vs cost, figures"
-echo "  $OUT/predictions/                 <case_id>.nii.gz labels and <case_id>-unc.nii.gz uncertainty (+ summary.json)"
+echo "  $R/report.md                      Tables 1-2, held-out self-assessment, figures; $R/calibration.json"
+echo "  $OUT/predictions/                 <case_id>.nii.gz labels, <case_id>-unc.nii.gz uncertainty, <case_id>-perror.nii.gz"
+echo "                                    calibrated P(error); summary.json with each case's predicted WT Dice"
 echo "  $OUT/evaluation/per_case.csv      legacy and lesion-wise metrics"
 echo "  $OUT/models/                      model.ts, model.onnx"
 echo "  $OUT/triton_grpc/ $OUT/triton_http/   the same predictions served by Triton"

@@ -413,3 +413,54 @@ def test_monailabel_bundle_infer_task_runs_inference_json(tmp_path, synthetic_da
     Path(result_file).unlink()  # MONAI Label writes results to a temporary file
     assert labels.shape == image.shape[1:]
     assert (labels == segmenter.predict(image, spacing).labels).mean() >= 0.999
+
+
+def test_calibrated_error_map_and_predicted_dice(tmp_path, cases_dir, fresh_ckpt, prepared_work_dir):
+    """Issue 13.4: with --calibration_file (evaluate_heldout's calibration.json) the bundle also writes
+    <case_id>-perror.nii.gz, calibrated P(error) inside the reporting region and 0 outside, and summary.json
+    carries the predicted WT Dice of those probabilities; a model without the uncertainty channel is refused."""
+    from custom.evaluation.calibration import IsotonicCalibrator
+    from custom.evaluation.self_assessment import predicted_dice, reporting_region, summarize_case
+
+    # a calibrator far from the identity: map < 0.5 -> 1 error in 4, map >= 0.5 -> 3 in 4
+    values = np.array([[[0.1] * 4 + [0.9] * 4]])
+    errors = np.array([[[1, 0, 0, 0, 1, 1, 1, 0]]], bool)
+    cal = IsotonicCalibrator.fit([summarize_case("v", errors, np.zeros_like(errors), values,
+                                                 region=np.ones_like(errors))])
+    cal_file = cal.save(tmp_path / "calibration.json", map="unc_output")
+    one = tmp_path / "cases"
+    shutil.copytree(cases_dir / GOOD[0], one / GOOD[0])
+    out = tmp_path / "out"
+    run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file",
+             "bundle/configs/inference.json", "--dataset_dir", one, "--output_dir", out, "--checkpoint", fresh_ckpt,
+             "--calibration_file", cal_file, "--progress", "false"], timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    entry = summary["cases"][GOOD[0]]
+    assert summary["calibrated"] is True and entry["perror"] == f"{GOOD[0]}-perror.nii.gz"
+    labels = np.asarray(nib.load(out / f"{GOOD[0]}.nii.gz").dataobj)
+    unc = np.asarray(nib.load(out / f"{GOOD[0]}-unc.nii.gz").dataobj)
+    p = np.asarray(nib.load(out / entry["perror"]).dataobj)
+    seg = labels > 0
+    region = reporting_region(seg)
+    assert seg.any() and p.shape == labels.shape and p.dtype == np.float32
+    np.testing.assert_array_equal(p[~region], 0.0)
+    np.testing.assert_allclose(p[region], cal.predict(unc[region]), atol=1e-6)
+    # the fit's range (bins between its two values interpolate), not the raw map's
+    assert 0.25 - 1e-6 <= p[region].min() and p[region].max() <= 0.75 + 1e-6
+    assert not np.allclose(p[region], unc[region], atol=0.05)
+    assert entry["predicted_wt_dice"] == pytest.approx(predicted_dice(p, seg, region), abs=1e-4)
+    # without the file: no P(error) map, no predicted Dice
+    plain = tmp_path / "plain"
+    run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file",
+             "bundle/configs/inference.json", "--dataset_dir", one, "--output_dir", plain, "--checkpoint", fresh_ckpt,
+             "--progress", "false"], timeout=600)
+    plain_summary = json.loads((plain / "summary.json").read_text())
+    assert plain_summary["calibrated"] is False and "predicted_wt_dice" not in plain_summary["cases"][GOOD[0]]
+    assert not list(plain.glob("*-perror.nii.gz"))
+    # a segmentation-only model: its map is var1shot, not what the calibration was fitted on
+    base = _checkpoint_dir(tmp_path / "base", prepared_work_dir / "plans.json", with_uncertainty=False) / "model.pt"
+    proc = run_cmd([PYTHON, "-m", "monai.bundle", "run", "--bundle_root", "bundle", "--config_file",
+                    "bundle/configs/inference.json", "--dataset_dir", one, "--output_dir", tmp_path / "base_out",
+                    "--checkpoint", base, "--calibration_file", cal_file], check=False, timeout=600)
+    assert proc.returncode != 0 and "has no uncertainty channel" in proc.stderr
+    assert not list((tmp_path / "base_out").glob("*.nii.gz")) if (tmp_path / "base_out").exists() else True

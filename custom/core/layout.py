@@ -63,7 +63,9 @@ UNC_SUFFIX = "unc"
 #: the fold ensemble's disagreement map: 4 x variance of p_WT across the members (custom.inference.ensemble)
 ENSEMBLE_VARIANCE_SUFFIX = "ensvar"
 #: the float maps inference may write beside a case's label map, ``<case_id>-<suffix>.nii.gz``
-PREDICTION_MAP_SUFFIXES = (UNC_SUFFIX, ENSEMBLE_VARIANCE_SUFFIX)
+#: ``<case_id>-perror.nii.gz``: calibrated P(error) of the WT label per voxel (inference with a calibration file)
+ERROR_PROBABILITY_SUFFIX = "perror"
+PREDICTION_MAP_SUFFIXES = (UNC_SUFFIX, ENSEMBLE_VARIANCE_SUFFIX, ERROR_PROBABILITY_SUFFIX)
 #: the weights a run selects (best EMA pseudo-Dice); also the name the bundle ships (``bundle/models/model.pt``)
 MODEL_NAME = "model.pt"
 FINAL_MODEL_NAME = "model_final.pt"
@@ -104,7 +106,8 @@ def prediction_paths(out_dir, case_id: str) -> tuple[Path, Path]:
 
 
 def prediction_map_path(out_dir, case_id: str, suffix: str) -> Path:
-    """``OUT/<case_id>-<suffix>.nii.gz`` for a map of :data:`PREDICTION_MAP_SUFFIXES` (``unc``, ``ensvar``)."""
+    """``OUT/<case_id>-<suffix>.nii.gz`` for a map of :data:`PREDICTION_MAP_SUFFIXES` (``unc``, ``ensvar``,
+    ``perror``)."""
     if suffix not in PREDICTION_MAP_SUFFIXES:
         raise ValueError(f"suffix must be one of {PREDICTION_MAP_SUFFIXES}, got {suffix!r}")
     return Path(out_dir) / f"{case_id}-{suffix}{NIFTI_SUFFIX}"

@@ -183,7 +183,7 @@ class EnsembleSegmenter(UncertaintySegmenter):
                    members=[str(p) for p in paths], **kw)
 
     def summary_info(self) -> dict:
-        return {"ensemble_members": self.members, "ensemble_map": ENSEMBLE_VARIANCE_SUFFIX}
+        return {**super().summary_info(), "ensemble_members": self.members, "ensemble_map": ENSEMBLE_VARIANCE_SUFFIX}
 
     def member_probabilities(self, image_pp) -> list[torch.Tensor]:
         """Each member's probabilities ``(C,X',Y',Z')`` of a preprocessed volume (one sliding window each)."""

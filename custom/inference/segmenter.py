@@ -29,9 +29,11 @@ import torch
 
 from custom.core.constants import MODALITIES, NUM_REGIONS
 from custom.core.errors import BraTSInputError
-from custom.core.layout import prediction_map_path, remove_predictions
+from custom.core.layout import ERROR_PROBABILITY_SUFFIX, prediction_map_path, remove_predictions
 from custom.data.cases import find_case_files
 from custom.data.nifti import load_case, save_prediction
+from custom.evaluation.calibration import IsotonicCalibrator
+from custom.evaluation.self_assessment import error_probability_map
 from custom.inference.folders import case_summary
 from custom.inference.inferer import UncertaintyInferer
 from custom.inference.postprocess import Prediction, postprocess_probabilities
@@ -74,12 +76,17 @@ class UncertaintySegmenter:
         overlap, sw_batch_size, tta: sliding-window settings (see ``UncertaintyInferer``).
         inferer: an ``UncertaintyInferer`` to use instead of building one (the bundle passes its ``inferer``).
         max_preprocessed_voxels: refuse a case whose resampled volume would exceed this (:func:`custom.preprocessing.functional.check_preprocessed_size`).
+        calibration: an ``IsotonicCalibrator`` of ``unc_output`` (``scripts/evaluate_heldout.py`` writes
+            ``calibration.json``; ``IsotonicCalibrator.load``): case folders then also get
+            ``<case_id>-perror.nii.gz`` (calibrated P(error) of the WT label, 0 outside the reporting region) and
+            their summary entry the predicted WT Dice (:func:`custom.evaluation.self_assessment.error_probability_map`).
     """
 
     def __init__(self, network: torch.nn.Module | None, plans, device="cpu", with_uncertainty: bool = True,
                  mask_dilation: int = 3, overlap: float = 0.5, sw_batch_size: int = 2, tta: bool = False,
                  inferer: UncertaintyInferer | None = None,
-                 max_preprocessed_voxels: int = MAX_PREPROCESSED_VOXELS) -> None:
+                 max_preprocessed_voxels: int = MAX_PREPROCESSED_VOXELS,
+                 calibration: IsotonicCalibrator | None = None) -> None:
 
         self.plans = load_plans(plans)
         self.device = torch.device(device)
@@ -91,6 +98,11 @@ class UncertaintySegmenter:
         if int(max_preprocessed_voxels) < 1:
             raise ValueError(f"max_preprocessed_voxels must be >= 1, got {max_preprocessed_voxels}")
         self.max_preprocessed_voxels = int(max_preprocessed_voxels)
+        if calibration is not None and not self.with_uncertainty:
+            # the calibration maps unc_output; this model's map would be var1shot, another scale
+            raise BraTSInputError(["the calibration is fitted on unc_output, and this model has no uncertainty "
+                                   "channel: drop --calibration_file"], header="cannot calibrate the map")
+        self.calibration = calibration
         self.inferer = inferer if inferer is not None else UncertaintyInferer(
             self.plans.patch_size, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta)
 
@@ -104,7 +116,9 @@ class UncertaintySegmenter:
 
     def summary_info(self) -> dict:
         """What ``summary.json`` records about the model beyond the settings (the ensemble lists its members)."""
-        return {}
+        if self.calibration is None:
+            return {"calibrated": False}
+        return {"calibrated": True, "calibration_cases": len(self.calibration.fitted_case_ids)}
 
     @property
     def out_channels(self) -> int:
@@ -154,7 +168,8 @@ class UncertaintySegmenter:
 
     def predict_case_folder(self, case_dir, out_dir) -> dict:
         """Predict one BraTS case folder; write ``<case_id>.nii.gz``, ``<case_id>-unc.nii.gz`` and the further maps
-        of the prediction (``Prediction.maps``, e.g. ``<case_id>-ensvar.nii.gz``) as one unit
+        of the prediction (``Prediction.maps``, e.g. ``<case_id>-ensvar.nii.gz``; ``<case_id>-perror.nii.gz`` with a
+        calibration) as one unit
         (:func:`custom.data.nifti.save_prediction`).
 
         Returns the case's summary entry. On any error no output file of this case is left in ``out_dir``.
@@ -166,14 +181,19 @@ class UncertaintySegmenter:
         try:
             image, affine, spacing, ref_header = load_case(case)
             pred = self.predict(image, spacing, name=case["image"][0])
+            maps, calibrated = dict(pred.maps), {}
+            if self.calibration is not None:
+                p_error, dice = error_probability_map(pred.unc, pred.labels > 0, self.calibration)
+                maps[ERROR_PROBABILITY_SUFFIX] = p_error
+                calibrated = {"predicted_wt_dice": round(float(dice), 4)}
             label_path, unc_path = save_prediction(pred.labels, pred.unc, affine, ref_header, out_dir, case_id,
-                                                   maps=pred.maps)
-            map_names = {suffix: prediction_map_path(out_dir, case_id, suffix).name for suffix in pred.maps}
+                                                   maps=maps)
+            map_names = {suffix: prediction_map_path(out_dir, case_id, suffix).name for suffix in maps}
         except BaseException:
             remove_predictions(out_dir, case_id)
             raise
         entry = case_summary(pred.labels, pred.unc, spacing)
-        entry.update({"case_id": case_id, "labels": label_path.name, "unc": unc_path.name, **map_names,
+        entry.update({"case_id": case_id, "labels": label_path.name, "unc": unc_path.name, **map_names, **calibrated,
                       "unc_source": pred.unc_source, "shape": list(pred.labels.shape),
                       "spacing_mm": list(spacing), "time_s": round(time.perf_counter() - t0, 3)})
         return entry
