@@ -25,7 +25,8 @@ step() { echo; echo "[demo] $*"; }
 
 step "1/8 generating 10 synthetic BraTS training cases ($ANATOMY, 64x64x48, 1 mm) in $RAW and 2 unseen cases in $NEW"
 "$PY" scripts/make_synthetic.py --out_dir "$RAW" --num_cases 10 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 0 --label_noise 0.5 --anatomy "$ANATOMY"
-"$PY" scripts/make_synthetic.py --out_dir "$NEW" --num_cases 2 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 1 --label_noise 0.5 --anatomy "$ANATOMY"
+"$PY" scripts/make_synthetic.py --out_dir "$NEW" --num_cases 2 --shape "[64,64,48]" --spacing "[1,1,1]" --seed 1 --label_noise 0.5 --anatomy "$ANATOMY" \
+  --id_offset 100  # unseen cases get their own ids, never a training case's
 
 step "2/8 validating, planning (tiny plan: patch 32^3, filters 8..64) and preprocessing into $W"
 "$PY" scripts/prepare_data.py --dataset_dir "$RAW" --work_dir "$W" --num_folds 2 --seed 0 \
