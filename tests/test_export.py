@@ -56,9 +56,9 @@ def test_export_writes_models_and_reports_parity(exported, ckpt):
     assert report["verify_net_in_out"] is True and report["out_channels"] == 4
     assert "export ok" in proc.stdout and "verify_net_in_out passed" in proc.stdout
     assert not list(out.glob(".*tmp*")) and not list(out.glob(".export-*"))
-    from custom.deploy.triton_repository import sha256_file
+    from custom.core.atomic import file_sha256
 
-    assert report["checkpoint_sha256"] == sha256_file(ckpt) and report["torchscript_sha256"] == sha256_file(
+    assert report["checkpoint_sha256"] == file_sha256(ckpt) and report["torchscript_sha256"] == file_sha256(
         out / "model.ts")
 
 

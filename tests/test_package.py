@@ -170,11 +170,11 @@ def test_package_writes_the_zoo_layout_with_release_weights(packaged, run_folder
     assert all(torch.is_tensor(v) for v in released.values()) and released.keys() == trained["model"].keys()
     assert all(torch.equal(released[k], trained["model"][k]) for k in released)
     # large_files.yml: both large files with their sha256 (the zoo's download step skips a file whose hash matches)
-    from custom.deploy.triton_repository import sha256_file
+    from custom.core.atomic import file_sha256
 
     text = bundle.large_files.read_text()
     for path in (bundle.weights, bundle.torchscript):
-        assert f'path: "models/{path.name}"' in text and f'hash_val: "{sha256_file(path)}"' in text
+        assert f'path: "models/{path.name}"' in text and f'hash_val: "{file_sha256(path)}"' in text
     assert 'hash_type: "sha256"' in text and 'url: ""' in text  # no URL reachable here: filled on upload
     # the zip holds the folder itself (MONAI's archive format), file for file
     with zipfile.ZipFile(zip_path) as zf:

@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom.core.atomic import atomic_path, atomic_torch_save, atomic_write_json
+from custom.core.atomic import atomic_path, atomic_torch_save, atomic_write_json, file_sha256
 from custom.core.errors import BraTSInputError
 from custom.data.synthetic import make_case
 from custom.deploy.triton_repository import (MODEL_INFO, PATCH_ARTEFACTS, PATCH_INPUT, PATCH_MAX_BATCH_SIZE,
-                                             PATCH_MODEL, PATCH_OUTPUT, VOLUME_MODEL, prepare_model_repository,
-                                             sha256_file)
+                                             PATCH_MODEL, PATCH_OUTPUT, VOLUME_MODEL, prepare_model_repository)
 from custom.model.checkpoints import (checkpoint_out_channels, load_state_dict, load_weights, release_state_dict,
                                       resolve_plans_path, same_weights, save_release_weights)
 from custom.planning.plans import load_plans
@@ -316,7 +315,7 @@ def verify_exported_net(config_file, meta_file, bundle_root, checkpoint, work_di
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
-    return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+    return a.stat().st_size == b.stat().st_size and file_sha256(a) == file_sha256(b)
 
 
 def _holds_weights_of(path: Path, checkpoint: Path) -> bool:
@@ -332,7 +331,7 @@ def find_overwrites(checkpoint, plans_path, out_dir, triton_repo=None) -> list[s
     ``export.json`` names another checkpoint or plan (or is missing), and a Triton repository filled from another
     checkpoint."""
     checkpoint, plans_path, out_dir = Path(checkpoint), Path(plans_path), Path(out_dir)
-    ckpt_sha, plans_sha = sha256_file(checkpoint), sha256_file(plans_path)
+    ckpt_sha, plans_sha = file_sha256(checkpoint), file_sha256(plans_path)
     found = []
     weights = out_dir / "model.pt"
     if weights.is_file() and weights.resolve() != checkpoint.resolve() and not _holds_weights_of(weights, checkpoint):
@@ -422,11 +421,11 @@ def export_model(checkpoint, work_dir=None, out_dir="bundle/models", triton_repo
             checkpoint, plans_path=plans_path, repo_dir=triton_repo, torchscript=ts_path, onnx=onnx_path,
             backend=triton_backend, runtime=patch_runtime, tensorrt=tensorrt, max_batch_size=max_batch_size,
             volume_instances=volume_instances))
-    report = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint),
-              "plans": str(Path(plans_path).resolve()), "plans_sha256": sha256_file(plans_path),
+    report = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+              "plans": str(Path(plans_path).resolve()), "plans_sha256": file_sha256(plans_path),
               "exported_module": f"{EXPORT_NET_ID}: PatchProbabilityNetwork (sigmoid of every channel, no mask)",
               "exported_output": exported_output_metadata(out_channels, _input_spatial_shape(meta_file)),
-              "out_channels": out_channels, "torchscript": str(ts_path), "torchscript_sha256": sha256_file(ts_path),
+              "out_channels": out_channels, "torchscript": str(ts_path), "torchscript_sha256": file_sha256(ts_path),
               "onnx": str(onnx_path), "onnx_input": ONNX_INPUT, "onnx_output": ONNX_OUTPUT, "onnx_opset": ONNX_OPSET,
               "copied": copied, "overwritten": overwrites, "triton_repository": triton_dir,
               "triton_backend": triton_backend if triton_repo else None,

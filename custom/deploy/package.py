@@ -42,12 +42,11 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from custom.core.atomic import atomic_write_bytes, atomic_write_json
+from custom.core.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from custom.core.constants import NUM_REGIONS
 from custom.core.errors import BraTSInputError
 from custom.core.layout import BUNDLE_ROOT, REPO_ROOT, BundleDir, RunDir
 from custom.deploy.export import export_torchscript
-from custom.deploy.triton_repository import sha256_file
 from custom.evaluation.runs import read_metrics_csv
 from custom.model.checkpoints import (checkpoint_epoch, checkpoint_out_channels, load_state_dict, resolve_plans_path,
                                       save_release_weights)
@@ -298,7 +297,7 @@ def large_files_yaml(bundle: BundleDir, url: str = "") -> str:
     for path in (bundle.weights, bundle.torchscript):
         rel = path.relative_to(bundle.path).as_posix()
         link = f"{url.rstrip('/')}/{path.name}" if url else ""
-        lines += [f'- path: "{rel}"', f'  url: "{link}"', f'  hash_val: "{sha256_file(path)}"', '  hash_type: "sha256"']
+        lines += [f'- path: "{rel}"', f'  url: "{link}"', f'  hash_val: "{file_sha256(path)}"', '  hash_type: "sha256"']
     return "\n".join(lines) + "\n"
 
 
@@ -372,4 +371,4 @@ def package_bundle(checkpoint, out_dir, name: str = BUNDLE_NAME, work_dir=None, 
         archive = str(zip_path)
     return {"bundle": str(dest.path), "zip": archive, "version": meta["version"], "out_channels": out_channels,
             "code_files": len(code), "eval_metrics": meta.get("eval_metrics"),
-            "model_sha256": sha256_file(dest.weights), "torchscript_sha256": sha256_file(dest.torchscript)}
+            "model_sha256": file_sha256(dest.weights), "torchscript_sha256": file_sha256(dest.torchscript)}

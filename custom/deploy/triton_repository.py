@@ -19,13 +19,12 @@ same names are the ONNX graph's, so one contract holds for all three backends.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 
-from custom.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from custom.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json, file_sha256
 from custom.core.errors import BraTSInputError
 from custom.core.layout import MODEL_REPOSITORY
 from custom.model.checkpoints import checkpoint_out_channels, load_state_dict, resolve_plans_path
@@ -55,14 +54,6 @@ PYTHON_RUNTIMES = ("torchscript", "onnxruntime", "eager")
 PATCH_ARTEFACTS = ("model.pt", "model.onnx", "checkpoint.pt", "plans.json")
 
 MODEL_INFO = "model_info.json"
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ patch model config
@@ -324,9 +315,9 @@ def prepare_model_repository(checkpoint, plans_path=None, repo_dir=MODEL_REPOSIT
         shutil.copyfile(plans_path, tmp)
     atomic_write_json(repo_dir / VOLUME_MODEL / "1" / MODEL_INFO, {
         "with_uncertainty": out_channels == 4, "out_channels": out_channels,
-        "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
         "patch_backend": backend, "patch_runtime": runtime if backend == "python" else "",
-        "patch_artefact": needed[0], "patch_artefact_sha256": sha256_file(patch_dir / needed[0]),
+        "patch_artefact": needed[0], "patch_artefact_sha256": file_sha256(patch_dir / needed[0]),
     })
     return repo_dir
 
@@ -384,7 +375,7 @@ def check_served_artefact(repo_dir=MODEL_REPOSITORY) -> None:
                               header=header) from None
     if not artefact.is_file():
         raise BraTSInputError(f"{artefact}: missing; run scripts/export.py", header=header)
-    found = sha256_file(artefact)
+    found = file_sha256(artefact)
     if found != expected:
         raise BraTSInputError(f"{artefact}: sha256 {found[:16]}... differs from {expected[:16]}... recorded in "
                               f"{info_path} (the file was replaced or damaged after export); run scripts/export.py",
