@@ -2,7 +2,7 @@
 over several training seeds (issue 13; custom/workflows/study.py).
 
     .venv/bin/python scripts/study_uncertainty.py --out_dir R [--seeds "[0,1,2]"] [--anatomy mni152]
-        [--variants "[baseline,paper,paper_sg,ring_sg,two_region_sg,proper_sg,mcdropout]"] [--num_epochs 70]
+        [--variants "[baseline,paper,paper_sg,proper_sg,two_region_sg,paper_proper_sg,mcdropout]"] [--num_epochs 70]
         [--parallel 2]
 
 BraTS scale on a GPU (real data, nnU-Net's plan; hold out a folder of labelled cases as --test_dir):
@@ -19,7 +19,7 @@ import fire
 
 from custom.core.cli import as_bool, as_list
 from custom.core.errors import BraTSInputError
-from custom.workflows.study import DEFAULT_VARIANTS, STUDY_VARIANTS, study
+from custom.workflows.study import DEFAULT_VARIANTS, study
 
 
 def main(out_dir: str, seeds="[0,1,2]", variants=",".join(DEFAULT_VARIANTS), anatomy: str = "mni152",
@@ -34,8 +34,9 @@ def main(out_dir: str, seeds="[0,1,2]", variants=",".join(DEFAULT_VARIANTS), ana
         out_dir: the study folder (raw/, work/, seed<k>/, study.json, study.md); an existing one is continued
             (finished steps are skipped) and refused if it was made with other settings.
         seeds: training seeds, e.g. "[0,1,2]".
-        variants: runs per seed, among: baseline (no head), paper, ring, two_region, proper (unc_loss heads trained
-            jointly), the same with _sg (trained on detached features), mcdropout.
+        variants: runs per seed, among: baseline (no head), paper, ring, two_region, proper, paper_proper (unc_loss
+            heads trained jointly), the same with _sg (trained on detached features), mcdropout. Variants or seeds
+            added to a finished study train and score only what they add.
         anatomy: synthetic generator, "mni152" (real anatomy) or "blob".
         num_train, num_test: synthetic training cases and separately seeded unseen test cases.
         shape, spacing: synthetic grid (voxels, mm).

@@ -58,3 +58,32 @@ def test_study_resumes_and_refuses_other_settings(small_study):
     other[other.index("--num_epochs") + 1] = "3"
     proc = run_cmd([sys.executable, "scripts/study_uncertainty.py", "--out_dir", out] + other, check=False, timeout=300)
     assert proc.returncode == 2 and "num_epochs: 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_study_adds_a_variant_scoring_only_its_maps(small_study):
+    out, _ = small_study
+    before = json.loads((out / "study.json").read_text())
+    added = [str(a) for a in SMALL]
+    added[added.index("--variants") + 1] = "[baseline,paper,ring,two_region]"
+    proc = run_cmd([sys.executable, "scripts/study_uncertainty.py", "--out_dir", out, "--seeds", "[0,1]"] + added,
+                   timeout=900)
+    # only the new variant trains, once per seed
+    assert proc.stdout.count("[study]") == 2 and "two_region seed 0" in proc.stdout and "paper seed" not in proc.stdout
+    part = json.loads((out / "seed0" / "added1" / "heldout.json").read_text())
+    # the new head, the reference (paired figures) and var1shot (Dice difference); nothing already scored
+    assert set(part["meta"]["methods"]) == {"unc_two_region", "unc_paper", "var1shot"}
+    after = json.loads((out / "study.json").read_text())
+    for seed in (0, 1):
+        assert f"seed{seed}.unc_two_region.paired_auroc_overall" in after
+        assert f"seed{seed}.dice.two_region_minus_baseline.WT" in after
+        # maps scored in the first part keep their figures; a map scored again gets the same ones (same cases,
+        # same bootstrap resamples): the merge equals one evaluation of all maps
+        for key in (f"seed{seed}.tta.auroc_fp_vs_tn", f"seed{seed}.ensemble.brier_calibrated",
+                    f"seed{seed}.unc_paper.paired_auroc_overall", f"seed{seed}.unc_paper.auroc_missed_vs_tp_ci_low",
+                    f"seed{seed}.var1shot.spearman_pred_dice"):
+            assert after[key] == before[key] or (after[key] != after[key] and before[key] != before[key]), key
+    assert "seed_mean.unc_two_region.auroc_fp_vs_tn" in after
+    # nothing left to do: a second call trains and scores nothing
+    proc = run_cmd([sys.executable, "scripts/study_uncertainty.py", "--out_dir", out, "--seeds", "[0,1]"] + added,
+                   timeout=900)
+    assert "[study]" not in proc.stdout and not (out / "seed0" / "added2").exists()
