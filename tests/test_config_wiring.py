@@ -146,7 +146,11 @@ def test_store_device_reaches_the_store(work_dir, tmp_path):
 def test_train_defaults_are_the_papers(work_dir, tmp_path):
     parser = _parser(["train"], {"work_dir": str(work_dir), "output_dir": str(tmp_path / "unc")})
     loss = parser.get_parsed_content("loss")
-    assert (loss.unc_weight, loss.rmsd_weight_cancer, loss.corr_weight, loss.unc_loss) == (0.4, 0.5, 0.4, "paper")
+    # the paper's terms and weights, plus the proper term over the reporting region (chosen by the held-out study,
+    # bundle/docs/study/); --unc_loss paper is the paper alone
+    assert (loss.unc_weight, loss.rmsd_weight_cancer, loss.corr_weight, loss.unc_loss) == (0.4, 0.5, 0.4,
+                                                                                         "paper_proper")
+    assert loss.proper_weight == 1.0
     assert parser.get_parsed_content("store").ema_window == 30
     val_maps = _of_type(parser.get_parsed_content("validate#error_map_handlers"), "ValidationErrorMapHandler")
     assert (val_maps.mask_dilation, val_maps.target_transform) == (3, "none")

@@ -250,7 +250,7 @@ def test_report_averages_only_runs_of_the_cross_validation_settings(tmp_path, pr
     assert unc["folds_used"] == [0] and unc["folds_excluded"] == {"1": "other_config"}
     assert unc["val_dice_wt"]["final"] == pytest.approx(0.6)          # 0.2 of the other run never averaged
     reason = tables["runs"]["unc"]["1"]["reason"]
-    assert "num_epochs: 2 here, 500 expected" in reason and 'unc_loss: "ring" here, "paper" expected' in reason
+    assert "num_epochs: 2 here, 500 expected" in reason and 'unc_loss: "ring" here, "paper_proper" expected' in reason
     assert "unc fold 1: OTHER_CONFIG" in proc.stderr
     md = (out / "report.md").read_text()
     assert "unc fold 1: OTHER_CONFIG" in md and "excluded from the averages" in md

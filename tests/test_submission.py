@@ -131,7 +131,7 @@ def test_members_must_be_one_cross_validation(fold_work, new_cases, tmp_path):
         shutil.copy(fold_work / name, other / name) if other.exists() else (other.mkdir(), shutil.copy(
             fold_work / name, other / name))
     ring = _finished_run(other, 1, seed=1, unc_loss="ring")
-    with pytest.raises(BraTSInputError, match=r'unc_loss: "ring" here, "paper" expected'):
+    with pytest.raises(BraTSInputError, match=r'unc_loss: "ring" here, "paper_proper" expected'):
         EnsembleSegmenter.from_checkpoints([ckpts[0], ring / "model_final.pt"])
     plans = json.loads((ring / "plans.json").read_text())
     plans["patch_size"] = [16, 16, 16]
