@@ -13,7 +13,7 @@ records them and a different setting is refused, naming it):
    paper_proper; trained
    jointly, or on detached features: ``_sg``, :data:`STUDY_VARIANTS`) and the dropout-trained ``mcdropout``;
 4. per seed, :func:`custom.workflows.heldout.score_test_set`: every map calibrated on fold 0's validation cases and
-   scored on the test cases, paired against the default (``paper``) model's segmentation; Dice with and without
+   scored on the test cases, paired against the paper's joint (``paper``) model's segmentation; Dice with and without
    the head on the test cases; a variant or seed added to a finished study scores only the maps it adds
    (``seed<k>/added<n>/``, :func:`evaluate_seed`);
 5. ``study.json`` (flat keys: ``seed<k>.<method>.<metric>``, ``seed_mean.``, ``seed_sd.``; ``dice.*``), ``study.md``.
@@ -83,7 +83,7 @@ STUDY_VARIANTS = {
 #: gets without touching the within-tumour terms; add it with ``--variants``.
 DEFAULT_VARIANTS = ("baseline", "paper", "paper_sg", "proper_sg", "two_region_sg", "paper_proper_sg", "mcdropout")
 HEADS = tuple(v for v in STUDY_VARIANTS if v not in ("baseline", "mcdropout"))
-#: the default model: its segmentation is the reference of the paired figures
+#: the paper's model (head trained jointly): its segmentation is the reference of the paired figures
 REFERENCE_VARIANT = "paper"
 #: headline metrics of study.md
 STUDY_METRICS = ("auroc_missed_vs_tp", "paired_auroc_missed_vs_tp", "auroc_fp_vs_tn", "paired_auroc_fp_vs_tn",
