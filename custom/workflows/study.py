@@ -274,7 +274,11 @@ def evaluate_seed(work: WorkDir, out: Path, settings: Mapping, seed: int, seeds:
         raise BraTSInputError(f"the study needs the {REFERENCE_VARIANT!r} variant (the reference segmentation)",
                               header=_HEADER)
     parts = seed_parts(out, seed)
-    done = merged_seed_figures(parts)["meta"]["methods"] if parts else {}
+    scored = merged_seed_figures(parts) if parts else {"meta": {"methods": {}}}
+    done = scored["meta"]["methods"]
+
+    def head_label(v):
+        return f"unc_output of the '{v}' head"
 
     def needed(key, label):
         return done.get(key, {}).get("label") != label
@@ -282,17 +286,17 @@ def evaluate_seed(work: WorkDir, out: Path, settings: Mapping, seed: int, seeds:
     n_ensemble = len(seeds) if "baseline" in variants and len(seeds) >= 2 else 0
     ensemble_label = (f"ensemble of the {n_ensemble} seeds' baseline models (the same in every seed's column)"
                       if n_ensemble else "")
-    todo_heads = [v for v in heads if needed(f"unc_{v}", f"unc_output of the '{v}' head")]
+    todo_heads = [v for v in heads if needed(f"unc_{v}", head_label(v))]
     todo_ensemble = bool(n_ensemble) and needed("ensemble", ensemble_label)
     todo_mc = "mcdropout" in variants and "mc_dropout" not in done
     todo_base = "baseline" in variants and ("var1shot" not in done or "tta" not in done)
     if parts and not (todo_heads or todo_ensemble or todo_mc or todo_base):
-        return merged_seed_figures(parts)
+        return scored
     methods, segmenters = [], {}
     # the reference map always: the paired figures are scored against its segmentation
     for v in dict.fromkeys([REFERENCE_VARIANT, *todo_heads]):
         _, segmenters[v] = model(v)
-        methods.append(head_method(segmenters[v], key=f"unc_{v}", label=f"unc_output of the '{v}' head"))
+        methods.append(head_method(segmenters[v], key=f"unc_{v}", label=head_label(v)))
     plans = segmenters[REFERENCE_VARIANT].plans
     if "baseline" in variants:
         _, base = model("baseline")
