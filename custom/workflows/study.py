@@ -301,7 +301,7 @@ def evaluate_seed(work: WorkDir, out: Path, settings: Mapping, seed: int, seeds:
     if "baseline" in variants:
         _, base = model("baseline")
         methods.append(var1shot_method(base))  # 1 pass; the heads' Dice difference to the baseline needs it
-        if todo_base or not parts:
+        if todo_base:  # true on a seed's first evaluation: nothing is scored yet
             methods.append(tta_method(base))
         if todo_ensemble:
             members = [model("baseline", s)[1] for s in seeds]
@@ -316,7 +316,7 @@ def evaluate_seed(work: WorkDir, out: Path, settings: Mapping, seed: int, seeds:
     case_ids = list(result.case_ids)
     dice = dice_figures(test, case_ids, settings["n_boot"], int(seed))
     by_key = {m.key: m for m in methods}
-    target = out / f"seed{int(seed)}" if not parts else out / f"seed{int(seed)}" / f"added{len(parts)}"
+    target = parts[0] / f"added{len(parts)}" if parts else out / f"seed{int(seed)}"
     setup = (f"Seed {seed}: models trained on fold 0 of {settings['num_train']} training cases, calibrated on its "
              f"{len(calibration)} validation cases, scored on {len(case_ids)} unseen test cases "
              f"({settings['data']}). Reference segmentation of the paired figures: the '{REFERENCE_VARIANT}' model's."
