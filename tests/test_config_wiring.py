@@ -161,6 +161,31 @@ def test_train_defaults_are_the_papers(work_dir, tmp_path):
     assert parser.get_parsed_content("num_epochs") == 500
 
 
+def test_switches_typed_on_the_command_line_are_read_as_switches(work_dir, tmp_path):
+    """``--unc_stop_gradient false`` reaches the bundle as the text "false" (fire leaves lowercase words as strings),
+    which is truthy: the paper's joint head would silently train on detached features."""
+    from fire.parser import DefaultParseValue
+
+    assert DefaultParseValue("false") == "false"
+    typed = {"unc_stop_gradient": DefaultParseValue("false"), "deep_supervision": DefaultParseValue("true"),
+             "with_uncertainty": DefaultParseValue("true")}
+    parser = _parser(["train", "tiny"], {"work_dir": str(work_dir), "output_dir": str(tmp_path / "unc"), **typed})
+    net = parser.get_parsed_content("network_def")
+    assert net.unc_stop_gradient is False and net.deep_supervision is True
+    assert parser.get_parsed_content("loss").with_uncertainty is True
+    # the joint head: the head's loss reaches the shared network's weights
+    net.train()
+    x = torch.randn(1, 4, 16, 16, 16)
+    out = net(x)
+    out = out[0] if isinstance(out, list) else out
+    out[:, 3].sum().backward()
+    assert net.input_block.conv1.conv.weight.grad.abs().sum() > 0
+    # a word that is not a switch is named, not guessed
+    parser = _parser(["train", "tiny"], {"work_dir": str(work_dir), "unc_stop_gradient": "maybe"})
+    with pytest.raises(Exception, match="unc_stop_gradient"):
+        parser.get_parsed_content("network_def")
+
+
 def test_baseline_variant_has_no_uncertainty_anywhere(work_dir, tmp_path):
     parser = _parser(["train", "baseline", "tiny"], {"work_dir": str(work_dir)})
     trainer = parser.get_parsed_content("train#trainer")

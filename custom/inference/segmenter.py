@@ -27,6 +27,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from custom.core.cli import as_bool
 from custom.core.constants import MODALITIES, NUM_REGIONS
 from custom.core.errors import BraTSInputError
 from custom.core.layout import ERROR_PROBABILITY_SUFFIX, prediction_map_path, remove_predictions
@@ -91,7 +92,7 @@ class UncertaintySegmenter:
         self.plans = load_plans(plans)
         self.device = torch.device(device)
         self.network = network.to(self.device).eval() if network is not None else None
-        self.with_uncertainty = bool(with_uncertainty)
+        self.with_uncertainty = as_bool(with_uncertainty, "with_uncertainty")
         if int(mask_dilation) < 0:
             raise ValueError(f"mask_dilation must be >= 0, got {mask_dilation}")
         self.mask_dilation = int(mask_dilation)

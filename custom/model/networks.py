@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from monai.networks.nets import DynUNet
 from torch import nn
 
+from custom.core.cli import as_bool
+
 NORM = ("INSTANCE", {"affine": True})
 
 ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
@@ -59,7 +61,7 @@ class TrainingDynUNet(DynUNet):
 
     def __init__(self, *args, unc_stop_gradient: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.unc_stop_gradient = bool(unc_stop_gradient)
+        self.unc_stop_gradient = as_bool(unc_stop_gradient, "unc_stop_gradient")
 
     def _output(self, features):
         out = self.output_block(features)
@@ -90,6 +92,10 @@ def build_network(plans, in_channels: int = 4, with_uncertainty: bool = True, de
     Returns:
         ``DynUNet`` mapping ``(B, in_channels, X, Y, Z)`` -> ``(B, 4 or 3, X, Y, Z)`` logits.
     """
+    # flags arrive from the command line as text ("false" is a non-empty string): read them, or name the setting
+    with_uncertainty = as_bool(with_uncertainty, "with_uncertainty")
+    deep_supervision = as_bool(deep_supervision, "deep_supervision")
+    unc_stop_gradient = as_bool(unc_stop_gradient, "unc_stop_gradient")
     topo = plans_topology(plans)
     if dropout is not None and not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -135,7 +141,7 @@ class MaskedUncertaintyNetwork(nn.Module):
             raise ValueError(f"mask_dilation must be >= 0, got {mask_dilation}")
         self.network = network
         self.mask_dilation = int(mask_dilation)
-        self.with_uncertainty = bool(with_uncertainty)
+        self.with_uncertainty = as_bool(with_uncertainty, "with_uncertainty")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.sigmoid(self.network(x))

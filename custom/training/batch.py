@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from custom.core.cli import as_bool
+
 
 def _plain(x):
     """MetaTensor -> torch.Tensor: the loss and the store need no metadata, and plain tensors are faster."""
@@ -23,7 +25,7 @@ class UncertaintyPrepareBatch:
     """
 
     def __init__(self, with_uncertainty: bool = True, coords_key: str = "coords") -> None:
-        self.with_uncertainty = bool(with_uncertainty)
+        self.with_uncertainty = as_bool(with_uncertainty, "with_uncertainty")
         self.coords_key = coords_key
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from custom.core.cli import as_bool
 from custom.model.masks import get_cancer_mask, training_cancer_mask
 from custom.uncertainty.agreement import weighted_pearson, weighted_rmsd
 
@@ -185,7 +186,7 @@ class CompositeUncertaintyLoss(nn.Module):
         self.corr_weight = float(corr_weight)
         self.ring_weight = float(ring_weight)
         self.proper_weight = float(proper_weight)
-        self.with_uncertainty = bool(with_uncertainty)
+        self.with_uncertainty = as_bool(with_uncertainty, "with_uncertainty")
         self.seg_loss = RegionDiceBCELoss(smooth=smooth)
         self.last_terms: dict = {}
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from custom.core.cli import as_bool
 from custom.core.constants import REGIONS
 from custom.core.numeric import nanmean
 from custom.evaluation.segmentation import dice, region_mask
@@ -78,7 +79,7 @@ class ValidationCaseMetric:
     """
 
     def __init__(self, with_uncertainty: bool = True, threshold: float = 0.5) -> None:
-        self.with_uncertainty = bool(with_uncertainty)
+        self.with_uncertainty = as_bool(with_uncertainty, "with_uncertainty")
         self.threshold = float(threshold)
         self.rows: list[dict] = []
 

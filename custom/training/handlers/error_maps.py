@@ -16,6 +16,7 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from custom.core.cli import as_bool
 from custom.model.masks import get_cancer_mask
 from custom.uncertainty.targets import (
     CaseWTReference,
@@ -158,7 +159,7 @@ class ValidationErrorMapHandler:
         self.store = store
         self.mask_dilation = int(mask_dilation)
         self.target_transform = _check_target_transform(target_transform)
-        self.update_store = bool(update_store)
+        self.update_store = as_bool(update_store, "update_store")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self)
