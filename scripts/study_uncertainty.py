@@ -2,8 +2,13 @@
 over several training seeds (issue 13; custom/workflows/study.py).
 
     .venv/bin/python scripts/study_uncertainty.py --out_dir R [--seeds "[0,1,2]"] [--anatomy mni152]
-        [--variants "[baseline,paper,paper_sg,proper_sg,two_region_sg,paper_proper_sg,mcdropout]"] [--num_epochs 70]
-        [--parallel 2]
+        [--variants "[baseline,paper,paper_proper_sg,mcdropout]"] [--num_epochs 70] [--parallel 2]
+
+The default variants fit about 100 minutes on 2 CPU cores. The table of bundle/docs/study/ adds every other candidate
+head to the same folder (only the added runs train, only their maps are scored):
+
+    .venv/bin/python scripts/study_uncertainty.py --out_dir R \
+        --variants "[baseline,paper,paper_sg,ring_sg,proper_sg,two_region_sg,paper_proper_sg,mcdropout]"
 
 BraTS scale on a GPU (real data, nnU-Net's plan; hold out a folder of labelled cases as --test_dir):
 
@@ -36,7 +41,9 @@ def main(out_dir: str, seeds="[0,1,2]", variants=",".join(DEFAULT_VARIANTS), ana
         seeds: training seeds, e.g. "[0,1,2]".
         variants: runs per seed, among: baseline (no head), paper, ring, two_region, proper, paper_proper (unc_loss
             heads trained jointly), the same with _sg (trained on detached features), mcdropout. Variants or seeds
-            added to a finished study train and score only what they add.
+            added to a finished study train and score only what they add. paper is required (its segmentation is the
+            paired figures' reference); without baseline there is no var1shot, TTA or ensemble, without mcdropout no
+            MC dropout.
         anatomy: synthetic generator, "mni152" (real anatomy) or "blob".
         num_train, num_test: synthetic training cases and separately seeded unseen test cases.
         shape, spacing: synthetic grid (voxels, mm).

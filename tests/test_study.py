@@ -87,3 +87,10 @@ def test_study_adds_a_variant_scoring_only_its_maps(small_study):
     proc = run_cmd([sys.executable, "scripts/study_uncertainty.py", "--out_dir", out, "--seeds", "[0,1]"] + added,
                    timeout=900)
     assert "[study]" not in proc.stdout and not (out / "seed0" / "added2").exists()
+    # the time of a study grown over several calls is their sum, each call kept (first, resume, added, this one;
+    # the refused call did nothing)
+    calls = json.loads((out / "study_timing.json").read_text())["calls"]
+    assert [len(c["variants"]) for c in calls] == [3, 3, 4, 4]
+    total_s = sum(c["timing"]["training_s"] + c["timing"]["evaluation_s"] + c["timing"]["data_s"] for c in calls)
+    assert calls[0]["timing"]["training_s"] > calls[1]["timing"]["training_s"]
+    assert f"{total_s / 60:.0f} min wall clock in 4 call(s)" in (out / "study.md").read_text()
