@@ -4,8 +4,9 @@ over several training seeds (issue 13; custom/workflows/study.py).
     .venv/bin/python scripts/study_uncertainty.py --out_dir R [--seeds "[0,1,2]"] [--anatomy mni152]
         [--variants "[baseline,paper,paper_proper_sg,mcdropout]"] [--num_epochs 70] [--parallel 2]
 
-The default variants fit about 100 minutes on 2 CPU cores. The table of bundle/docs/study/ adds every other candidate
-head to the same folder (only the added runs train, only their maps are scored):
+The default variants took 38 minutes on 2 idle CPU cores (bundle/docs/study/default_set). The table of
+bundle/docs/study/ adds every other candidate head to the same folder (only the added runs train, only their maps
+are scored):
 
     .venv/bin/python scripts/study_uncertainty.py --out_dir R \
         --variants "[baseline,paper,paper_sg,ring_sg,proper_sg,two_region_sg,paper_proper_sg,mcdropout]"

@@ -77,15 +77,13 @@ STUDY_VARIANTS = {
     "paper_proper_sg": {"config": None, "overrides": {"unc_loss": "paper_proper", "unc_stop_gradient": "true"}},
     "mcdropout": {"config": "mcdropout.json", "overrides": {}},
 }
-#: the study's default set, sized to fit about 100 minutes on 2 CPU cores (12 tiny-plan runs, two at a time, and
-#: the scoring of 3 seeds): the no-head baseline (var1shot, TTA, the ensemble, Dice without a head), the paper's joint
-#: head (the paper exactly; its segmentation is the paired figures' reference), the default head (``paper_proper`` on
-#: detached features) and the dropout model for MC dropout
+#: the study's default set, sized to fit the ~100 minutes of 2 CPU cores (12 tiny-plan runs, two at a time, and the
+#: scoring of 3 seeds: 38 min measured, bundle/docs/study/default_set): the no-head baseline (var1shot, TTA, the
+#: ensemble, Dice without a head), the paper's joint head (the paper exactly; its segmentation is the paired figures'
+#: reference), the default head (``paper_proper`` on detached features) and the dropout model for MC dropout.
+#: bundle/docs/study/ adds every other candidate on detached features (paper_sg, ring_sg, proper_sg, two_region_sg)
+#: to the same folder with ``--variants``
 DEFAULT_VARIANTS = ("baseline", "paper", "paper_proper_sg", "mcdropout")
-#: the set bundle/docs/study/ reports: the default set and every other candidate on detached features (heads compare
-#: on equal segmentations there); added to a finished default study with ``--variants``, training only what it adds
-REPORTED_VARIANTS = ("baseline", "paper", "paper_sg", "ring_sg", "proper_sg", "two_region_sg", "paper_proper_sg",
-                     "mcdropout")
 HEADS = tuple(v for v in STUDY_VARIANTS if v not in ("baseline", "mcdropout"))
 #: the paper's model (head trained jointly): its segmentation is the reference of the paired figures
 REFERENCE_VARIANT = "paper"
@@ -430,7 +428,8 @@ def study(out_dir, seeds=(0, 1, 2), variants=DEFAULT_VARIANTS, anatomy: str = "m
     run_trainings(jobs, parallel, device)
     timing["training_s"] = round(time.perf_counter() - t0, 1)
     if train_only:
-        return {"meta": {"trained": [str(j["run"].path) for j in jobs], "timing": _record_timing(out, settings, timing)}}
+        return {"meta": {"trained": [str(j["run"].path) for j in jobs],
+                         "timing": _record_timing(out, settings, timing)}}
     t0 = time.perf_counter()
     test_entries = _case_entries(test_dir_path)
     per_seed = {}
