@@ -333,7 +333,7 @@ def evaluate_seed(work: WorkDir, out: Path, settings: Mapping, seed: int, seeds:
     return merged_seed_figures(seed_parts(out, seed))
 
 
-def render_study_markdown(combined: Mapping, settings: Mapping, seeds: Sequence[int], timing: Mapping) -> str:
+def render_study_markdown(combined: Mapping, settings: Mapping, seeds: Sequence[int], time_record: Mapping) -> str:
     """study.md: what was run, the seed table of the headline figures, and Dice with and without the head."""
 
     def f(v, nd=3):
@@ -358,17 +358,17 @@ def render_study_markdown(combined: Mapping, settings: Mapping, seeds: Sequence[
             return combined.get(f"seed_mean.dice.{key}")
         diff = "" if name == "baseline" else f"{f(mean(f'{name}_minus_baseline.WT'))}"
         lines.append(f"| {name} | {f(mean(f'{name}.WT'))} | {f(mean(f'{name}.TC'))} | {f(mean(f'{name}.ET'))} | {diff} |")
-    lines += ["", f"Time: {_render_timing(timing)}", ""]
+    lines += ["", f"Time: {_render_timing(time_record)}", ""]
     return "\n".join(lines)
 
 
-def _render_timing(timing: Mapping) -> str:
+def _render_timing(time_record: Mapping) -> str:
     """The ``Time:`` line: wall clock of every call on the folder summed (a study grown by added variants or seeds
     took several calls), then this call's."""
-    calls = timing.get("calls", [])
+    calls = time_record.get("calls", [])
     total = {k: round(sum(c["timing"].get(k, 0.0) for c in calls), 1) for k in ("data_s", "training_s", "evaluation_s")}
     minutes = sum(total.values()) / 60
-    this = timing.get("this_call", {})
+    this = time_record.get("this_call", {})
     return (f"{minutes:.0f} min wall clock in {len(calls)} call(s) on this folder (data {total['data_s']} s, training "
             f"{total['training_s']} s, scoring {total['evaluation_s']} s; each call in study_timing.json); this call: "
             + ", ".join(f"{k} {v}" for k, v in this.items()))
@@ -437,10 +437,10 @@ def study(out_dir, seeds=(0, 1, 2), variants=DEFAULT_VARIANTS, anatomy: str = "m
         per_seed[s] = evaluate_seed(work, out, settings, s, seeds, test_entries, device)
         per_seed[s] = {k: v for k, v in per_seed[s].items() if k != "meta" and v is not None}
     timing["evaluation_s"] = round(time.perf_counter() - t0, 1)
-    timing = _record_timing(out, settings, timing)
+    time_record = _record_timing(out, settings, timing)
     combined = combine_seeds(per_seed)
-    result = {**combined, "meta": {"settings": settings, "timing": timing,
+    result = {**combined, "meta": {"settings": settings, "timing": time_record,
                                    "date": time.strftime("%Y-%m-%d"), "reference_variant": REFERENCE_VARIANT}}
     atomic_write_json(out / "study.json", to_json_safe(result))
-    atomic_write_bytes(out / "study.md", render_study_markdown(combined, settings, seeds, timing).encode())
+    atomic_write_bytes(out / "study.md", render_study_markdown(combined, settings, seeds, time_record).encode())
     return result
